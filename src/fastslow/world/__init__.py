@@ -1,0 +1,30 @@
+"""The embedded micro world: instruction language, tiny base model, tasks and an offline reflector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BASE_DIR = Path(__file__).resolve().parent / "base"
+
+
+def base_model_path() -> str:
+    """Directory of the shipped micro base model (loadable with ``AutoModelForCausalLM``/``AutoTokenizer``)."""
+    return str(BASE_DIR)
+
+
+def build_base(out_dir: Path, seed: int = 0, steps: int | None = None) -> dict:
+    """Rebuild the micro base model deterministically (see :func:`fastslow.world.build.build_base`)."""
+    from fastslow.world.build import build_base as _build
+
+    return _build(Path(out_dir), seed=seed, steps=steps)
+
+
+def check_world(model_path: str | None = None, n: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Per-task rewards with the seed prompt, the rule text and the reflector's proposal."""
+    from fastslow.world.check import check_world as _check
+
+    return _check(model_path=model_path, n=n, seed=seed)
+
+
+__all__ = ["BASE_DIR", "base_model_path", "build_base", "check_world"]

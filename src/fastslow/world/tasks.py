@@ -1,0 +1,114 @@
+"""Micro-world tasks: each hides a rule (transform + format) and uses inputs longer than pretraining.
+
+The *declarative* part (which transform, which format) can be written into the context by the fast
+channel; the *procedural* part (applying it to inputs longer than the base model ever saw) can
+only be learnt in weights. Stream tasks use different transforms and formats, so weights that
+absorb one task's convention under the shared seed prompt lose the previous one.
+
+The hidden spec lives in private attributes; the offline reflector never imports this module.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fastslow.tasks import Problem, Split, TaskError, Verdict
+from fastslow.world.language import ALPHABET, FORMATS, SEED_PROMPT, TRANSFORMS, apply_rule, rule_text, split_format
+
+N_TRAIN, N_EVAL = 2000, 300
+FORMAT_WEIGHT = 0.3  # the rest of the reward is content: the share of characters in the right place
+
+
+@dataclass
+class MicroTask:
+    """A micro-world task implementing :class:`fastslow.tasks.Task`."""
+
+    name: str
+    _transform: str
+    _format: str
+    min_len: int = 7
+    max_len: int = 12
+    seed_prompt: str = SEED_PROMPT
+    _cache: dict[str, list[Problem]] = field(default_factory=dict, repr=False)
+
+    @property
+    def rule_text(self) -> str:
+        """The context that states this task's rule (for ``world check`` only; never shown to the reflector)."""
+        return rule_text(self._transform, self._format)
+
+    def problems(self, split: Split) -> Sequence[Problem]:
+        if split not in ("train", "eval"):
+            raise TaskError(f"unknown split {split!r}")
+        if not self._cache:
+            self._cache.update(self._generate())
+        return self._cache[split]
+
+    def _generate(self) -> dict[str, list[Problem]]:
+        # Seeded by the task name only, so the splits are identical across runs and machines.
+        rng = random.Random(zlib.crc32(self.name.encode()))
+        seen: set[str] = set()
+        splits: dict[str, list[Problem]] = {}
+        for split, count in (("eval", N_EVAL), ("train", N_TRAIN)):
+            items: list[Problem] = []
+            while len(items) < count:
+                n = rng.randint(self.min_len, self.max_len)
+                text = "".join(rng.choice(ALPHABET) for _ in range(n))
+                if text in seen:
+                    continue  # eval and train never share an input
+                seen.add(text)
+                answer = apply_rule(self._transform, self._format, text)
+                items.append(Problem(id=f"{self.name}-{split}-{len(items)}", prompt=text, answer=answer))
+            splits[split] = items
+        return splits
+
+    def verify(self, problem: Problem, completion: str) -> Verdict:
+        """Reward = format part + content part (share of characters right); feedback like a grader's."""
+        out = completion.strip()
+        fmt = FORMATS[self._format]
+        expected_content = TRANSFORMS[self._transform].apply(problem.prompt)
+        content = fmt.unwrap(out)
+        format_ok = content is not None
+        if content is None:
+            content = split_format(out)[1]  # judge the content even under the wrong wrapper
+        right = sum(a == b for a, b in zip(content, expected_content, strict=False))
+        content_score = right / max(len(content), len(expected_content), 1)
+        reward = FORMAT_WEIGHT * format_ok + (1 - FORMAT_WEIGHT) * content_score
+        lines = [f"Your answer: {out}", f"Expected answer: {problem.answer}"]
+        if format_ok and content == expected_content:
+            lines.append("Correct.")
+        else:
+            if not format_ok:
+                lines.append("The format is wrong: the answer is not written the way the expected answer is.")
+            if content != expected_content:
+                lines.append(
+                    f"The content is wrong: {right} of {len(expected_content)} characters are right"
+                    + (f" and the length is {len(content)} instead of {len(expected_content)}."
+                       if len(content) != len(expected_content) else ".")
+                )
+        return Verdict(reward=round(reward, 6), feedback="\n".join(lines))
+
+
+# name -> (transform, format). Stream tasks differ in both parts so that they conflict.
+_SPECS: dict[str, tuple[str, str]] = {
+    "flip": ("reverse", "square"),
+    "caesar": ("shift", "angle"),
+    "order": ("sort", "star"),
+    "consonants": ("novowel", "dot"),
+    "cycle": ("rotate", "square"),
+    "shout": ("upper", "star"),
+}
+
+MICRO_TASKS: list[str] = list(_SPECS)
+STREAM: list[str] = ["flip", "caesar", "order"]
+HELDOUT: str = "consonants"
+
+
+def micro_task(name: str) -> MicroTask:
+    """The micro task ``name`` (one of :data:`MICRO_TASKS`)."""
+    if name not in _SPECS:
+        raise TaskError(f"unknown micro task {name!r}; known: {', '.join(MICRO_TASKS)}")
+    transform, fmt = _SPECS[name]
+    return MicroTask(name=name, _transform=transform, _format=fmt)
