@@ -1,0 +1,195 @@
+"""The one config class of a run, loaded from YAML with ``--set key=value`` overrides.
+
+Every field is documented; unknown fields are errors (``extra="forbid"``) so a typo never silently
+falls back to a default. :func:`load_config` turns any problem into a :class:`ConfigError` whose
+one-line message names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["rl", "gepa", "fst"]
+
+
+class ConfigError(ValueError):
+    """A config cannot be used; ``str(err)`` is a one-line message naming the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    """Train a LoRA adapter instead of all weights (the base is then the adapter-disabled model)."""
+
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt (peft syntax).")
+
+
+class ModelConfig(_Strict):
+    path: str = Field("micro", description="HF model id or local dir; 'micro' is the embedded micro-world base.")
+    lora: LoraConfig | None = Field(None, description="Optional LoRA; null trains all weights.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:i]'.")
+
+
+class StageConfig(_Strict):
+    task: str = Field(description="Task spec: micro/<name>, jsonl:<path> or <module>:<attr>.")
+    steps: int = Field(gt=0, description="Loop steps spent on this task before the stream moves on.")
+
+
+class SlowConfig(_Strict):
+    """Slow channel: RL on weights."""
+
+    loss: Literal["cispo", "grpo"] = Field("cispo", description="CISPO (default) or GRPO-style clipped loss.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm; null = no clipping.")
+    batch_problems: int = Field(8, gt=0, description="Problems per step.")
+    group_size: int = Field(8, gt=1, description="G: rollouts per problem (one advantage group).")
+    updates_per_batch: int = Field(1, gt=0, description="Optimizer steps on each batch (ratio != 1 after 1).")
+    tau: float = Field(4.0, gt=0, description="CISPO: importance ratio truncated from above at tau.")
+    clip_eps: float = Field(0.2, gt=0, description="GRPO: ratio clipped to [1-eps, 1+eps].")
+    kl_coef: float = Field(0.0, ge=0, description="Coefficient of a k3 KL-to-base penalty in the loss.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of training rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of training rollouts.")
+    max_new_tokens: int = Field(24, gt=0, description="Completion length cap.")
+
+
+class FastConfig(_Strict):
+    """Fast channel: GEPA over a population of system prompts."""
+
+    every: int = Field(10, gt=0, description="T: a GEPA round every T loop steps (and at step 0).")
+    population: int = Field(4, gt=0, description="K: prompts kept (top-K of the Pareto front); must divide G.")
+    budget: int = Field(120, gt=0, description="Metric calls (rollouts) per GEPA round, re-scoring excluded.")
+    val_size: int = Field(16, gt=0, description="Pareto (validation) problems per round, drawn from train.")
+    minibatch: int = Field(3, gt=0, description="GEPA reflection minibatch size.")
+    reflector: str = Field(
+        "micro",
+        description="'micro' (offline micro-world reflector), 'litellm:<model>' / 'openai:<model>' "
+        "(API model, key from the environment) or '<module>:<attr>' (a callable str -> str).",
+    )
+    reflection_retries: int = Field(2, ge=0, description="Retries of a failing reflection call.")
+    reflection_timeout_s: float = Field(120.0, gt=0, description="Wall-clock limit of one reflection call.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature when GEPA scores a prompt (0=greedy).")
+
+
+class DriftConfig(_Strict):
+    every: int = Field(10, gt=0, description="Measure drift every E loop steps (and at step 0 and the end).")
+    probe_size: int = Field(16, gt=0, description="Fixed probe problems per task of the stream.")
+    max_new_tokens: int = Field(24, gt=0, description="Length of probe samples.")
+
+
+class EvalConfig(_Strict):
+    every: int = Field(10, gt=0, description="Evaluate every task of the stream every E loop steps.")
+    n: int = Field(64, gt=0, description="Held-out problems per task (eval split).")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
+
+
+class Config(_Strict):
+    """One run. ``stages`` is the task stream; a single-task run is a stream of one stage."""
+
+    method: Method = Field("fst", description="rl: slow only; gepa: fast only (frozen weights); fst: both.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
+    stages: list[StageConfig] = Field(min_length=1, description="Task stream: list of {task, steps}.")
+    slow: SlowConfig = Field(default_factory=SlowConfig, description="Slow channel (RL) settings.")
+    fast: FastConfig = Field(default_factory=FastConfig, description="Fast channel (GEPA) settings.")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift meter settings.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+    seed: int = Field(0, description="Seed of everything; same seed on CPU = same metrics.")
+    checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every N loop steps (and at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
+    out: str = Field("runs/run", description="Run directory.")
+
+    @model_validator(mode="after")
+    def _population_divides_group(self) -> Config:
+        if self.method == "fst" and self.slow.group_size % self.fast.population:
+            raise ValueError(
+                f"fast.population (K={self.fast.population}) must divide slow.group_size "
+                f"(G={self.slow.group_size}) so each prompt gets G/K rollouts per problem"
+            )
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML scalars: numbers, booleans, null, lists ("[a, b]") all parse as a user expects.
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place (list items by index: ``stages.0.steps=5``)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    node: Any = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: no list item {part!r}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: no list item {last!r}")
+        node[int(last)] = _parse_value(raw)
+    else:
+        node[last] = _parse_value(raw)
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    field = ".".join(str(p) for p in e["loc"]) or "config"
+    if e["type"] == "extra_forbidden":
+        return f"unknown field '{field}'"
+    if e["type"] == "missing":
+        return f"missing field '{field}'"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"field '{field}': {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" else "")
+
+
+def config_from_dict(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML (or start empty), apply overrides, validate. Raises ConfigError with a one-line message."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"malformed YAML in {p}{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of fields")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data)

@@ -1,0 +1,96 @@
+"""Drift meter: how far the weights moved from the base, measured on a fixed probe set.
+
+Probes are fixed problems of the stream with the *seed* prompt (never the evolved one), so they
+measure the weights alone. Per token, exact over the vocabulary:
+
+    kl_rev = E_{y ~ pi}   [ sum_v pi(v|.)   (log pi(v|.)   - log base(v|.)) ]   (samples from the policy)
+    kl_fwd = E_{y ~ base} [ sum_v base(v|.) (log base(v|.) - log pi(v|.))   ]   (samples from the base)
+
+averaged over completion tokens. Policy samples are drawn with the same seed at every measurement
+(common random numbers: changes in the numbers come from the weights, not from the draw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastslow.config import DriftConfig
+from fastslow.policy import Batch, Policy, derive_seed
+
+
+def exact_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(p || q) over the last (vocabulary) dimension."""
+    logp = torch.log_softmax(logits_p.float(), dim=-1)
+    logq = torch.log_softmax(logits_q.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def weight_l2(policy: Policy) -> float:
+    """L2 norm of (theta - theta_base) over trained weights; for LoRA, of the merged deltas B·A·scale."""
+    if policy.is_lora:
+        total = 0.0
+        for module in policy.model.modules():
+            if hasattr(module, "get_delta_weight") and getattr(module, "active_adapters", None):
+                for name in module.active_adapters:
+                    if name in getattr(module, "lora_A", {}):
+                        total += float(module.get_delta_weight(name).float().pow(2).sum())
+        return total**0.5
+    base = policy.base_parameters()
+    total = sum(float((p.detach() - base[n]).float().pow(2).sum()) for n, p in policy.trainable_parameters())
+    return total**0.5
+
+
+class DriftMeter:
+    def __init__(self, policy: Policy, probe_prompts: Sequence[str], cfg: DriftConfig, *, seed: int,
+                 chunk: int = 16) -> None:
+        self.policy, self.cfg, self.chunk = policy, cfg, chunk
+        self.prompts = list(probe_prompts)
+        self.seed = derive_seed(seed, "drift-probe")
+        self._base_samples: Batch | None = None  # the base never changes: sample it once
+
+    def _sample(self, use_base: bool) -> Batch:
+        return self.policy.generate(
+            self.prompts, temperature=1.0, max_new_tokens=self.cfg.max_new_tokens, seed=self.seed, use_base=use_base
+        )
+
+    @torch.no_grad()
+    def _mean_over_tokens(self, batch: Batch, *, policy_first: bool) -> tuple[float, float]:
+        """Mean per-token KL (direction set by ``policy_first``) and mean policy entropy on ``batch``."""
+        kl_sum = ent_sum = tokens = 0.0
+        for start in range(0, len(batch), self.chunk):
+            part = batch.select(range(start, min(start + self.chunk, len(batch))))
+            pi = self.policy.completion_logits(part)
+            base = self.policy.completion_logits(part, use_base=True)
+            mask = part.completion_mask.float()
+            kl = exact_kl(pi, base) if policy_first else exact_kl(base, pi)
+            kl_sum += float((kl * mask).sum())
+            ent_sum += float((entropy(pi) * mask).sum())
+            tokens += float(mask.sum())
+        tokens = max(tokens, 1.0)
+        return kl_sum / tokens, ent_sum / tokens
+
+    def measure(self) -> dict[str, float]:
+        """``drift/*`` metrics for the current weights."""
+        was_training = self.policy.model.training
+        self.policy.model.eval()
+        try:
+            kl_rev, ent = self._mean_over_tokens(self._sample(use_base=False), policy_first=True)
+            if self._base_samples is None:
+                self._base_samples = self._sample(use_base=True)
+            kl_fwd, _ = self._mean_over_tokens(self._base_samples, policy_first=False)
+        finally:
+            self.policy.model.train(was_training)
+        return {
+            "drift/kl_rev": max(kl_rev, 0.0),
+            "drift/kl_fwd": max(kl_fwd, 0.0),
+            "drift/entropy": ent,
+            "drift/weight_l2": weight_l2(self.policy),
+        }

@@ -1,0 +1,232 @@
+"""Fast channel: a Pareto population of system prompts, evolved by GEPA on the *current* policy.
+
+Every T loop steps :meth:`FastChannel.run_round` runs a light GEPA round:
+
+1. re-score the seed prompt and the carried population with the current weights on this round's
+   Pareto (validation) set (GEPA never re-scores old candidates, so their scores would be stale);
+2. seed GEPA's state with those candidates and fresh scores, and let ``gepa.optimize`` spend a
+   per-round budget of metric calls (GEPA's own seed, changed every round; our logger; no cache);
+3. keep the top-K of the Pareto front (ranked by mean validation score) as the new population.
+
+The slow channel then mixes the population inside every problem's group (G/K rollouts per prompt).
+The only coupling to gepa internals is :func:`seeded_state` (``gepa.core.state``), hence the pin.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gepa
+from gepa import EvaluationBatch
+from gepa.core.state import GEPAState, ValsetEvaluation
+from gepa.gepa_utils import find_dominator_programs
+
+from fastslow.config import FastConfig
+from fastslow.policy import Policy, derive_seed
+from fastslow.reflect import GuardedReflector, ReflectionLM
+from fastslow.rollout import rollout
+from fastslow.tasks import Problem, Task
+
+COMPONENT = "system_prompt"
+
+
+class FastAdapter:
+    """GEPA adapter over the policy: a candidate is ``{"system_prompt": text}``, scored by the verifier.
+
+    Evaluations are memoised by (policy version, prompt, problem id): GEPA 0.1.4 re-evaluates the seed
+    on resume, and re-scoring already evaluated each candidate; neither should cost rollouts twice.
+    ``generated`` counts the rollouts actually sampled.
+    """
+
+    propose_new_texts = None  # GEPA's own reflective proposer, with our reflection model
+
+    def __init__(
+        self, policy: Policy, task: Task, *, temperature: float, max_new_tokens: int, seed: int,
+        verify_timeout_s: float | None = None,
+    ) -> None:
+        self.policy, self.task = policy, task
+        self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
+        self.verify_timeout_s = verify_timeout_s
+        self.generated = 0
+        self.verifier_errors = 0
+        self._memo: dict[tuple[int, str, str], tuple[str, float, str]] = {}
+
+    def evaluate(self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False):
+        text = candidate[COMPONENT]
+        todo = [p for p in batch if (self.policy.version, text, p.id) not in self._memo]
+        if todo:
+            scored = rollout(
+                self.policy,
+                self.task,
+                [(text, p) for p in todo],
+                temperature=self.temperature,
+                max_new_tokens=self.max_new_tokens,
+                seed=derive_seed(self.seed, self.policy.version, text, *(p.id for p in todo)),
+                verify_timeout_s=self.verify_timeout_s,
+            )
+            self.generated += len(todo)
+            self.verifier_errors += scored.verifier_errors
+            for p, out, v in zip(todo, scored.batch.texts, scored.verdicts, strict=True):
+                self._memo[(self.policy.version, text, p.id)] = (out, v.reward, v.feedback)
+        results = [self._memo[(self.policy.version, text, p.id)] for p in batch]
+        trajectories = None
+        if capture_traces:
+            trajectories = [
+                {"Inputs": p.prompt, "Generated Outputs": out, "Feedback": feedback}
+                for p, (out, _, feedback) in zip(batch, results, strict=True)
+            ]
+        return EvaluationBatch(
+            outputs=[r[0] for r in results], scores=[r[1] for r in results], trajectories=trajectories
+        )
+
+    def make_reflective_dataset(self, candidate, eval_batch, components_to_update):
+        return {c: list(eval_batch.trajectories or []) for c in components_to_update}
+
+
+class _QuietLogger:
+    """GEPA swaps sys.stdout for a tee when run with a run_dir and no logger; we always pass one."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def seeded_state(candidates: list[str], adapter: FastAdapter, valset: list[Problem]) -> GEPAState:
+    """A GEPA state whose pool is ``candidates`` (first = seed), all scored afresh on ``valset``."""
+    ids = list(range(len(valset)))  # GEPA's list loader keys examples by index
+
+    def scored(text: str) -> ValsetEvaluation:
+        ev = adapter.evaluate(valset, {COMPONENT: text})
+        return ValsetEvaluation(dict(zip(ids, ev.outputs, strict=True)), dict(zip(ids, ev.scores, strict=True)), None)
+
+    state = GEPAState({COMPONENT: candidates[0]}, scored(candidates[0]), frontier_type="instance")
+    for text in candidates[1:]:
+        state.update_state_with_new_program([0], {COMPONENT: text}, scored(text), None, 0)
+    state.num_full_ds_evals = len(candidates)
+    state.total_num_evals = 0  # so that max_metric_calls is this round's budget
+    return state
+
+
+def top_k_front(result: Any, k: int) -> tuple[list[str], int]:
+    """Top-K texts of the Pareto front by mean validation score (ties: more instances led). Also |front|."""
+    front = find_dominator_programs(result.per_val_instance_best_candidates, result.val_aggregate_scores)
+    led = {i: sum(i in s for s in result.per_val_instance_best_candidates.values()) for i in front}
+    ranked = sorted(front, key=lambda i: (-result.val_aggregate_scores[i], -led[i], i))
+    texts: list[str] = []
+    for i in ranked:
+        text = result.candidates[i][COMPONENT]
+        if text not in texts:
+            texts.append(text)
+    return texts[:k], len(front)
+
+
+class FastChannel:
+    """The population, the best prompt per task, and the round driver."""
+
+    def __init__(self, policy: Policy, cfg: FastConfig, reflector: ReflectionLM, *, seed: int,
+                 max_new_tokens: int, verify_timeout_s: float | None = None) -> None:
+        self.policy, self.cfg, self.seed = policy, cfg, seed
+        self.max_new_tokens, self.verify_timeout_s = max_new_tokens, verify_timeout_s
+        self.reflector = GuardedReflector(reflector, retries=cfg.reflection_retries, timeout_s=cfg.reflection_timeout_s)
+        self.population: list[str] = []
+        self.best: dict[str, str] = {}
+        self.rounds = 0
+        self.round_errors = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "population": self.population,
+            "best": self.best,
+            "rounds": self.rounds,
+            "round_errors": self.round_errors,
+            "reflection_errors": self.reflector.errors,
+            "reflection_calls": self.reflector.calls,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.population, self.best = list(state["population"]), dict(state["best"])
+        self.rounds, self.round_errors = state["rounds"], state["round_errors"]
+        self.reflector.errors, self.reflector.calls = state["reflection_errors"], state["reflection_calls"]
+
+    def prompts_for_group(self, task: Task, group_size: int) -> list[str]:
+        """The G contexts of one problem's group: K population slots, G/K rollouts each."""
+        population = self.population or [task.seed_prompt]
+        k = min(self.cfg.population, group_size)
+        slots = [population[i % len(population)] for i in range(k)]
+        return [slots[i * k // group_size] for i in range(group_size)]
+
+    def run_round(self, task: Task, workdir: Path | None = None) -> dict[str, float]:
+        """One light GEPA round on ``task`` with the current weights. Returns ``fast/*`` metrics."""
+        cfg = self.cfg
+        round_seed = derive_seed(self.seed, "gepa-round", self.rounds)
+        train = list(task.problems("train"))
+        valset = random.Random(round_seed).sample(train, min(cfg.val_size, len(train)))
+        adapter = FastAdapter(
+            self.policy, task, temperature=cfg.temperature, max_new_tokens=self.max_new_tokens,
+            seed=round_seed, verify_timeout_s=self.verify_timeout_s,
+        )
+        candidates = list(dict.fromkeys([task.seed_prompt, *self.population]))
+        state = seeded_state(candidates, adapter, valset)
+        rescore_rollouts = adapter.generated
+        calls_before, errors_before = self.reflector.calls, self.reflector.errors
+        tmp = Path(tempfile.mkdtemp(prefix="gepa-", dir=workdir))
+        metrics: dict[str, float] = {}
+        try:
+            state.save(str(tmp))
+            self.reflector.consecutive_failures = 0
+            result = gepa.optimize(
+                seed_candidate={COMPONENT: candidates[0]},
+                trainset=train,
+                valset=valset,
+                adapter=adapter,
+                reflection_lm=self.reflector,
+                reflection_minibatch_size=cfg.minibatch,
+                candidate_selection_strategy="pareto",
+                max_metric_calls=cfg.budget,
+                # A reflector that keeps failing ends the round; the population is kept.
+                stop_callbacks=[lambda _state: self.reflector.consecutive_failures >= 3],
+                run_dir=str(tmp),
+                logger=_QuietLogger(),
+                seed=round_seed % (2**31),
+                cache_evaluation=False,
+                track_best_outputs=False,
+                display_progress_bar=False,
+                raise_on_exception=True,
+            )
+            population, front_size = top_k_front(result, cfg.population)
+            metrics["fast/best_val"] = max(result.val_aggregate_scores)
+            metrics["fast/accepted"] = float(result.num_candidates - len(candidates))
+        except Exception:  # noqa: BLE001 - a failed round keeps the re-scored population; the run goes on
+            self.round_errors += 1
+            scores = [sum(state.prog_candidate_val_subscores[i].values()) for i in range(len(candidates))]
+            order = sorted(range(len(candidates)), key=lambda i: -scores[i])
+            population, front_size = [candidates[i] for i in order][: cfg.population], len(candidates)
+            metrics["fast/best_val"] = max(scores) / max(len(valset), 1)
+            metrics["fast/accepted"] = 0.0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.population = population
+        self.best[task.name] = population[0]
+        self.rounds += 1
+        metrics.update(
+            {
+                "fast/front_size": float(front_size),
+                "fast/population": float(len(population)),
+                "fast/proposals": float(self.reflector.calls - calls_before),
+                "fast/reflection_errors": float(self.reflector.errors),
+                "fast/round_errors": float(self.round_errors),
+                "fast/round_rollouts": float(adapter.generated),
+                "fast/rescore_rollouts": float(rescore_rollouts),
+                "fast/seed_val": sum(adapter.evaluate(valset, {COMPONENT: task.seed_prompt}).scores) / len(valset),
+                "fast/new_reflection_errors": float(self.reflector.errors - errors_before),
+            }
+        )
+        self.last_round_rollouts = adapter.generated
+        self.last_verifier_errors = adapter.verifier_errors
+        return metrics

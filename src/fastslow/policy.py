@@ -1,0 +1,254 @@
+"""The policy: a Hugging Face causal LM (+ optional LoRA) with its tokenizer, and a frozen base.
+
+Rows are laid out as ``[left-padded prompt | right-padded completion]`` so every completion starts
+at the same column; logits for completion tokens are then one slice for the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fastslow.config import ModelConfig
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resolve_model_path(path: str) -> str:
+    if path == "micro":
+        from fastslow.world import base_model_path
+
+        return str(base_model_path())
+    return path
+
+
+@dataclass
+class Batch:
+    """Prompts and sampled completions of one generation call; row i of every tensor belongs together."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, C] right-padded; includes the eos token when one was produced
+    completion_mask: torch.Tensor  # [B, C]
+    texts: list[str]  # decoded completions, special tokens removed
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Batch:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return Batch(
+            self.prompt_ids[idx],
+            self.prompt_mask[idx],
+            self.completion_ids[idx],
+            self.completion_mask[idx],
+            [self.texts[i] for i in idx.tolist()],
+        )
+
+
+class Policy:
+    """A causal LM being trained, a frozen view of its base, and a ``version`` bumped on every update."""
+
+    def __init__(self, model, tokenizer, device: torch.device, base_model=None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.is_lora = hasattr(model, "disable_adapter")
+        # Full fine-tuning keeps a frozen copy; LoRA reuses the weights with the adapter disabled.
+        self._base = base_model
+        self.version = 0
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, cfg: ModelConfig, weights: str | Path | None = None) -> Policy:
+        """Load ``cfg.path``; ``weights`` (a checkpoint's ``model/`` dir) replaces the trained part."""
+        path = resolve_model_path(cfg.path)
+        if cfg.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(cfg.device)
+        dtype = getattr(torch, cfg.dtype)
+        if not Path(path).exists() and (Path(path).is_absolute() or path.startswith(".")):
+            raise FileNotFoundError(f"model path not found: {path}")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        if cfg.lora is not None:
+            from peft import LoraConfig, PeftModel, get_peft_model
+
+            if weights is not None:
+                model = PeftModel.from_pretrained(base, str(weights), is_trainable=True)
+            else:
+                lcfg = LoraConfig(
+                    r=cfg.lora.r,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=cfg.lora.target_modules,
+                    task_type="CAUSAL_LM",
+                )
+                model = get_peft_model(base, lcfg)
+            return cls(model, tokenizer, device)
+        frozen = copy.deepcopy(base).eval().requires_grad_(False)
+        model = base
+        if weights is not None:
+            model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)
+        return cls(model, tokenizer, device, base_model=frozen)
+
+    def save(self, out: str | Path) -> None:
+        self.model.save_pretrained(str(out), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(out))
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def format(self, system: str, user: str) -> str:
+        """The prompt text: the chat template when the tokenizer has one, else plain text."""
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": user}]
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return f"{system}\n\n{user}\n" if system else f"{user}\n"
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        seed: int,
+        use_base: bool = False,
+        max_batch: int = 256,
+    ) -> Batch:
+        """Sample one completion per prompt (repeat a prompt for a group). ``temperature=0`` is greedy.
+
+        Seeded per call so that a run (and a resumed run) draws the same samples on CPU.
+        """
+        torch.manual_seed(seed)
+        model = self.base_model if use_base else self.model
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        parts = []
+        for start in range(0, len(prompts), max_batch):
+            ids, mask = self._encode_prompts(prompts[start : start + max_batch])
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+            with self._eval_mode(model):
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    **(sampling if temperature > 0 else {"do_sample": False}),
+                )
+            completion = out[:, ids.shape[1] :]
+            # Tokens after the first eos are padding; the eos itself is the policy's choice to stop.
+            is_eos = completion == eos
+            after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+            cmask = (~after_eos).long()
+            completion = completion.masked_fill(after_eos, pad)
+            parts.append((ids, mask, completion, cmask))
+        prompt_ids, prompt_mask = _pad_cat([p[0] for p in parts], [p[1] for p in parts], pad, left=True)
+        comp_ids, comp_mask = _pad_cat([p[2] for p in parts], [p[3] for p in parts], pad, left=False)
+        texts = self.tokenizer.batch_decode(comp_ids.masked_fill(comp_mask == 0, pad), skip_special_tokens=True)
+        return Batch(prompt_ids, prompt_mask, comp_ids, comp_mask, texts)
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def completion_logits(self, batch: Batch, *, use_base: bool = False) -> torch.Tensor:
+        """Logits [B, C, V] (float32) predicting each completion token, given prompt and earlier tokens.
+
+        Gradients flow unless called under ``torch.no_grad()`` or with ``use_base``.
+        """
+        ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+        mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions start at 0
+        p, c = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+        with contextlib.ExitStack() as stack:
+            model = self.model
+            if use_base:
+                stack.enter_context(torch.no_grad())
+                model = self.base_model
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        return logits[:, p - 1 : p - 1 + c].float()
+
+    @staticmethod
+    def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+        """log pi(y_t | ...) for the sampled tokens: [B, C]."""
+        return torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+    # ---- base and parameters ------------------------------------------------------------------
+    @property
+    def base_model(self):
+        if self._base is not None:
+            return self._base
+        return _AdapterDisabled(self.model)
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def base_parameters(self) -> dict[str, torch.Tensor]:
+        """Base values of the trainable parameters (zeros for LoRA's B matrices: the adapter starts at 0)."""
+        if self._base is None:
+            return {}
+        return dict(self._base.named_parameters())
+
+    @contextlib.contextmanager
+    def _eval_mode(self, model) -> Iterator[None]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+
+class _AdapterDisabled:
+    """Calls a peft model with its adapter disabled: the LoRA policy's base, without a second copy."""
+
+    def __init__(self, peft_model) -> None:
+        self._m = peft_model
+
+    def __call__(self, *args, **kwargs):
+        with self._m.disable_adapter(), torch.no_grad():
+            return self._m(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self._m.disable_adapter(), torch.no_grad():
+            return self._m.generate(*args, **kwargs)
+
+
+def _pad_cat(
+    ids: list[torch.Tensor], masks: list[torch.Tensor], pad: int, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(t.shape[1] for t in ids)
+    out_ids, out_masks = [], []
+    for t, m in zip(ids, masks, strict=True):
+        extra = width - t.shape[1]
+        if extra:
+            fill = t.new_full((t.shape[0], extra), pad)
+            zeros = m.new_zeros((m.shape[0], extra))
+            t, m = (torch.cat([fill, t], 1), torch.cat([zeros, m], 1)) if left else (
+                torch.cat([t, fill], 1),
+                torch.cat([m, zeros], 1),
+            )
+        out_ids.append(t)
+        out_masks.append(m)
+    return torch.cat(out_ids), torch.cat(out_masks)

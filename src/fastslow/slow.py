@@ -1,0 +1,196 @@
+"""Slow channel: RL on weights from verifiable rewards.
+
+One step, for B problems with G rollouts each (the G rollouts of a problem may use several prompts):
+
+    A_i   = (r_i - mean_g r) / (std_g r + eps)             one advantage per rollout, per problem group
+    rho_t = pi_theta(y_t) / pi_old(y_t)
+    CISPO: l_t = - sg(min(rho_t, tau)) * A_i * log pi_theta(y_t)      (ratio truncated above, no masking)
+    GRPO : l_t = - min(rho_t * A_i, clip(rho_t, 1-eps, 1+eps) * A_i)
+    (+ kl_coef * k3(pi_theta, pi_base) per token, when kl_coef > 0)
+    loss  = mean over kept groups of (token-mean of l_t within the group)     "per-prompt" averaging
+
+Groups whose rewards are all equal carry no signal and are dropped (counted, not refilled).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastslow.config import SlowConfig
+from fastslow.policy import Batch, Policy
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards [N, G] -> (advantages [N, G], keep [N] bool). Population std; flat groups not kept."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, unbiased=False, keepdim=True)
+    keep = std.squeeze(1) > 1e-8
+    return (rewards - mean) / (std + eps), keep
+
+
+def k3(logp: torch.Tensor, base_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || base) on samples from pi: exp(d) - d - 1, d = log base - log pi."""
+    d = base_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    group: torch.Tensor,
+    *,
+    loss: str = "cispo",
+    tau: float = 4.0,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.0,
+    base_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level RL loss averaged per group (problem).
+
+    logp, old_logp, base_logp, mask: [R, C] over rollouts R; advantages, group: [R] (group = problem index).
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp.detach())
+    adv = advantages.unsqueeze(1)
+    if loss == "cispo":
+        weight = torch.clamp(ratio, max=tau).detach()
+        token_loss = -weight * adv * logp
+        clipped = ratio > tau
+    elif loss == "grpo":
+        clipped_ratio = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+        token_loss = -torch.min(ratio * adv, clipped_ratio * adv)
+        clipped = (ratio * adv) > (clipped_ratio * adv)
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    kl = None
+    if base_logp is not None:
+        kl = k3(logp, base_logp.detach())
+        if kl_coef > 0:
+            token_loss = token_loss + kl_coef * kl
+    groups, inverse = torch.unique(group, return_inverse=True)
+    zeros = torch.zeros(len(groups), dtype=logp.dtype, device=logp.device)
+    per_group_sum = zeros.index_add(0, inverse, (token_loss * mask).sum(1))
+    per_group_tokens = zeros.index_add(0, inverse, mask.sum(1))
+    total = (per_group_sum / per_group_tokens.clamp(min=1)).mean()
+    n_tok = mask.sum().clamp(min=1)
+    stats = {"clip_frac": float((clipped.float() * mask).sum() / n_tok)}
+    if kl is not None:
+        stats["k3"] = float((kl * mask).sum() / n_tok)
+    return total, stats
+
+
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    logp = torch.log_softmax(logits.detach(), dim=-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return float((ent * mask).sum() / mask.sum().clamp(min=1))
+
+
+@dataclass
+class Rollouts:
+    """One slow step's rollouts: rows in group order (problem 0's G rollouts, then problem 1's, ...)."""
+
+    batch: Batch
+    rewards: torch.Tensor  # [N, G]
+
+
+class SlowLearner:
+    """AdamW with linear warm-up over the trainable parameters, and the RL update."""
+
+    def __init__(self, policy: Policy, cfg: SlowConfig) -> None:
+        self.policy, self.cfg = policy, cfg
+        params = [p for _, p in policy.trainable_parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        warm = max(cfg.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.nonfinite_streak = 0
+        self.skipped_updates = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "nonfinite_streak": self.nonfinite_streak,
+            "skipped_updates": self.skipped_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.skipped_updates = state.get("skipped_updates", 0)
+
+    def step(self, ro: Rollouts, *, measure_k3: bool = False) -> dict[str, float]:
+        """One RL step on ``ro``. Returns ``slow/*`` metrics (and ``drift/k3_train`` if asked)."""
+        cfg, policy = self.cfg, self.policy
+        n, g = ro.rewards.shape
+        adv, keep = group_advantages(ro.rewards)
+        metrics: dict[str, float] = {
+            "slow/reward_mean": float(ro.rewards.mean()),
+            "slow/zero_var_groups": float((~keep).sum()),
+            "slow/completion_len": float(ro.batch.completion_mask.sum(1).float().mean()),
+        }
+        rows = torch.arange(n * g).view(n, g)[keep].flatten()
+        if len(rows) == 0:  # nothing to learn from: every group was flat
+            metrics.update({"slow/loss": 0.0, "slow/clip_frac": 0.0, "slow/grad_norm": 0.0})
+            return metrics
+        batch = ro.batch.select(rows)
+        advantages = adv[keep].flatten().to(policy.device)
+        group = torch.arange(n).unsqueeze(1).expand(n, g)[keep].flatten()
+        mask = batch.completion_mask
+        base_logp = None
+        if cfg.kl_coef > 0 or measure_k3:
+            base_logp = Policy.token_logprobs(policy.completion_logits(batch, use_base=True), batch.completion_ids)
+        old_logp = None
+        if cfg.updates_per_batch > 1:
+            with torch.no_grad():
+                old_logp = Policy.token_logprobs(policy.completion_logits(batch), batch.completion_ids)
+        policy.model.train()
+        for update in range(cfg.updates_per_batch):
+            logits = policy.completion_logits(batch)
+            logp = Policy.token_logprobs(logits, batch.completion_ids)
+            # One update per batch: the sampler is the current policy, so pi_old = sg(pi_theta), rho = 1.
+            loss, stats = policy_loss(
+                logp,
+                logp.detach() if old_logp is None else old_logp,
+                advantages,
+                mask,
+                group,
+                loss=cfg.loss,
+                tau=cfg.tau,
+                clip_eps=cfg.clip_eps,
+                kl_coef=cfg.kl_coef,
+                base_logp=base_logp,
+            )
+            if update == 0:
+                metrics["slow/entropy"] = token_entropy(logits, mask)
+                if "k3" in stats:
+                    metrics["drift/k3_train"] = stats["k3"]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for p in self.optimizer.param_groups[0]["params"] if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                # A non-finite loss or gradient would poison the weights: skip, count, let the loop decide.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_updates += 1
+                self.nonfinite_streak += 1
+                metrics["slow/nonfinite_skipped"] = float(self.skipped_updates)
+                break
+            self.nonfinite_streak = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            policy.version += 1
+        metrics.update(
+            {
+                "slow/loss": float(loss.detach()),
+                "slow/clip_frac": stats["clip_frac"],
+                "slow/grad_norm": float(grad_norm),
+                "slow/lr": self.scheduler.get_last_lr()[0],
+            }
+        )
+        return metrics

@@ -1,0 +1,106 @@
+"""Tasks: problems with train/eval splits and a verifier that returns a reward plus feedback text.
+
+The whole integration surface is the :class:`Task` protocol and the :class:`Verdict` dataclass.
+Task specs used in configs:
+
+- ``micro/<name>``: a task of the embedded micro world (see :mod:`fastslow.world`).
+- ``jsonl:<path>``: question/answer lines (see :mod:`fastslow.tasks.jsonl`).
+- ``<module>:<attr>``: any importable object (or zero-argument factory) implementing :class:`Task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from fastslow.guard import call_with_timeout
+
+Split = Literal["train", "eval"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem. ``prompt`` is the user turn; the system turn is the context (seed or evolved prompt)."""
+
+    id: str
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a verifier says of one completion: ``reward`` in [0, 1] and ``feedback`` text for reflection."""
+
+    reward: float
+    feedback: str
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task of the stream.
+
+    Contract:
+    - ``name`` is unique within a run and is used in metric keys (``eval/<name>/reward``).
+    - ``seed_prompt`` is the task-agnostic system prompt the methods start from.
+    - ``problems(split)`` is deterministic: the same list every call.
+    - ``verify`` returns reward in [0, 1]. It may raise; the engine turns that into reward 0
+      with the error as feedback, so one bad rollout never stops a run.
+    """
+
+    name: str
+    seed_prompt: str
+
+    def problems(self, split: Split) -> Sequence[Problem]: ...
+
+    def verify(self, problem: Problem, completion: str) -> Verdict: ...
+
+
+class TaskError(ValueError):
+    """A task spec or task file is unusable; the message says why (and where)."""
+
+
+def safe_verify(
+    task: Task, problem: Problem, completion: str, *, timeout_s: float | None = None
+) -> tuple[Verdict, bool]:
+    """Run the verifier; a raising or hanging verifier costs this rollout only. Returns (verdict, errored).
+
+    With ``timeout_s`` a verifier that hangs is abandoned after that long; verifiers of untrusted code
+    should also run it in a subprocess (``fastslow.tasks.sandbox``).
+    """
+    try:
+        if timeout_s is None:
+            verdict = task.verify(problem, completion)
+        else:
+            verdict = call_with_timeout(task.verify, problem, completion, timeout_s=timeout_s)
+        reward = float(verdict.reward)
+        if not 0.0 <= reward <= 1.0:
+            raise ValueError(f"reward {reward} outside [0, 1]")
+        return Verdict(reward, str(verdict.feedback)), False
+    except Exception as exc:  # noqa: BLE001 - any verifier fault is scored, not raised
+        return Verdict(0.0, f"verifier error: {type(exc).__name__}: {exc}"), True
+
+
+def load_task(spec: str) -> Task:
+    """Resolve a task spec (see module docstring) to a Task."""
+    if spec.startswith("micro/"):
+        from fastslow.world.tasks import micro_task
+
+        return micro_task(spec.removeprefix("micro/"))
+    if spec.startswith("jsonl:"):
+        from fastslow.tasks.jsonl import JsonlTask
+
+        return JsonlTask.from_file(spec.removeprefix("jsonl:"))
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise TaskError(f"cannot import task {spec!r}: {exc}") from None
+        task = obj() if callable(obj) and not isinstance(obj, Task) else obj
+        if not isinstance(task, Task):
+            raise TaskError(f"{spec!r} does not implement the Task protocol")
+        return task
+    raise TaskError(f"unknown task spec {spec!r}: use micro/<name>, jsonl:<path> or <module>:<attr>")

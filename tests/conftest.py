@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random-init Llama with a character tokenizer, and a tiny task, made here."""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fastslow.tasks import Problem, Verdict
+
+torch.set_num_threads(2)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<' + m['role'][0] + '>' + m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<a>' }}{% endif %}"
+)
+
+
+def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A ~40k-parameter Llama over characters, saved like any HF model (config, safetensors, tokenizer)."""
+    specials = ["<pad>", "<eos>"]
+    chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?[]()<>-_=+*/'\"\n")
+    vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(chars)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+class EchoTask:
+    """Answer = the input reversed; reward = fraction of positions right (partial credit)."""
+
+    seed_prompt = "Answer."
+
+    def __init__(self, name: str = "echo", n_train: int = 64, n_eval: int = 16) -> None:
+        self.name = name
+        rng = random.Random(name)
+        words = ["".join(rng.choice("abc") for _ in range(3)) for _ in range(n_train + n_eval)]
+        probs = [Problem(f"{name}-{i}", w, w[::-1]) for i, w in enumerate(words)]
+        self._split = {"train": probs[:n_train], "eval": probs[n_train:]}
+
+    def problems(self, split):
+        return self._split[split]
+
+    def verify(self, problem: Problem, completion: str) -> Verdict:
+        got = completion.strip()
+        hits = sum(a == b for a, b in zip(got, problem.answer))
+        reward = hits / max(len(problem.answer), len(got), 1)
+        return Verdict(reward, f"output {got!r}, expected {problem.answer!r}")
+
+
+def echo_task() -> EchoTask:
+    return EchoTask()
+
+
+def echo_task_b() -> EchoTask:
+    return EchoTask("echo_b")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def canned_reflector(prompt) -> str:
+    """A reflection model stand-in: appends one hint line; deterministic."""
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    current = text.split("```", 2)[1].strip()
+    return f"```\n{current} Reverse it.\n```"
