@@ -1,0 +1,353 @@
+"""Learning-curve analysis across runs: sample efficiency, KL at matched reward, ScaleRL sigmoid fits.
+
+Everything here reads the run-directory contract (metrics.jsonl + summary.json) and returns plain,
+JSON-serialisable values so the report, the CLI and benchmarks can share it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastslow.stream import continual_metrics
+
+XAxis = str  # "rollouts" (slow only) | "total_rollouts" (slow + fast) | "step"
+_X_AXES = ("rollouts", "total_rollouts", "step")
+
+
+@dataclass
+class Run:
+    """One run directory: its summary and its metric rows merged by step (later keys win)."""
+
+    path: Path
+    summary: dict
+    rows: list[dict]
+
+    @property
+    def method(self) -> str:
+        return str(self.summary.get("method") or self.path.name)
+
+    @property
+    def seed(self) -> int | None:
+        return self.summary.get("seed")
+
+    @property
+    def tasks(self) -> list[str]:
+        """The run's tasks: stream order from the summary first, then any other task seen in eval keys."""
+        ordered: list[str] = []
+        for st in self.summary.get("stages") or []:
+            if st.get("task") is not None and st["task"] not in ordered:
+                ordered.append(st["task"])
+        for t in self.summary.get("final") or {}:
+            if t not in ordered:
+                ordered.append(t)
+        for row in self.rows:
+            for key in row:
+                if key.startswith("eval/") and key.endswith("/reward"):
+                    t = key[len("eval/") : -len("/reward")]
+                    if t not in ordered:
+                        ordered.append(t)
+        return ordered
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl rows merged per step; unreadable lines are skipped (a run may be cut mid-write)."""
+    by_step: dict[float, dict] = {}
+    order: list[float] = []
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        step = row.get("step", len(order))
+        if step not in by_step:
+            by_step[step] = {}
+            order.append(step)
+        by_step[step].update(row)
+    rows = [by_step[s] for s in sorted(order)]
+    # Rollout counters are cumulative: carry the last value forward where a row omits them.
+    last = {"rollouts": 0, "fast_rollouts": 0}
+    for row in rows:
+        for k in last:
+            if row.get(k) is None:
+                row[k] = last[k]
+            last[k] = row[k]
+    return rows
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a run directory; a missing summary.json or metrics.jsonl gives an empty dict / list."""
+    path = Path(path)
+    summary: dict = {}
+    sp = path / "summary.json"
+    if sp.exists():
+        try:
+            summary = json.loads(sp.read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    return Run(path=path, summary=summary, rows=_read_rows(path / "metrics.jsonl"))
+
+
+@dataclass
+class EvalCurve:
+    """Mean eval reward over the run's tasks per eval row, and its running maximum."""
+
+    x: list[float] = field(default_factory=list)
+    step: list[float] = field(default_factory=list)
+    reward: list[float] = field(default_factory=list)
+    peak: list[float] = field(default_factory=list)
+    kl: list[float | None] = field(default_factory=list)  # drift/kl_rev at the same step, if logged
+
+
+def _x_of(row: dict, x: XAxis) -> float:
+    if x == "rollouts":
+        return float(row.get("rollouts") or 0)
+    if x == "total_rollouts":
+        return float(row.get("rollouts") or 0) + float(row.get("fast_rollouts") or 0)
+    if x == "step":
+        return float(row.get("step") or 0)
+    raise ValueError(f"x must be one of {_X_AXES}, got {x!r}")
+
+
+def eval_curve(run: Run, x: XAxis = "rollouts", prompt: str = "best") -> EvalCurve:
+    """Eval reward (best prompt, or `prompt="seed"`) averaged over the run's tasks, against `x`.
+
+    Rows that evaluate every task are used; if no row does, rows with any eval key are averaged over the
+    tasks they have (so a partial log still gives a curve).
+    """
+    suffix = "/reward" if prompt == "best" else "/reward_seed_prompt"
+    tasks = run.tasks
+    keys = [f"eval/{t}{suffix}" for t in tasks]
+    full = [r for r in run.rows if keys and all(r.get(k) is not None for k in keys)]
+    rows = full or [r for r in run.rows if any(r.get(k) is not None for k in keys)]
+    curve = EvalCurve()
+    best = -math.inf
+    for r in rows:
+        vals = [float(r[k]) for k in keys if r.get(k) is not None]
+        mean = sum(vals) / len(vals)
+        best = max(best, mean)
+        curve.x.append(_x_of(r, x))
+        curve.step.append(float(r.get("step") or 0))
+        curve.reward.append(mean)
+        curve.peak.append(best)
+        kl = r.get("drift/kl_rev")
+        curve.kl.append(float(kl) if kl is not None else None)
+    return curve
+
+
+def _first_reach(curve: EvalCurve, target: float) -> int | None:
+    """Index of the first eval row whose running max reaches `target` (tolerant to float noise)."""
+    for i, p in enumerate(curve.peak):
+        if p >= target - 1e-12:
+            return i
+    return None
+
+
+def sample_efficiency(rl: Run, fst: Run) -> dict:
+    """How much sooner `fst` reaches RL's running-peak eval reward R* (DESIGN.md, "Sample efficiency").
+
+    Returns {"target": R*, "reached": bool, "note": str, and per count "slow" (slow rollouts only),
+    "total" (slow + fast rollouts), "steps": {"rl", "fst", "ratio"}} where rl/fst are the counts at which
+    each first reaches R* and ratio = rl / fst (None when not reached, or when fst needed 0 of that count).
+    """
+    counts = {"slow": "rollouts", "total": "total_rollouts", "steps": "step"}
+    rl_curve = eval_curve(rl, "step")
+    if not rl_curve.reward:
+        return {"target": None, "reached": False, "note": "RL run has no eval rows",
+                **{k: {"rl": None, "fst": None, "ratio": None} for k in counts}}
+    target = rl_curve.peak[-1]
+    i_rl = _first_reach(rl_curve, target)
+    fst_curve = eval_curve(fst, "step")
+    i_fst = _first_reach(fst_curve, target) if fst_curve.reward else None
+    out: dict = {"target": target, "reached": i_fst is not None}
+    for name, axis in counts.items():
+        rl_x = eval_curve(rl, axis).x[i_rl]
+        fst_x = eval_curve(fst, axis).x[i_fst] if i_fst is not None else None
+        ratio = rl_x / fst_x if fst_x else None
+        out[name] = {"rl": rl_x, "fst": fst_x, "ratio": ratio}
+    if i_fst is None:
+        best = max(fst_curve.reward) if fst_curve.reward else None
+        out["note"] = (f"never reached RL's peak {target:.3f} (best {best:.3f})" if best is not None
+                       else "no eval rows")
+    elif out["slow"]["fst"] == 0:
+        out["note"] = "reached RL's peak with 0 slow rollouts (slow-only ratio undefined)"
+    else:
+        out["note"] = ""
+    return out
+
+
+def _kl_trajectory(run: Run) -> tuple[list[float], list[float]]:
+    """(running-max eval reward, kl_rev) at steps that log both."""
+    c = eval_curve(run, "step")
+    pairs = [(p, k) for p, k in zip(c.peak, c.kl, strict=True) if k is not None]
+    return [p for p, _ in pairs], [k for _, k in pairs]
+
+
+def _kl_at(rewards: Sequence[float], kls: Sequence[float], level: float) -> float:
+    """KL where the (non-decreasing) running-max reward first reaches `level`, linearly interpolated."""
+    for i, r in enumerate(rewards):
+        if r >= level - 1e-12:
+            if i == 0 or rewards[i] == rewards[i - 1]:
+                return float(kls[i])
+            f = (level - rewards[i - 1]) / (rewards[i] - rewards[i - 1])
+            return float(kls[i - 1] + f * (kls[i] - kls[i - 1]))
+    return float(kls[-1])
+
+
+def kl_at_matched_reward(rl: Run, fst: Run) -> dict:
+    """KL(pi||base) of each run at the highest reward level both reach; ratio = fst / rl.
+
+    Returns {"reward", "kl_rl", "kl_fst", "ratio", "note"}; values are None when either run lacks rows
+    with both an eval and drift/kl_rev at the same step.
+    """
+    r_rl, k_rl = _kl_trajectory(rl)
+    r_fst, k_fst = _kl_trajectory(fst)
+    if not r_rl or not r_fst:
+        return {"reward": None, "kl_rl": None, "kl_fst": None, "ratio": None,
+                "note": "no rows with both eval reward and drift/kl_rev"}
+    level = min(r_rl[-1], r_fst[-1])
+    kl_rl, kl_fst = _kl_at(r_rl, k_rl, level), _kl_at(r_fst, k_fst, level)
+    ratio = kl_fst / kl_rl if kl_rl > 0 else None
+    return {"reward": level, "kl_rl": kl_rl, "kl_fst": kl_fst, "ratio": ratio,
+            "note": "" if ratio is not None else "RL's KL is 0 at that level (ratio undefined)"}
+
+
+@dataclass
+class SigmoidFit:
+    """ScaleRL curve R - R0 = (A - R0) / (1 + (C_mid / C)^B)."""
+
+    A: float
+    B: float
+    C_mid: float
+    R0: float
+    success: bool
+    rmse: float
+    extrapolated: bool  # C_mid beyond the data: the asymptote is a guess, not a fit of the bend
+
+    def predict(self, C: Sequence[float] | np.ndarray) -> np.ndarray:
+        logc = np.log(np.asarray(C, dtype=float))
+        return _sigmoid_logc(logc, self.A, self.B, math.log(self.C_mid), self.R0)
+
+
+def _sigmoid_logc(logc: np.ndarray, A: float, B: float, log_cmid: float, R0: float) -> np.ndarray:
+    # In log C the curve is a logistic; fitting log(C_mid) keeps the problem well scaled whatever C's units.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        z = np.clip(B * (log_cmid - logc), -60.0, 60.0)
+        return R0 + (A - R0) / (1.0 + np.exp(z))
+
+
+def fit_sigmoid(C: Sequence[float], R: Sequence[float]) -> SigmoidFit | None:
+    """Fit the ScaleRL sigmoid to (compute C, reward R) points; None when it cannot be fit.
+
+    Points with C <= 0 are dropped (the curve is R0 there by definition). Needs at least 4 distinct C
+    values (4 parameters). Bounds: A, R0 in [0, 1], B in [0.05, 20], C_mid within 1e-3x..1e3x the data.
+    Several starting midpoints are tried and the best least-squares fit is kept.
+    """
+    from scipy.optimize import curve_fit  # local import: scipy is slow to import and rarely needed
+
+    c = np.asarray(C, dtype=float)
+    r = np.asarray(R, dtype=float)
+    ok = np.isfinite(c) & np.isfinite(r) & (c > 0)
+    c, r = c[ok], r[ok]
+    if len(np.unique(c)) < 4:
+        return None
+    logc = np.log(c)
+    lo_c, hi_c = float(logc.min()), float(logc.max())
+    lower = [0.0, 0.05, lo_c - math.log(1e3), 0.0]
+    upper = [1.0, 20.0, hi_c + math.log(1e3), 1.0]
+    r_lo, r_hi = float(np.clip(r.min(), 0, 1)), float(np.clip(r.max(), 0, 1))
+    best = None
+    for q in (0.25, 0.5, 0.75):
+        p0 = [r_hi, 1.5, float(np.quantile(logc, q)), r_lo]
+        p0 = [min(max(v, lo + 1e-9), hi - 1e-9) for v, lo, hi in zip(p0, lower, upper, strict=True)]
+        try:
+            with warnings.catch_warnings():
+                # The covariance is unused; a flat curve makes scipy warn about it.
+                warnings.simplefilter("ignore")
+                params, _ = curve_fit(_sigmoid_logc, logc, r, p0=p0, bounds=(lower, upper), maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        rmse = float(np.sqrt(np.mean((_sigmoid_logc(logc, *params) - r) ** 2)))
+        if best is None or rmse < best[1]:
+            best = (params, rmse)
+    if best is None:
+        return None
+    (A, B, log_cmid, R0), rmse = best
+    finite = all(math.isfinite(v) for v in (A, B, log_cmid, R0))
+    return SigmoidFit(A=float(A), B=float(B), C_mid=float(math.exp(log_cmid)), R0=float(R0),
+                      success=finite, rmse=rmse, extrapolated=bool(log_cmid > hi_c))
+
+
+def run_label(run: Run, runs: Sequence[Run]) -> str:
+    """The method name, with the seed appended when several runs share a method."""
+    same = [r for r in runs if r.method == run.method]
+    if len(same) > 1:
+        return f"{run.method}-s{run.seed}" if run.seed is not None else f"{run.method}-{run.path.name}"
+    return run.method
+
+
+def _cl_of(run: Run) -> dict:
+    """CL metrics recomputed from the matrix (base rewards in stream order), else the summary's."""
+    matrix = run.summary.get("matrix")
+    if matrix:
+        base_map = run.summary.get("base_rewards")
+        stage_tasks = [st.get("task") for st in run.summary.get("stages") or []]
+        base = None
+        if isinstance(base_map, dict) and stage_tasks and all(t in base_map for t in stage_tasks):
+            base = [float(base_map[t]) for t in stage_tasks]
+        try:
+            return continual_metrics(matrix, base)
+        except (TypeError, ValueError, IndexError):
+            pass
+    return dict(run.summary.get("cl") or {})
+
+
+def compare_runs(runs: Sequence[Run]) -> dict:
+    """All analyses across runs, keyed by label: per-run fits/finals plus each non-RL method vs `rl`.
+
+    {"runs": {label: {method, seed, peak, final_eval, sigmoid, cl, drift, final}},
+     "baseline": label of the RL run or None,
+     "vs_rl": {label: {"sample_efficiency": ..., "kl_at_matched_reward": ...}}}
+    """
+    out: dict = {"runs": {}, "baseline": None, "vs_rl": {}}
+    labels = {id(r): run_label(r, runs) for r in runs}
+    for run in runs:
+        c = eval_curve(run, "step")
+        fit = fit_sigmoid(c.step, c.reward) if c.reward else None
+        out["runs"][labels[id(run)]] = {
+            "method": run.method,
+            "seed": run.seed,
+            "peak": c.peak[-1] if c.peak else None,
+            "final_eval": c.reward[-1] if c.reward else None,
+            "sigmoid": asdict(fit) if fit else None,
+            "cl": _cl_of(run),
+            "drift": run.summary.get("drift") or {},
+            "final": run.summary.get("final") or {},
+        }
+    rl = next((r for r in runs if r.method == "rl"), None)
+    if rl is None:
+        return out
+    out["baseline"] = labels[id(rl)]
+    for run in runs:
+        if run.method == "rl":
+            continue
+        out["vs_rl"][labels[id(run)]] = {
+            "sample_efficiency": sample_efficiency(rl, run),
+            "kl_at_matched_reward": kl_at_matched_reward(rl, run),
+        }
+    return out

@@ -1,0 +1,121 @@
+"""build_report on synthetic run dirs: sections present, PNGs embedded, nothing loaded from the network."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from fastslow.report import build_report, discover
+
+TASKS = ["alpha", "beta", "gamma"]
+STAGE_STEPS = 20
+EVAL_EVERY = 5
+
+SECTIONS = [
+    "What happened", "Reward vs rollouts", "Drift frontier", "Stream", "Accuracy matrix", "Plasticity",
+    "Channel attribution", "Final reward per task", "Continual-learning metrics", "Final drift",
+    "Sample efficiency vs RL", "KL at matched reward", "Sigmoid fit", "Final prompt population",
+]
+
+
+def _reward(method: str, task_i: int, step: int) -> float:
+    """A task rises while it is trained, then decays; fst learns faster, gepa is flat-ish."""
+    start = task_i * STAGE_STEPS
+    speed = {"rl": 0.08, "fst": 0.2, "gepa": 0.0}[method]
+    prompt = {"rl": 0.0, "fst": 0.15, "gepa": 0.2}[method]
+    learned = 0.6 * (1 - math.exp(-speed * max(0, min(step, start + STAGE_STEPS) - start)))
+    decay = 0.5 if method == "rl" else 0.8
+    if step > start + STAGE_STEPS:
+        learned *= decay
+    return round(min(1.0, 0.1 + prompt + learned), 4)
+
+
+def write_run(d: Path, method: str) -> Path:
+    d.mkdir(parents=True)
+    total = STAGE_STEPS * len(TASKS)
+    rows = []
+    for step in range(0, total + 1):
+        row = {"step": step, "rollouts": 0 if method == "gepa" else 16 * step,
+               "fast_rollouts": 0 if method == "rl" else 40 * (step // 10 + 1),
+               "slow/reward_mean": 0.3}
+        if step % EVAL_EVERY == 0:
+            for i, t in enumerate(TASKS):
+                row[f"eval/{t}/reward"] = _reward(method, i, step)
+                row[f"eval/{t}/reward_seed_prompt"] = _reward(method, i, step) * 0.8
+            row["drift/kl_rev"] = 0.0 if method == "gepa" else step * (0.002 if method == "rl" else 0.001)
+        rows.append(row)
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    n = len(TASKS)
+    matrix = [[_reward(method, j, STAGE_STEPS * (i + 1)) for j in range(n)] for i in range(n)]
+    summary = {
+        "method": method, "seed": 0, "steps": total, "rollouts": rows[-1]["rollouts"],
+        "fast_rollouts": rows[-1]["fast_rollouts"],
+        "stages": [{"task": t, "steps": STAGE_STEPS} for t in TASKS],
+        "final": {t: {"reward": matrix[-1][j], "reward_seed_prompt": 0.8 * matrix[-1][j]}
+                  for j, t in enumerate(TASKS)},
+        "drift": {"kl_rev": rows[-1]["drift/kl_rev"], "kl_fwd": 0.01, "weight_l2": 0.5, "entropy": 1.2},
+        "matrix": matrix, "base_rewards": {t: 0.1 for t in TASKS},
+        "cl": {"acc": 0.0, "bwt": 0.0, "fwt": 0.0, "forgetting": 0.0},
+        "prompts": [] if method == "rl" else [f"Solve the {method} task <carefully> & check.", "Be brief."],
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+@pytest.fixture
+def demo_dir(tmp_path: Path) -> Path:
+    demo = tmp_path / "demo"
+    for m in ("rl", "gepa", "fst"):
+        write_run(demo / m, m)
+    arms = {n: {"final": f, "auc": f * 0.7, "curve": [[0, 0.1], [5, f * 0.8], [10, f]]}
+            for n, f in {"base": 0.4, "rl": 0.25, "fst": 0.45, "gepa": 0.4}.items()}
+    (demo / "plasticity.json").write_text(json.dumps({"task": "delta", "steps": 10, "arms": arms}))
+    cell = {"base_seed": 0.1, "base_evolved": 0.3, "trained_seed": 0.4, "trained_evolved": 0.6}
+    (demo / "attribution.json").write_text(json.dumps({"fst": {t: cell for t in TASKS}}))
+    (demo / "notes").mkdir()  # a subfolder that is not a run must be ignored
+    return demo
+
+
+def test_full_report(demo_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    path = build_report([demo_dir], out)
+    text = path.read_text()
+    assert path == out / "report.html"
+    for title in SECTIONS:
+        assert title in text, title
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 5
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert pngs == ["accuracy_matrix.png", "drift_frontier.png", "plasticity.png", "reward_vs_rollouts.png",
+                    "stream.png"]
+    for p in (out / "plots").glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    # Prompts are escaped, not injected as markup.
+    assert "&lt;carefully&gt; &amp; check." in text and "<carefully>" not in text
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["baseline"] == "rl" and set(analysis["vs_rl"]) == {"gepa", "fst"}
+    # CL metrics are recomputed from the matrix, not copied from the summary's placeholder zeros.
+    assert analysis["runs"]["rl"]["cl"]["forgetting"] > 0
+
+
+def test_single_run_dir_skips_missing_pieces(tmp_path: Path):
+    run = write_run(tmp_path / "lonely" / "fst", "fst")
+    text = build_report([run], tmp_path / "out").read_text()
+    assert "No plasticity.json found." in text and "No attribution.json found." in text
+    assert "need an rl run" in text
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 4
+
+
+def test_empty_input_still_writes_a_report(tmp_path: Path):
+    text = build_report([tmp_path / "missing"], tmp_path / "out").read_text()
+    assert "No run directories found" in text
+
+
+def test_discover_run_and_demo_dirs(demo_dir: Path):
+    runs, extras = discover([demo_dir, demo_dir / "rl"])
+    assert [p.name for p in runs] == ["fst", "gepa", "rl"]
+    assert demo_dir.resolve() in extras
