@@ -54,7 +54,7 @@ def write_run(d: Path, method: str) -> Path:
     summary = {
         "method": method, "seed": 0, "steps": total, "rollouts": rows[-1]["rollouts"],
         "fast_rollouts": rows[-1]["fast_rollouts"],
-        "stages": [{"task": t, "steps": STAGE_STEPS} for t in TASKS],
+        "stages": [{"task": t, "steps": STAGE_STEPS} for t in TASKS], "tasks": TASKS,
         "final": {t: {"reward": matrix[-1][j], "reward_seed_prompt": 0.8 * matrix[-1][j]}
                   for j, t in enumerate(TASKS)},
         "drift": {"kl_rev": rows[-1]["drift/kl_rev"], "kl_fwd": 0.01, "weight_l2": 0.5, "entropy": 1.2},

@@ -40,7 +40,7 @@ class Run:
     @property
     def tasks(self) -> list[str]:
         """The run's tasks: stream order from the summary first, then any other task seen in eval keys."""
-        ordered: list[str] = []
+        ordered: list[str] = [t for t in self.summary.get("tasks") or [] if isinstance(t, str)]
         for st in self.summary.get("stages") or []:
             if st.get("task") is not None and st["task"] not in ordered:
                 ordered.append(st["task"])
@@ -301,15 +301,22 @@ def run_label(run: Run, runs: Sequence[Run]) -> str:
     return run.method
 
 
+def matrix_columns(summary: dict) -> list[str]:
+    """Task names of the accuracy matrix's columns: the summary's `tasks`, else the stages' tasks in order."""
+    if summary.get("tasks"):
+        return [str(t) for t in summary["tasks"]]
+    return list(dict.fromkeys(str(st.get("task")) for st in summary.get("stages") or []))
+
+
 def _cl_of(run: Run) -> dict:
-    """CL metrics recomputed from the matrix (base rewards in stream order), else the summary's."""
+    """CL metrics recomputed from the matrix (base rewards in column order), else the summary's."""
     matrix = run.summary.get("matrix")
     if matrix:
         base_map = run.summary.get("base_rewards")
-        stage_tasks = [st.get("task") for st in run.summary.get("stages") or []]
+        columns = matrix_columns(run.summary)
         base = None
-        if isinstance(base_map, dict) and stage_tasks and all(t in base_map for t in stage_tasks):
-            base = [float(base_map[t]) for t in stage_tasks]
+        if isinstance(base_map, dict) and columns and all(base_map.get(t) is not None for t in columns):
+            base = [float(base_map[t]) for t in columns]
         try:
             return continual_metrics(matrix, base)
         except (TypeError, ValueError, IndexError):

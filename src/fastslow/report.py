@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are built on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastslow.analysis import Run, compare_runs, eval_curve, load_run, run_label  # noqa: E402
+from fastslow.analysis import Run, compare_runs, eval_curve, load_run, matrix_columns, run_label  # noqa: E402
 from fastslow.stream import normalise_stage_curves, stage_spans  # noqa: E402
 
 _METHOD_ORDER = ["base", "rl", "gepa", "fst"]
@@ -204,9 +204,10 @@ def plot_matrices(runs: dict[str, Run], path: Path) -> Path | None:
     im = None
     for k, (ax, (lab, m)) in enumerate(zip(axes[0], items, strict=True)):
         run = runs[lab]
-        stage_tasks = [st.get("task", "?") for st in run.summary.get("stages") or []]
+        stage_tasks = [str(st.get("task", "?")) for st in run.summary.get("stages") or []]
         ncols = len(m[0]) if m else 0
-        cols = (stage_tasks + [f"task {j}" for j in range(len(stage_tasks), ncols)])[:ncols]
+        cols = matrix_columns(run.summary)
+        cols = (cols + [f"task {j}" for j in range(len(cols), ncols)])[:ncols]
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for i, row in enumerate(m):
             for j, v in enumerate(row):
@@ -285,6 +286,8 @@ def _fmt(v: object, digits: int = 3) -> str:
             return "n/a"
         if isinstance(v, int) or float(v).is_integer() and abs(v) >= 100:
             return f"{int(v):,}"
+        if 0 < abs(v) < 10**-digits:
+            return f"{v:.1e}"  # tiny drift early in training is not zero: don't print it as 0.000
         return f"{v:.{digits}f}"
     return html.escape(str(v))
 
@@ -346,7 +349,7 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
         best = max(peaks, key=peaks.get)
         out.append("Highest running-peak mean eval reward: "
                    + ", ".join(f"{lab} {peaks[lab]:.3f}" for lab in sorted(peaks, key=_method_key))
-                   + f" (best: {best}).")
+                   + (f" (best: {best})." if len(peaks) > 1 else "."))
     base = cmp.get("baseline")
     for lab, d in sorted(cmp["vs_rl"].items(), key=lambda kv: _method_key(kv[0])):
         se, mk = d["sample_efficiency"], d["kl_at_matched_reward"]
