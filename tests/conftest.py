@@ -82,3 +82,29 @@ def canned_reflector(prompt) -> str:
     text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
     current = text.split("```", 2)[1].strip()
     return f"```\n{current} Reverse it.\n```"
+
+
+class VowelTask(EchoTask):
+    """Reward = share of vowels in the output: dense, so every group has reward variance."""
+
+    def verify(self, problem: Problem, completion: str) -> Verdict:
+        got = completion.strip()
+        reward = sum(c in "aeiou" for c in got) / max(len(got), 1)
+        return Verdict(reward, f"output {got!r}: {reward:.2f} vowels")
+
+
+def vowel_task() -> VowelTask:
+    return VowelTask("vowel")
+
+
+def small_config(model: Path, out: Path, method: str = "fst", steps: int = 4, task: str = "conftest:vowel_task",
+                 extra: list[str] = ()):
+    from fastslow.config import load_config
+
+    return load_config(None, [
+        f"method={method}", f"model.path={model}", f"stages=[{{task: '{task}', steps: {steps}}}]", f"out={out}",
+        "fast.every=2", "fast.budget=8", "fast.val_size=4", "fast.reflector=conftest:canned_reflector",
+        "fast.population=2", "eval.every=2", "eval.n=8", "drift.every=2", "drift.probe_size=4",
+        "slow.batch_problems=4", "slow.group_size=4", "slow.max_new_tokens=8", "slow.lr=0.01", "slow.warmup_steps=0",
+        "checkpoint_every=2", *extra,
+    ])

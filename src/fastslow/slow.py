@@ -80,7 +80,7 @@ def policy_loss(
     n_tok = mask.sum().clamp(min=1)
     stats = {"clip_frac": float((clipped.float() * mask).sum() / n_tok)}
     if kl is not None:
-        stats["k3"] = float((kl * mask).sum() / n_tok)
+        stats["k3"] = float((kl.detach() * mask).sum() / n_tok)
     return total, stats
 
 

@@ -1,0 +1,192 @@
+"""The ``fastslow`` command. Bad input exits with status 2 and one line naming the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+# Nothing is fetched from a model hub unless the user asks for it (HF_HUB_OFFLINE=0).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast-slow continual post-training of LLMs.")
+world_app = typer.Typer(no_args_is_help=True, help="The embedded micro world.")
+app.add_typer(world_app, name="world")
+console = Console(stderr=True)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fastslow.checkpoint import CheckpointError
+    from fastslow.config import ConfigError
+    from fastslow.loop import RunDirError
+    from fastslow.tasks import TaskError
+
+    return (ConfigError, RunDirError, TaskError, CheckpointError, FileNotFoundError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
+
+
+def run_config(cfg, *, resume: bool, force: bool, label: str | None = None, progress: Progress | None = None) -> dict:
+    """Train ``cfg`` with a live progress line. Shared by ``run``, ``demo`` and ``probe``."""
+    from fastslow.loop import Trainer
+
+    own = progress is None
+    progress = progress or progress_bar()
+    bar = progress.add_task(label or cfg.method, total=cfg.total_steps, info="")
+
+    def on_step(done: int, total: int, row: dict) -> None:
+        bits = []
+        if "slow/reward_mean" in row:
+            bits.append(f"reward {row['slow/reward_mean']:.3f}")
+        evals = [v for k, v in row.items() if k.startswith("eval/") and k.endswith("/reward")]
+        if evals:
+            bits.append(f"eval {sum(evals) / len(evals):.3f}")
+        if "drift/kl_rev" in row:
+            bits.append(f"kl {row['drift/kl_rev']:.4f}")
+        progress.update(bar, completed=done, info="  ".join(bits) or progress.tasks[bar].fields["info"])
+
+    trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step, log=lambda m: console.print(m))
+    progress.update(bar, completed=trainer.state.step)
+    if own:
+        with progress:
+            return trainer.run()
+    return trainer.run()
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+    out: Annotated[str | None, typer.Option(help="Run directory (overrides the config's out).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: key=value (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last good checkpoint.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite a run already in OUT.")] = False,
+) -> None:
+    """Run one config: rl, gepa or fst on a task or a stream."""
+    from fastslow.config import load_config
+    from fastslow.loop import TrainingError
+
+    overrides = list(set_ or []) + ([f"out={out}"] if out else [])
+    try:
+        cfg = load_config(config, overrides)
+        summary = run_config(cfg, resume=resume, force=force)
+    except _user_errors() as exc:
+        fail(_one_line(exc))
+    except TrainingError as exc:
+        fail(_one_line(exc), code=1)
+    final = {t: round(v["reward"], 4) for t, v in summary["final"].items()}
+    console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Model dir or id; 'micro' = the micro base; or a run's checkpoint.")],
+    task: Annotated[str, typer.Option(help="Task spec: micro/<name>, jsonl:<path>, <module>:<attr>.")],
+    prompt: Annotated[str | None, typer.Option(help="System prompt (default: the task's seed prompt).")] = None,
+    n: Annotated[int, typer.Option(help="Eval problems.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 24,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Score a model on a task's eval split; prints JSON {task, reward, n}."""
+    from fastslow.config import ModelConfig
+    from fastslow.policy import Policy
+    from fastslow.rollout import rollout
+    from fastslow.tasks import load_task
+
+    try:
+        t = load_task(task)
+        policy = Policy.load(ModelConfig(path=_model_dir(model)))
+    except _user_errors() + (OSError, ValueError) as exc:
+        fail(_one_line(exc))
+    problems = list(t.problems("eval"))[:n]
+    system = t.seed_prompt if prompt is None else prompt
+    scored = rollout(policy, t, [(system, p) for p in problems], temperature=temperature,
+                     max_new_tokens=max_new_tokens, seed=seed)
+    print(json.dumps({"task": t.name, "reward": sum(scored.rewards) / len(problems), "n": len(problems)}))
+
+
+def _model_dir(model: str) -> str:
+    """A run dir or checkpoint dir resolves to its weights; anything else is passed through."""
+    p = Path(model)
+    if (p / "checkpoints").is_dir():
+        from fastslow.checkpoint import latest_good_checkpoint
+
+        ckpt = latest_good_checkpoint(p / "checkpoints", warn=lambda m: console.print(m))
+        if ckpt is None:
+            raise FileNotFoundError(f"no usable checkpoint in {p}")
+        p = ckpt
+    if (p / "model" / "config.json").is_file():
+        return str(p / "model")
+    return model
+
+
+@app.command()
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="Run dirs, or a demo dir holding run dirs.")],
+    out: Annotated[Path | None, typer.Option(help="Where report.html goes (default: the first dir).")] = None,
+) -> None:
+    """(Re)build report.html and the plots from run directories."""
+    from fastslow.report import build_report
+
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        fail(f"not a directory: {', '.join(missing)}")
+    path = build_report(list(dirs), out or dirs[0])
+    console.print(f"report: {path}")
+
+
+@world_app.command("build")
+def world_build(
+    out: Annotated[Path, typer.Option(help="Where to write the base model.")] = Path("runs/world-base"),
+    seed: Annotated[int, typer.Option(help="Build seed (the shipped model uses 0).")] = 0,
+) -> None:
+    """Rebuild the micro base model deterministically (tokenizer + pretraining)."""
+    from fastslow.world import build_base
+
+    stats = build_base(out, seed=seed)
+    print(json.dumps(stats, indent=2, default=str))
+
+
+@world_app.command("check")
+def world_check(
+    model: Annotated[str | None, typer.Option(help="Model dir (default: the shipped micro base).")] = None,
+    n: Annotated[int, typer.Option(help="Eval problems per task.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Per task: base reward with the seed prompt, with the rule text, and with the reflector's proposal."""
+    from fastslow.world import check_world
+
+    print(json.dumps(check_world(model, n=n, seed=seed), indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m fastslow.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+from conftest import small_config
+from safetensors.torch import load_file
+
+from fastslow.checkpoint import list_checkpoints
+from fastslow.loop import RunDirError, Trainer, train
+
+
+class Crash(Exception):
+    pass
+
+
+def _rows(run):
+    return (run / "metrics.jsonl").read_text().splitlines()
+
+
+def _weights(run):
+    last = list_checkpoints(run / "checkpoints")[-1]
+    return load_file(last / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["fst", "rl"])
+def test_resume_equals_uninterrupted(tiny_model, tmp_path, method):
+    full = tmp_path / "full"
+    train(small_config(tiny_model, full, method=method, steps=5))
+
+    broken = tmp_path / "broken"
+
+    def crash_at_3(done, total, row):
+        if done == 3:  # after the step-2 checkpoint and the step-3 row: the row must be discarded
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(small_config(tiny_model, broken, method=method, steps=5), on_step=crash_at_3).run()
+    assert len(_rows(broken)) == 4  # rows 0..3 were written before the crash
+    train(small_config(tiny_model, broken, method=method, steps=5), resume=True)
+
+    assert _rows(broken) == _rows(full)
+    a, b = _weights(full), _weights(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, broken))
+    assert sa == sb
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(tiny_model, tmp_path):
+    train(small_config(tiny_model, tmp_path / "a", method="rl", steps=2))
+    train(small_config(tiny_model, tmp_path / "b", method="rl", steps=2))
+    train(small_config(tiny_model, tmp_path / "c", method="rl", steps=2, extra=["seed=1"]))
+    assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
+    assert _rows(tmp_path / "a") != _rows(tmp_path / "c")
+
+
+def test_existing_run_is_not_overwritten_without_resume_or_force(tiny_model, tmp_path):
+    train(small_config(tiny_model, tmp_path / "run", method="rl", steps=1))
+    before = _rows(tmp_path / "run")
+    with pytest.raises(RunDirError, match="--resume"):
+        Trainer(small_config(tiny_model, tmp_path / "run", method="rl", steps=1))
+    assert _rows(tmp_path / "run") == before
+
+
+def test_gepa_method_keeps_weights_frozen_and_counts_fast_rollouts(tiny_model, tmp_path):
+    summary = train(small_config(tiny_model, tmp_path / "run", method="gepa", steps=3))
+    assert summary["rollouts"] == 0 and summary["fast_rollouts"] > 0
+    assert summary["drift"]["kl_rev"] == 0.0 and summary["drift"]["weight_l2"] == 0.0
+    assert summary["prompts"]
+
+
+def test_summary_has_the_documented_fields(tiny_model, tmp_path):
+    summary = train(small_config(tiny_model, tmp_path / "run", method="fst", steps=2))
+    for key in ("method", "seed", "steps", "rollouts", "fast_rollouts", "stages", "final", "drift", "matrix", "cl",
+                "prompts"):
+        assert key in summary
+    assert set(summary["drift"]) >= {"kl_rev", "kl_fwd", "weight_l2", "entropy"}
+    assert summary["final"]["vowel"].keys() == {"reward", "reward_seed_prompt"}
+    rows = [json.loads(r) for r in _rows(tmp_path / "run")]
+    assert all({"step", "rollouts", "fast_rollouts"} <= r.keys() for r in rows)
+    assert any("fast/front_size" in r for r in rows) and any("slow/reward_mean" in r for r in rows)
