@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fastslow.tasks import Problem, Verdict
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<' + m['role'][0] + '>' + m['content'] }}{% endfor %}"

@@ -11,6 +11,7 @@ from typing import Annotated
 # Nothing is fetched from a model hub unless the user asks for it (HF_HUB_OFFLINE=0).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -127,7 +128,7 @@ def eval_(
     system = t.seed_prompt if prompt is None else prompt
     scored = rollout(policy, t, [(system, p) for p in problems], temperature=temperature,
                      max_new_tokens=max_new_tokens, seed=seed)
-    print(json.dumps({"task": t.name, "reward": sum(scored.rewards) / len(problems), "n": len(problems)}))
+    typer.echo(json.dumps({"task": t.name, "reward": sum(scored.rewards) / len(problems), "n": len(problems)}))
 
 
 def _model_dir(model: str) -> str:
@@ -169,7 +170,7 @@ def world_build(
     from fastslow.world import build_base
 
     stats = build_base(out, seed=seed)
-    print(json.dumps(stats, indent=2, default=str))
+    typer.echo(json.dumps(stats, indent=2, default=str))
 
 
 @world_app.command("check")
@@ -181,7 +182,7 @@ def world_check(
     """Per task: base reward with the seed prompt, with the rule text, and with the reflector's proposal."""
     from fastslow.world import check_world
 
-    print(json.dumps(check_world(model, n=n, seed=seed), indent=2))
+    typer.echo(json.dumps(check_world(model, n=n, seed=seed), indent=2))
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m fastslow.cli`

@@ -82,6 +82,8 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         _prepare_run_dir(self.out, resume=resume, force=force)
         torch.manual_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.tasks: dict[str, Task] = {}
         for stage in cfg.stages:
             if stage.task not in self.tasks:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from fastslow.config import ModelConfig
 
@@ -76,6 +77,7 @@ class Policy:
     @classmethod
     def load(cls, cfg: ModelConfig, weights: str | Path | None = None) -> Policy:
         """Load ``cfg.path``; ``weights`` (a checkpoint's ``model/`` dir) replaces the trained part."""
+        hf_logging.disable_progress_bar()  # per-shard bars would break our own progress display
         path = resolve_model_path(cfg.path)
         if cfg.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
