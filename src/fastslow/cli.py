@@ -20,6 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast-slow continual post-training of LLMs.")
 world_app = typer.Typer(no_args_is_help=True, help="The embedded micro world.")
 app.add_typer(world_app, name="world")
+probe_app = typer.Typer(no_args_is_help=True, help="Probes of trained runs.")
+app.add_typer(probe_app, name="probe")
 console = Console(stderr=True)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -52,7 +54,7 @@ def progress_bar() -> Progress:
     )
 
 
-def run_config(cfg, *, resume: bool, force: bool, label: str | None = None, progress: Progress | None = None) -> dict:
+def run_config(cfg, *, resume: bool = False, force: bool = False, label: str | None = None, progress: Progress | None = None) -> dict:
     """Train ``cfg`` with a live progress line. Shared by ``run``, ``demo`` and ``probe``."""
     from fastslow.loop import Trainer
 
@@ -159,6 +161,54 @@ def report(
         fail(f"not a directory: {', '.join(missing)}")
     path = build_report(list(dirs), out or dirs[0])
     console.print(f"report: {path}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the runs, probes and report go.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="A ~2 minute version (shorter stages and probes).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
+) -> None:
+    """RL vs GEPA-only vs FST on the micro stream, plasticity probes, channel attribution, report."""
+    from fastslow.demo import run_demo
+
+    with progress_bar() as progress:
+
+        def run(cfg, *, label=None, **kw):
+            return run_config(cfg, label=label, progress=progress, **kw)
+
+        result = run_demo(out, quick=quick, seed=seed, run=run, log=lambda m: console.print(m))
+    console.print(f"[bold green]report:[/] {Path(result['report']).resolve()}  ({result['wall_s'] / 60:.1f} min)")
+
+
+@probe_app.command("plasticity")
+def probe_plasticity(
+    from_: Annotated[str, typer.Option("--from", help="A run dir, a model dir, or 'base'.")],
+    task: Annotated[str, typer.Option(help="Held-out task spec (e.g. micro/consonants).")],
+    steps: Annotated[int, typer.Option(help="RL steps of the probe.")] = 30,
+    config: Annotated[Path | None, typer.Option(help="Config supplying model and RL settings.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: key=value.")] = None,
+    out: Annotated[Path, typer.Option(help="Probe run dirs go here.")] = Path("runs/probe"),
+    compare_base: Annotated[bool, typer.Option(help="Also probe from the base model.")] = True,
+) -> None:
+    """Fresh RL on a held-out task from a checkpoint; prints final reward and AUC (and the base's)."""
+    from fastslow.config import load_config
+    from fastslow.probes import plasticity_probe
+
+    try:
+        overrides = [f"stages=[{{task: '{task}', steps: {steps}}}]", *(set_ or [])]
+        template = load_config(config, overrides)
+        starts = [("from", from_)] + ([("base", "base")] if compare_base and from_ != "base" else [])
+        results = {}
+        with progress_bar() as progress:
+            for arm, start in starts:
+                results[arm] = plasticity_probe(
+                    start, task, steps, template, out / arm,
+                    run=lambda cfg, _arm=arm, **kw: run_config(cfg, label=f"probe {_arm}", progress=progress, **kw),
+                )
+    except _user_errors() + (ValueError,) as exc:
+        fail(_one_line(exc))
+    typer.echo(json.dumps({arm: {k: r[k] for k in ("start", "final", "auc")} for arm, r in results.items()}))
 
 
 @world_app.command("build")
