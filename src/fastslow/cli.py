@@ -54,7 +54,9 @@ def progress_bar() -> Progress:
     )
 
 
-def run_config(cfg, *, resume: bool = False, force: bool = False, label: str | None = None, progress: Progress | None = None) -> dict:
+def run_config(
+    cfg, *, resume: bool = False, force: bool = False, label: str | None = None, progress: Progress | None = None
+) -> dict:
     """Train ``cfg`` with a live progress line. Shared by ``run``, ``demo`` and ``probe``."""
     from fastslow.loop import Trainer
 
