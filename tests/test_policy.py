@@ -53,3 +53,17 @@ def test_lora_trains_only_the_adapter_and_its_base_is_the_disabled_model(tiny_mo
 def test_missing_model_path_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="/no/such/dir"):
         Policy.load(ModelConfig(path="/no/such/dir"))
+
+
+def test_given_completions_score_like_sampled_ones(tiny_model):
+    policy = Policy.load(ModelConfig(path=str(tiny_model)))
+    prompt = policy.format("Answer.", "abc")
+    sampled = policy.generate([prompt], temperature=1.0, max_new_tokens=5, seed=0)
+    text = policy.tokenizer.decode(sampled.completion_ids[0][sampled.completion_mask[0].bool()],
+                                   skip_special_tokens=True)
+    given = policy.make_batch([prompt], [text], add_eos=bool((sampled.completion_ids[0] == 1).any()))
+    with torch.no_grad():
+        a = Policy.token_logprobs(policy.completion_logits(sampled), sampled.completion_ids)
+        b = Policy.token_logprobs(policy.completion_logits(given), given.completion_ids)
+    n = int(sampled.completion_mask.sum())
+    assert torch.allclose(a[0, :n], b[0, :n], atol=1e-5)

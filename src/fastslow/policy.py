@@ -174,6 +174,21 @@ class Policy:
         return Batch(prompt_ids, prompt_mask, comp_ids, comp_mask, texts)
 
     # ---- scoring ------------------------------------------------------------------------------
+    def make_batch(self, prompts: Sequence[str], completions: Sequence[str], *, add_eos: bool = True) -> Batch:
+        """A Batch of given (formatted prompt, completion text) pairs, to score completions not sampled here."""
+        prompt_ids, prompt_mask = self._encode_prompts(prompts)
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        rows = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if add_eos else [])
+                for c in completions]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return Batch(prompt_ids, prompt_mask, ids.to(self.device), mask.to(self.device), list(completions))
+
+
     def completion_logits(self, batch: Batch, *, use_base: bool = False) -> torch.Tensor:
         """Logits [B, C, V] (float32) predicting each completion token, given prompt and earlier tokens.
 
