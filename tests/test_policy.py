@@ -55,15 +55,16 @@ def test_missing_model_path_is_a_clear_error():
         Policy.load(ModelConfig(path="/no/such/dir"))
 
 
-def test_given_completions_score_like_sampled_ones(tiny_model):
+def test_given_completions_are_scored_exactly(tiny_model):
     policy = Policy.load(ModelConfig(path=str(tiny_model)))
-    prompt = policy.format("Answer.", "abc")
-    sampled = policy.generate([prompt], temperature=1.0, max_new_tokens=5, seed=0)
-    text = policy.tokenizer.decode(sampled.completion_ids[0][sampled.completion_mask[0].bool()],
-                                   skip_special_tokens=True)
-    given = policy.make_batch([prompt], [text], add_eos=bool((sampled.completion_ids[0] == 1).any()))
+    prompts = [policy.format("Answer.", "abc"), policy.format("Longer prompt here.", "b")]
+    batch = policy.make_batch(prompts, ["cba", "b"])
     with torch.no_grad():
-        a = Policy.token_logprobs(policy.completion_logits(sampled), sampled.completion_ids)
-        b = Policy.token_logprobs(policy.completion_logits(given), given.completion_ids)
-    n = int(sampled.completion_mask.sum())
-    assert torch.allclose(a[0, :n], b[0, :n], atol=1e-5)
+        got = Policy.token_logprobs(policy.completion_logits(batch), batch.completion_ids)
+        for i, (prompt, completion) in enumerate(zip(prompts, ["cba", "b"])):
+            p = policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = policy.tokenizer(completion, add_special_tokens=False)["input_ids"] + [policy.tokenizer.eos_token_id]
+            logits = policy.model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+            want = torch.log_softmax(logits, -1)[torch.arange(len(c)), torch.tensor(c)]
+            assert torch.allclose(got[i, : len(c)], want, atol=1e-5)
+            assert int(batch.completion_mask[i].sum()) == len(c)
