@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _fault_delay() -> None:
+    """Fault-injection hook for tests: ``FASTSLOW_CHECKPOINT_DELAY_S`` holds the writer between writing the
+    files and sealing them, so a kill test can land a SIGKILL inside a checkpoint write. Unset: no-op."""
+    delay = os.environ.get("FASTSLOW_CHECKPOINT_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
@@ -60,6 +69,7 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], *
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
+    _fault_delay()
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2))
     _fsync_tree(tmp)
@@ -86,30 +96,47 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> str | None:
-    """None if ``path`` is whole; otherwise why not."""
+    """None if ``path`` is whole; otherwise why not (one line, naming the file at fault)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
-        return "no manifest (half-written?)"
+        return f"no {MANIFEST} (half-written or damaged)"
     try:
         meta = json.loads(manifest.read_text())
-    except json.JSONDecodeError as exc:
-        return f"unreadable manifest: {exc}"
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"unreadable {MANIFEST}: {exc}"
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        return f"{MANIFEST} is not a checkpoint manifest"
     if meta.get("format") != FORMAT_VERSION:
-        return f"format {meta.get('format')!r}, this fastslow reads format {FORMAT_VERSION}"
-    for rel, digest in meta.get("files", {}).items():
+        return (
+            f"unknown checkpoint format {meta.get('format')!r}: this fastslow reads format {FORMAT_VERSION} "
+            "(written by another fastslow version?)"
+        )
+    for rel, digest in meta["files"].items():
         f = path / rel
         if not f.is_file():
             return f"missing file {rel}"
         if _sha256(f) != digest:
-            return f"checksum mismatch in {rel}"
+            return f"checksum mismatch in {rel} (corrupted)"
     return None
 
 
 def latest_good_checkpoint(ckpt_root: Path, warn: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are reported through ``warn`` and skipped."""
+    """The newest checkpoint that verifies; damaged ones are reported through ``warn`` and skipped.
+
+    Returns None only when there is no checkpoint at all (a run killed before its first one starts
+    over). When checkpoints exist but none verifies, raises :class:`CheckpointError` naming each and
+    why: silently starting over would throw the run away.
+    """
+    rejected: list[str] = []
     for path in reversed(list_checkpoints(ckpt_root)):
         problem = verify_checkpoint(path)
         if problem is None:
             return path
+        rejected.append(f"{path.name}: {problem}")
         warn(f"checkpoint {path.name} is damaged ({problem}); falling back to the previous one")
+    if rejected:
+        raise CheckpointError(
+            f"no usable checkpoint in {ckpt_root} ({'; '.join(rejected)}); "
+            "run without --resume, with --force, to start over"
+        )
     return None

@@ -27,7 +27,7 @@ from gepa.gepa_utils import find_dominator_programs
 
 from fastslow.config import FastConfig
 from fastslow.policy import Policy, derive_seed
-from fastslow.reflect import GuardedReflector, ReflectionLM
+from fastslow.reflect import GuardedReflector, ReflectionLM, redact
 from fastslow.rollout import rollout
 from fastslow.tasks import Problem, Task
 
@@ -138,6 +138,7 @@ class FastChannel:
         self.best: dict[str, str] = {}
         self.rounds = 0
         self.round_errors = 0
+        self.last_error: str | None = None
 
     def state_dict(self) -> dict:
         return {
@@ -175,6 +176,7 @@ class FastChannel:
         state = seeded_state(candidates, adapter, valset)
         rescore_rollouts = adapter.generated
         calls_before, errors_before = self.reflector.calls, self.reflector.errors
+        self.last_error = None  # this round's fault, one redacted line, for the run log
         tmp = Path(tempfile.mkdtemp(prefix="gepa-", dir=workdir))
         metrics: dict[str, float] = {}
         try:
@@ -202,8 +204,9 @@ class FastChannel:
             population, front_size = top_k_front(result, cfg.population)
             metrics["fast/best_val"] = max(result.val_aggregate_scores)
             metrics["fast/accepted"] = float(result.num_candidates - len(candidates))
-        except Exception:  # noqa: BLE001 - a failed round keeps the re-scored population; the run goes on
+        except Exception as exc:  # noqa: BLE001 - a failed round keeps the re-scored population; the run goes on
             self.round_errors += 1
+            self.last_error = redact(" ".join(f"round failed: {type(exc).__name__}: {exc}".split()))[:300]
             scores = [sum(state.prog_candidate_val_subscores[i].values()) for i in range(len(candidates))]
             order = sorted(range(len(candidates)), key=lambda i: -scores[i])
             population, front_size = [candidates[i] for i in order][: cfg.population], len(candidates)
@@ -229,4 +232,7 @@ class FastChannel:
         )
         self.last_round_rollouts = adapter.generated
         self.last_verifier_errors = adapter.verifier_errors
+        if self.last_error is None and self.reflector.errors > errors_before:
+            new = self.reflector.errors - errors_before
+            self.last_error = f"{new} reflection errors, last: {self.reflector.last_error}"
         return metrics

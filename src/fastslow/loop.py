@@ -31,7 +31,7 @@ from fastslow.config import Config
 from fastslow.drift import DriftMeter
 from fastslow.fast import FastChannel
 from fastslow.policy import Policy, derive_seed
-from fastslow.reflect import make_reflector
+from fastslow.reflect import make_reflector, redact
 from fastslow.rollout import rollout
 from fastslow.slow import Rollouts, SlowLearner
 from fastslow.stream import continual_metrics
@@ -80,7 +80,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
-        _prepare_run_dir(self.out, resume=resume, force=force)
+        _prepare_run_dir(self.out, resume=resume, force=force, clear=False)  # refuse early, write nothing yet
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -102,6 +102,8 @@ class Trainer:
             for problem in list(task.problems("eval"))[: cfg.drift.probe_size]:
                 probes.append(self.policy.format(task.seed_prompt, problem.prompt))
         self.drift = DriftMeter(self.policy, probes, cfg.drift, seed=cfg.seed)
+        # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
+        _prepare_run_dir(self.out, resume=resume, force=force)
         self.state = LoopState()
         self.timing: dict[str, list[float]] = {"step_s": [], "round_s": [], "slow_step_s": [], "eval_s": []}
         if ckpt is not None:
@@ -110,7 +112,7 @@ class Trainer:
         else:
             self.metrics_path.write_text("")
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (self.out / "config.yaml").write_text(redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -129,6 +131,8 @@ class Trainer:
             if self.fast is not None and (step - stage_start) % cfg.fast.every == 0:
                 t_round = time.perf_counter()
                 row.update(self.fast.run_round(task, workdir=self.out))
+                if self.fast.last_error:  # a faulty reflector or round is survived, never silently
+                    self.log(f"step {step}: fast channel kept its population: {self.fast.last_error}")
                 st.fast_rollouts += self.fast.last_round_rollouts
                 st.verifier_errors += self.fast.last_verifier_errors
                 self.timing["round_s"].append(time.perf_counter() - t_round)
@@ -297,15 +301,26 @@ class Trainer:
         }
 
 
-def _prepare_run_dir(out: Path, *, resume: bool, force: bool) -> None:
+def _prepare_run_dir(out: Path, *, resume: bool, force: bool, clear: bool = True) -> None:
+    """Refuse a run dir holding another run (unless resume/force); with ``clear``, empty it (force) and
+    sweep what a killed process left (GEPA round scratch dirs, half-written JSON temp files)."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"run directory {out} is not a directory")
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if holds_run and not (resume or force):
         raise RunDirError(f"run directory {out} already holds a run: pass --resume to continue it or --force to overwrite")
+    if not clear:
+        return
     if holds_run and force and not resume:
         for name in ("metrics.jsonl", "summary.json", "timing.json", "config.yaml"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("gepa-*"), *out.glob(".*.tmp-*")]:  # one process per run dir: these are dead
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def train(cfg: Config, **kwargs) -> dict:

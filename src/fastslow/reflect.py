@@ -7,9 +7,12 @@ prompt (a string, or chat messages) and returning the reply text (the new prompt
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from fastslow.config import ConfigError
 from fastslow.guard import call_with_timeout
 
 ReflectionLM = Callable[[Any], str]
@@ -17,6 +20,35 @@ ReflectionLM = Callable[[Any], str]
 
 class ReflectionError(RuntimeError):
     """A reflection call failed after its retries."""
+
+
+# ---- secrets ------------------------------------------------------------------------------------
+# API keys live only in the environment. Error text from plug-ins (an API client's exception, a
+# verifier's traceback message) may quote them, so every such text is passed through ``redact`` before
+# it is logged, stored in the run dir, or shown to a reflection model.
+SECRET_ENV_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+_MIN_SECRET_LEN = 6  # shorter values (e.g. SOME_KEY=1) would mask ordinary words
+_SECRET_SHAPES = re.compile(
+    r"\b(?:sk-[A-Za-z0-9][A-Za-z0-9_\-]{5,}"  # OpenAI / Anthropic style keys (sk-..., sk-proj-..., sk-ant-...)
+    r"|hf_[A-Za-z0-9]{20,}"  # Hugging Face tokens
+    r"|(?<=Bearer )[A-Za-z0-9._\-]{12,})"  # bearer tokens quoted from HTTP headers
+)
+REDACTED = "***"
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of environment variables whose names end in _KEY/_TOKEN/_SECRET/_PASSWORD, longest first."""
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if k.upper().endswith(SECRET_ENV_SUFFIXES) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with secret env values and key-shaped strings (``sk-...``, ``hf_...``) masked as ``***``."""
+    text = str(text)
+    for value in secret_values(environ):
+        text = text.replace(value, REDACTED)
+    return _SECRET_SHAPES.sub(REDACTED, text)
 
 
 def make_reflector(spec: str) -> ReflectionLM:
@@ -39,13 +71,19 @@ def make_reflector(spec: str) -> ReflectionLM:
         try:
             obj = getattr(importlib.import_module(kind), name)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import reflector {spec!r}: {exc}") from None
+            raise ConfigError(f"field 'fast.reflector': cannot import {spec!r}: {exc}") from None
         if isinstance(obj, type) or getattr(obj, "__code__", None) and obj.__code__.co_argcount == 0:
-            obj = obj()
+            try:
+                obj = obj()
+            except Exception as exc:  # noqa: BLE001 - a broken factory is bad input, reported in one line
+                raise ConfigError(f"field 'fast.reflector': {spec!r} failed to build: {redact(exc)}") from None
         if not callable(obj):
-            raise ValueError(f"reflector {spec!r} is not callable")
+            raise ConfigError(f"field 'fast.reflector': {spec!r} is not callable")
         return obj
-    raise ValueError(f"unknown reflector {spec!r}: use micro, litellm:<model>, openai:<model> or <module>:<attr>")
+    raise ConfigError(
+        f"field 'fast.reflector': unknown reflector {spec!r}: use micro, litellm:<model>, openai:<model> "
+        "or <module>:<attr>"
+    )
 
 
 class _LiteLLM:
@@ -68,6 +106,7 @@ class GuardedReflector:
 
     After ``retries`` failures a call raises :class:`ReflectionError`; GEPA then skips that proposal.
     ``consecutive_failures`` lets the round driver end a round whose reflector keeps failing.
+    ``last_error`` is the latest fault as one redacted line (for the run log); error text never carries keys.
     """
 
     def __init__(self, lm: ReflectionLM, *, retries: int = 2, timeout_s: float = 120.0) -> None:
@@ -75,10 +114,10 @@ class GuardedReflector:
         self.calls = 0
         self.errors = 0
         self.consecutive_failures = 0
+        self.last_error: str | None = None
 
     def __call__(self, prompt: Any) -> str:
         self.calls += 1
-        last: BaseException | None = None
         for _ in range(self.retries + 1):
             try:
                 reply = call_with_timeout(self.lm, prompt, timeout_s=self.timeout_s)
@@ -88,6 +127,8 @@ class GuardedReflector:
                 return reply
             except Exception as exc:  # noqa: BLE001 - any fault of the model is counted and retried
                 self.errors += 1
-                last = exc
+                # The text may quote an API key (client errors often do): only a redacted copy is kept, and
+                # the original exception is not chained, so no traceback printer can show it either.
+                self.last_error = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
         self.consecutive_failures += 1
-        raise ReflectionError(f"reflection failed after {self.retries + 1} tries: {last}") from last
+        raise ReflectionError(f"reflection failed after {self.retries + 1} tries: {self.last_error}") from None

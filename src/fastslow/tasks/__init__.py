@@ -80,7 +80,9 @@ def safe_verify(
             raise ValueError(f"reward {reward} outside [0, 1]")
         return Verdict(reward, str(verdict.feedback)), False
     except Exception as exc:  # noqa: BLE001 - any verifier fault is scored, not raised
-        return Verdict(0.0, f"verifier error: {type(exc).__name__}: {exc}"), True
+        from fastslow.reflect import redact  # feedback goes to the reflection model and may be stored: no keys
+
+        return Verdict(0.0, redact(f"verifier error: {type(exc).__name__}: {exc}")), True
 
 
 def load_task(spec: str) -> Task:
@@ -92,7 +94,13 @@ def load_task(spec: str) -> Task:
     if spec.startswith("jsonl:"):
         from fastslow.tasks.jsonl import JsonlTask
 
-        return JsonlTask.from_file(spec.removeprefix("jsonl:"))
+        path = spec.removeprefix("jsonl:")
+        try:
+            return JsonlTask.from_file(path)
+        except TaskError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - unreadable file (binary, a directory, odd values): one line
+            raise TaskError(f"cannot read task file {path}: {type(exc).__name__}: {exc}") from None
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
