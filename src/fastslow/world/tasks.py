@@ -95,7 +95,7 @@ class MicroTask:
 _SPECS: dict[str, tuple[str, str]] = {
     "flip": ("reverse", "square"),
     "caesar": ("shift", "angle"),
-    "order": ("sort", "star"),
+    "order": ("sort", "dot"),
     "consonants": ("novowel", "dot"),
     "cycle": ("rotate", "square"),
     "shout": ("upper", "star"),
