@@ -17,7 +17,9 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast-slow continual post-training of LLMs.")
+# An unexpected crash still prints a traceback, but never frame locals: an API client's frames hold keys.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Fast-slow continual post-training of LLMs.")
 world_app = typer.Typer(no_args_is_help=True, help="The embedded micro world.")
 app.add_typer(world_app, name="world")
 probe_app = typer.Typer(no_args_is_help=True, help="Probes of trained runs.")
