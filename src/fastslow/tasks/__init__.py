@@ -5,6 +5,7 @@ Task specs used in configs:
 
 - ``micro/<name>``: a task of the embedded micro world (see :mod:`fastslow.world`).
 - ``jsonl:<path>``: question/answer lines (see :mod:`fastslow.tasks.jsonl`).
+- ``codeio``: predict a short program's printed output (see :mod:`fastslow.tasks.codeio`).
 - ``<module>:<attr>``: any importable object (or zero-argument factory) implementing :class:`Task`.
 """
 
@@ -101,6 +102,10 @@ def load_task(spec: str) -> Task:
             raise
         except Exception as exc:  # noqa: BLE001 - unreadable file (binary, a directory, odd values): one line
             raise TaskError(f"cannot read task file {path}: {type(exc).__name__}: {exc}") from None
+    if spec == "codeio":
+        from fastslow.tasks.codeio import CodeIOTask
+
+        return CodeIOTask()
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -111,4 +116,4 @@ def load_task(spec: str) -> Task:
         if not isinstance(task, Task):
             raise TaskError(f"{spec!r} does not implement the Task protocol")
         return task
-    raise TaskError(f"unknown task spec {spec!r}: use micro/<name>, jsonl:<path> or <module>:<attr>")
+    raise TaskError(f"unknown task spec {spec!r}: use micro/<name>, jsonl:<path>, codeio or <module>:<attr>")
