@@ -35,7 +35,7 @@ def demo_config(method: str, *, quick: bool, seed: int, out: Path) -> Config:
             "method": method,
             "model": {"path": "micro"},
             "stages": [{"task": f"micro/{name}", "steps": steps} for name in STREAM],
-            "slow": {"batch_problems": 8, "group_size": 8, "lr": 2e-3, "warmup_steps": 5, "max_new_tokens": 20},
+            "slow": {"batch_problems": 8, "group_size": 8, "lr": 3e-4, "warmup_steps": 5, "max_new_tokens": 20},
             "fast": {"every": every, "population": 4, "budget": 48 if quick else 64, "val_size": 12,
                      "reflector": "micro"},
             "drift": {"every": every, "probe_size": 16, "max_new_tokens": 20},
