@@ -24,12 +24,13 @@ from fastslow.tasks import load_task
 METHODS = ("rl", "gepa", "fst")
 
 
-def demo_config(method: str, *, quick: bool, seed: int, out: Path) -> Config:
+def demo_config(method: str, *, quick: bool, seed: int, out: Path, steps: int | None = None,
+                eval_n: int | None = None) -> Config:
     """The demo's settings (also in configs/demo.yaml): sized for ~10 minutes on 2 CPU cores."""
     from fastslow.world.tasks import STREAM
 
-    steps = 12 if quick else 60
-    every = 6 if quick else 10
+    steps = steps or (12 if quick else 60)
+    every = min(6 if quick else 10, steps)
     return config_from_dict(
         {
             "method": method,
@@ -39,7 +40,7 @@ def demo_config(method: str, *, quick: bool, seed: int, out: Path) -> Config:
             "fast": {"every": every, "population": 4, "budget": 48 if quick else 64, "val_size": 12,
                      "reflector": "micro"},
             "drift": {"every": every, "probe_size": 16, "max_new_tokens": 20},
-            "eval": {"every": every, "n": 48 if quick else 96},
+            "eval": {"every": every, "n": eval_n or (48 if quick else 96)},
             "checkpoint_every": steps,
             "threads": 1,
             "seed": seed,
@@ -48,9 +49,14 @@ def demo_config(method: str, *, quick: bool, seed: int, out: Path) -> Config:
     )
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0,
-             run: Callable[..., dict] | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run everything into ``out``; returns {"report": path, "wall_s": seconds, ...}."""
+def run_demo(out: Path, *, quick: bool = False, seed: int = 0, stage_steps: int | None = None,
+             probe_steps: int | None = None, eval_n: int | None = None, run: Callable[..., dict] | None = None,
+             log: Callable[[str], None] = print) -> dict:
+    """Run everything into ``out``; returns {"report": path, "wall_s": seconds, ...}.
+
+    ``stage_steps``/``probe_steps``/``eval_n`` shrink the demo further (tests); ``run(cfg, label=..., force=...)``
+    trains one config (the CLI passes one that drives its progress display).
+    """
     from fastslow.report import build_report
     from fastslow.world.tasks import HELDOUT
 
@@ -64,21 +70,21 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for method in METHODS:
-        cfg = demo_config(method, quick=quick, seed=seed, out=out / method)
+        cfg = demo_config(method, quick=quick, seed=seed, out=out / method, steps=stage_steps, eval_n=eval_n)
         summaries[method] = run(cfg, force=True, label=method)
 
-    probe_steps = 10 if quick else 30
-    template = demo_config("rl", quick=quick, seed=seed, out=out / "probes")
-    template = template.model_copy(update={"eval": template.eval.model_copy(update={"every": 5})})
+    probe_steps = probe_steps or (10 if quick else 30)
+    template = demo_config("rl", quick=quick, seed=seed, out=out / "probes", steps=stage_steps, eval_n=eval_n)
+    template = template.model_copy(update={"eval": template.eval.model_copy(update={"every": min(5, probe_steps)})})
     arms = {}
     for arm, start in [("base", "base")] + [(m, out / m) for m in METHODS]:
         arms[arm] = plasticity_probe(start, f"micro/{HELDOUT}", probe_steps, template, out / "probes" / arm,
                                      run=lambda cfg, _arm=arm, **kw: run(cfg, label=f"probe {_arm}", **kw))
     write_json_atomic(out / "plasticity.json", {"task": HELDOUT, "steps": probe_steps, "arms": arms})
 
-    base_cfg = demo_config("rl", quick=quick, seed=seed, out=out).model
-    tasks = {t.name: t for t in (load_task(s.task) for s in demo_config("fst", quick=quick, seed=seed, out=out).stages)}
-    attribution = {m: channel_attribution(out / m, base_cfg, tasks, n=template.eval.n, seed=seed) for m in METHODS}
+    tasks = {t.name: t for t in (load_task(s.task) for s in template.stages)}
+    attribution = {m: channel_attribution(out / m, template.model, tasks, n=template.eval.n, seed=seed)
+                   for m in METHODS}
     write_json_atomic(out / "attribution.json", attribution)
 
     report = build_report([out], out)

@@ -1,0 +1,20 @@
+import json
+
+from fastslow.demo import METHODS, run_demo
+
+
+def test_demo_pipeline_writes_runs_probes_attribution_and_report(tmp_path):
+    result = run_demo(tmp_path, stage_steps=2, probe_steps=2, eval_n=8, log=lambda m: None)
+    for method in METHODS:
+        summary = json.loads((tmp_path / method / "summary.json").read_text())
+        assert summary["method"] == method and len(summary["matrix"]) == 3  # one row per stage
+    plasticity = json.loads((tmp_path / "plasticity.json").read_text())
+    assert set(plasticity["arms"]) == {"base", *METHODS}
+    assert all(0 <= arm["final"] <= 1 and arm["curve"] for arm in plasticity["arms"].values())
+    attribution = json.loads((tmp_path / "attribution.json").read_text())
+    cells = attribution["fst"]["flip"]
+    assert set(cells) == {"base_seed", "base_evolved", "trained_seed", "trained_evolved"}
+    # the base weights with the seed prompt are the same model and prompt for every method
+    assert len({attribution[m]["flip"]["base_seed"] for m in METHODS}) == 1
+    html = (tmp_path / "report.html").read_text()
+    assert result["report"].endswith("report.html") and "data:image/png;base64" in html
