@@ -41,8 +41,8 @@ from fastslow.config import load_config
 from fastslow.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 16
-KILL_PLAN = ["round", "checkpoint", "step", "anytime", "round", "checkpoint"]
+STEPS = 14
+KILL_PLAN = ["round", "checkpoint", "step", "anytime", "round"]
 
 
 def _config(tmp_path: Path, model: Path) -> Path:
@@ -81,14 +81,14 @@ def _rows(out: Path) -> int:
 
 
 def _wait(proc: subprocess.Popen, cond, timeout: float = 30.0) -> bool:
-    """Poll ``cond`` every 2 ms until true (True) or the process exits / time runs out (False)."""
+    """Poll ``cond`` every 5 ms until true (True) or the process exits / time runs out (False)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():
             return True
         if proc.poll() is not None:
             return False
-        time.sleep(0.002)
+        time.sleep(0.005)
     return False
 
 
@@ -172,7 +172,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tiny_model, t
     print("kill points (kind, landed, last good checkpoint step before):", log)
 
     landed = [where for _, where, _ in log]
-    assert len(landed) >= 5 and "mid-checkpoint" in landed and "mid-round" in landed, log
+    assert len(landed) >= 4 and "mid-checkpoint" in landed and "mid-round" in landed, log
     assert (killed / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
     s_full, s_killed = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
     assert s_killed == s_full
