@@ -1,4 +1,14 @@
-"""The embedded micro world: instruction language, tiny base model, tasks and an offline reflector."""
+"""The embedded micro world: instruction language, tiny base model, tasks and an offline reflector.
+
+- :mod:`fastslow.world.language`: string transforms x answer formats, with English paraphrases.
+- :mod:`fastslow.world.build`: character tokenizer + a 0.49 M-parameter Llama pretrained on
+  ``context + input -> output`` chats; ``build_base`` rebuilds it, ``base/`` ships it.
+- :mod:`fastslow.world.tasks`: ``micro_task(name)``, ``MICRO_TASKS``, ``STREAM``, ``HELDOUT``.
+- :mod:`fastslow.world.reflector`: ``MicroReflector``, a deterministic GEPA ``reflection_lm``.
+- :mod:`fastslow.world.check`: ``check_world``, the properties the design asks of this world.
+
+Imports here are lazy on purpose: importing the reflector must not import the tasks (hidden specs).
+"""
 
 from __future__ import annotations
 
