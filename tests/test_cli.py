@@ -72,7 +72,8 @@ def test_smoke_config_runs_under_a_minute(tiny_model, tmp_path):
     """The real command line, in a subprocess: configs/smoke.yaml on a model the tests make."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "fastslow.cli", "run", str(ROOT / "configs" / "smoke.yaml"), "--out", str(tmp_path / "r"),
+        [sys.executable, "-m", "fastslow.cli", "run", str(ROOT / "configs" / "smoke.yaml"),
+         "--out", str(tmp_path / "r"),
          "--set", f"model.path={tiny_model}", "--set", "stages.0.task=conftest:echo_task",
          "--set", "fast.reflector=conftest:canned_reflector"],
         capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"},

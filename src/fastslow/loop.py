@@ -308,7 +308,9 @@ def _prepare_run_dir(out: Path, *, resume: bool, force: bool, clear: bool = True
         raise RunDirError(f"run directory {out} is not a directory")
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if holds_run and not (resume or force):
-        raise RunDirError(f"run directory {out} already holds a run: pass --resume to continue it or --force to overwrite")
+        raise RunDirError(
+            f"run directory {out} already holds a run: pass --resume to continue it or --force to overwrite"
+        )
     if not clear:
         return
     if holds_run and force and not resume:
