@@ -15,6 +15,7 @@ Every random draw is seeded from (seed, what, step), so a resumed run replays ex
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import shutil
@@ -211,6 +212,7 @@ class Trainer:
                     max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
                     verify_timeout_s=VERIFY_TIMEOUT_S,
                 )
+                self.state.verifier_errors += scored.verifier_errors
                 result[key] = sum(scored.rewards) / len(problems)
             self.state.last_eval[task.name] = result
             row[f"eval/{task.name}/reward"] = result["reward"]
@@ -231,7 +233,9 @@ class Trainer:
         st = self.state
         row = {"step": step, "rollouts": st.rollouts, "fast_rollouts": st.fast_rollouts, **metrics}
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            f.write(json.dumps(clean) + "\n")
         st.metrics_bytes = self.metrics_path.stat().st_size
 
     def _checkpoint(self) -> None:
