@@ -83,3 +83,21 @@ def test_smoke_config_runs_under_a_minute(tiny_model, tmp_path):
     assert elapsed < 60
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["method"] == "fst" and summary["steps"] == 6 and summary["fast_rollouts"] > 0
+
+
+def test_probe_plasticity_from_a_run_and_from_the_base(tiny_model, tmp_path):
+    from conftest import small_config
+
+    from fastslow.loop import train
+
+    train(small_config(tiny_model, tmp_path / "run", method="rl", steps=2))
+    result = _run("probe", "plasticity", "--from", tmp_path / "run", "--task", "conftest:vowel_task", "--steps", "2",
+                  "--out", tmp_path / "probe", "--set", f"model.path={tiny_model}", "--set", "eval.every=1",
+                  "--set", "eval.n=4", "--set", "slow.batch_problems=2", "--set", "slow.group_size=4",
+                  "--set", "threads=1")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(out) == {"from", "base"}
+    for arm in out.values():
+        assert 0 <= arm["final"] <= 1 and 0 <= arm["auc"] <= 1
+    assert (tmp_path / "probe" / "base" / "summary.json").is_file()
