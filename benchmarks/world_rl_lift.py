@@ -6,6 +6,7 @@ weight is 1), one AdamW step. Every ``--eval-every`` steps: greedy mean reward o
 with the seed prompt. Prints one JSON line per task: reward curve, lift, seconds per step.
 
     .venv/bin/python benchmarks/world_rl_lift.py --tasks flip caesar --steps 150
+    .venv/bin/python benchmarks/world_rl_lift.py --stream --steps 100   # RL-only forgetting on the stream
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from fastslow.world.check import MAX_NEW_TOKENS, chat_prompts, load_model, mean_reward
-from fastslow.world.tasks import MICRO_TASKS, micro_task
+from fastslow.world.tasks import MICRO_TASKS, STREAM, micro_task
 
 
 def rl_step(model: Any, tok: Any, optimizer: Any, task: Any, problems: list, group: int) -> dict[str, float]:
@@ -90,16 +91,45 @@ def run_task(name: str, steps: int, lr: float, eval_every: int, n_eval: int, see
     }
 
 
+def run_stream(names: list[str], steps: int, lr: float, n_eval: int, seed: int) -> dict[str, Any]:
+    """RL only, one model trained on the tasks in turn; R[i][j] = seed-prompt reward on task j after stage i.
+
+    Shows the conflict between stream tasks: weights that absorb one task's convention lose the last one.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tasks = [micro_task(n) for n in names]
+    model, tok = load_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def evaluate() -> list[float]:
+        model.eval()
+        return [round(mean_reward(model, tok, t, t.seed_prompt, list(t.problems("eval"))[:n_eval]), 4) for t in tasks]
+
+    matrix = [evaluate()]
+    for task in tasks:
+        train = list(task.problems("train"))
+        for _ in range(steps):
+            rl_step(model, tok, optimizer, task, rng.sample(train, 8), group=8)
+        matrix.append(evaluate())
+        print(f"after {task.name}: {matrix[-1]}", flush=True)
+    return {"stream": names, "steps_per_task": steps, "lr": lr, "matrix_base_then_stages": matrix}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="*", default=MICRO_TASKS)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream", action="store_true", help="train the STREAM tasks in turn, print R matrix")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.stream:
+        print(json.dumps(run_stream(STREAM, args.steps, args.lr, args.n_eval, args.seed)), flush=True)
+        return
     for name in args.tasks:
         print(json.dumps(run_task(name, args.steps, args.lr, args.eval_every, args.n_eval, args.seed)), flush=True)
 
