@@ -18,7 +18,6 @@ from conftest import EchoTask, small_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import fastslow.loop as loop
 import fastslow.slow as slow
 from fastslow.checkpoint import list_checkpoints
 from fastslow.cli import app
@@ -116,9 +115,8 @@ def hanging_verifier_task() -> HangingVerifier:
 
 
 def test_a_hanging_verifier_inside_a_run_times_out_and_is_counted(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "VERIFY_TIMEOUT_S", 0.05)
     cfg = small_config(tiny_model, tmp_path / "run", method="fst", steps=2,
-                       task="test_reliability:hanging_verifier_task")
+                       task="test_reliability:hanging_verifier_task", extra=["verify_timeout_s=0.05"])
     t0 = time.perf_counter()
     summary = train(cfg)
     assert time.perf_counter() - t0 < 30

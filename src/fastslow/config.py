@@ -109,6 +109,7 @@ class Config(_Strict):
     threads: int | None = Field(
         None, gt=0, description="CPU threads for torch (null: torch's default). Tiny models run faster on 1."
     )
+    verify_timeout_s: float = Field(30.0, gt=0, description="Wall-clock limit of one verifier call (reward 0 after).")
     checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every N loop steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
     out: str = Field("runs/run", description="Run directory.")

@@ -38,7 +38,6 @@ from fastslow.slow import Rollouts, SlowLearner
 from fastslow.stream import continual_metrics
 from fastslow.tasks import Task, load_task
 
-VERIFY_TIMEOUT_S = 30.0
 MAX_NONFINITE_STREAK = 5
 
 
@@ -97,7 +96,7 @@ class Trainer:
         self.fast = None
         if fast_on(cfg.method):
             self.fast = FastChannel(self.policy, cfg.fast, make_reflector(cfg.fast.reflector), seed=cfg.seed,
-                                    max_new_tokens=cfg.slow.max_new_tokens, verify_timeout_s=VERIFY_TIMEOUT_S)
+                                    max_new_tokens=cfg.slow.max_new_tokens, verify_timeout_s=cfg.verify_timeout_s)
         probes = []
         for task in self.tasks.values():
             for problem in list(task.problems("eval"))[: cfg.drift.probe_size]:
@@ -172,7 +171,7 @@ class Trainer:
         scored = rollout(
             self.policy, task, pairs, temperature=cfg.slow.temperature, top_p=cfg.slow.top_p,
             max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "rollout", step),
-            verify_timeout_s=VERIFY_TIMEOUT_S,
+            verify_timeout_s=cfg.verify_timeout_s,
         )
         st.rollouts += len(pairs)
         st.verifier_errors += scored.verifier_errors
@@ -210,7 +209,7 @@ class Trainer:
                 scored = rollout(
                     self.policy, task, [(prompt, p) for p in problems], temperature=cfg.eval.temperature,
                     max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
-                    verify_timeout_s=VERIFY_TIMEOUT_S,
+                    verify_timeout_s=cfg.verify_timeout_s,
                 )
                 self.state.verifier_errors += scored.verifier_errors
                 result[key] = sum(scored.rewards) / len(problems)
