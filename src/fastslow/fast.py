@@ -139,6 +139,8 @@ class FastChannel:
         self.rounds = 0
         self.round_errors = 0
         self.last_error: str | None = None
+        self.last_round_rollouts = 0  # rollouts the last round sampled (re-scoring included)
+        self.last_verifier_errors = 0
 
     def state_dict(self) -> dict:
         return {
