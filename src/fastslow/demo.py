@@ -29,7 +29,7 @@ def demo_config(method: str, *, quick: bool, seed: int, out: Path, steps: int | 
     """The demo's settings (also in configs/demo.yaml): sized for ~10 minutes on 2 CPU cores."""
     from fastslow.world.tasks import STREAM
 
-    steps = steps or (12 if quick else 60)
+    steps = steps or (12 if quick else 90)
     every = min(6 if quick else 10, steps)
     return config_from_dict(
         {
@@ -42,7 +42,6 @@ def demo_config(method: str, *, quick: bool, seed: int, out: Path, steps: int | 
             "drift": {"every": every, "probe_size": 16, "max_new_tokens": 20},
             "eval": {"every": every, "n": eval_n or (48 if quick else 96)},
             "checkpoint_every": steps,
-            "threads": 1,
             "seed": seed,
             "out": str(out),
         }
