@@ -16,7 +16,7 @@ CHAT_TEMPLATE = (
 
 
 def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """A ~40k-parameter Llama over characters, saved like any HF model (config, safetensors, tokenizer)."""
+    """A ~21k-parameter Llama over characters, saved like any HF model (config, safetensors, tokenizer)."""
     specials = ["<pad>", "<eos>"]
     chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?[]()<>-_=+*/'\"\n")
     vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(chars)))}
