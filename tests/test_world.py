@@ -41,17 +41,13 @@ def test_tokenizer_round_trip_and_chat_template():
 
 
 def test_shipped_model_loads_and_follows_rules():
-    from transformers import AutoModelForCausalLM
+    from fastslow.world.check import load_policy
 
-    from fastslow.world.check import generate
-
-    model = AutoModelForCausalLM.from_pretrained(base_model_path(), local_files_only=True)
-    assert 2e5 < sum(p.numel() for p in model.parameters()) < 2e6
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base_model_path(), local_files_only=True)
-    tok.padding_side = "left"
-    outs = generate(model, tok, ["Reverse it. Answer in [ ].", "Uppercase it. End with a period."], ["abcd", "dog"])
+    policy = load_policy()
+    assert 2e5 < sum(p.numel() for p in policy.model.parameters()) < 2e6
+    prompts = [policy.format("Reverse it. Answer in [ ].", "abcd"),
+               policy.format("Uppercase it. End with a period.", "dog")]
+    outs = policy.generate(prompts, temperature=0.0, max_new_tokens=18, seed=0).texts
     # The base model is deliberately imperfect on content; the stated format it follows reliably.
     assert outs[0].startswith("[") and outs[0].endswith("]") and outs[1].endswith(".") and outs[1].isupper()
 
