@@ -140,3 +140,11 @@ def latest_good_checkpoint(ckpt_root: Path, warn: Callable[[str], None] = print)
             "run without --resume, with --force, to start over"
         )
     return None
+
+
+def run_weights(run_dir: str | Path, warn: Callable[[str], None] = print) -> Path:
+    """The ``model/`` directory of a run's latest good checkpoint (FileNotFoundError if it has none)."""
+    ckpt = latest_good_checkpoint(Path(run_dir) / "checkpoints", warn=warn)
+    if ckpt is None:
+        raise FileNotFoundError(f"no usable checkpoint in {run_dir}")
+    return ckpt / "model"

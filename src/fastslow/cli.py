@@ -141,13 +141,10 @@ def _model_dir(model: str) -> str:
     """A run dir or checkpoint dir resolves to its weights; anything else is passed through."""
     p = Path(model)
     if (p / "checkpoints").is_dir():
-        from fastslow.checkpoint import latest_good_checkpoint
+        from fastslow.checkpoint import run_weights
 
-        ckpt = latest_good_checkpoint(p / "checkpoints", warn=lambda m: console.print(m))
-        if ckpt is None:
-            raise FileNotFoundError(f"no usable checkpoint in {p}")
-        p = ckpt
-    if (p / "model" / "config.json").is_file():
+        return str(run_weights(p, warn=lambda m: console.print(m)))
+    if (p / "model" / "config.json").is_file():  # a checkpoint dir
         return str(p / "model")
     return model
 

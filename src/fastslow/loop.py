@@ -35,7 +35,7 @@ from fastslow.policy import Policy, derive_seed
 from fastslow.reflect import make_reflector, redact
 from fastslow.rollout import rollout
 from fastslow.slow import Rollouts, SlowLearner
-from fastslow.stream import continual_metrics
+from fastslow.stream import continual_metrics, stage_spans
 from fastslow.tasks import Task, load_task
 
 MAX_NONFINITE_STREAK = 5
@@ -221,11 +221,10 @@ class Trainer:
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def _stage(self, step: int) -> tuple[int, int, int]:
-        start = 0
-        for i, stage in enumerate(self.cfg.stages):
-            if step < start + stage.steps:
-                return i, start, start + stage.steps
-            start += stage.steps
+        """(stage index, first step, end step) of the stage that loop step ``step`` (0-based) trains."""
+        for i, (start, end) in enumerate(stage_spans([s.model_dump() for s in self.cfg.stages])):
+            if start <= step < end:
+                return i, start, end
         raise IndexError(step)
 
     def _log_row(self, step: int, metrics: dict[str, float]) -> None:

@@ -10,19 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastslow.checkpoint import latest_good_checkpoint
+from fastslow.checkpoint import run_weights
 from fastslow.config import Config, ModelConfig, StageConfig
 from fastslow.policy import Policy, derive_seed
 from fastslow.rollout import rollout
 from fastslow.tasks import Task
-
-
-def run_weights(run_dir: str | Path) -> Path:
-    """The model directory of a run's latest good checkpoint."""
-    ckpt = latest_good_checkpoint(Path(run_dir) / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"no usable checkpoint in {run_dir}")
-    return ckpt / "model"
 
 
 def area_under_curve(curve: list[tuple[float, float]]) -> float:
