@@ -134,7 +134,7 @@ def eval_(
     system = t.seed_prompt if prompt is None else prompt
     scored = rollout(policy, t, [(system, p) for p in problems], temperature=temperature,
                      max_new_tokens=max_new_tokens, seed=seed)
-    typer.echo(json.dumps({"task": t.name, "reward": sum(scored.rewards) / len(problems), "n": len(problems)}))
+    typer.echo(json.dumps({"task": t.name, "reward": scored.mean_reward, "n": len(problems)}))
 
 
 def _model_dir(model: str) -> str:

@@ -212,7 +212,7 @@ class Trainer:
                     verify_timeout_s=cfg.verify_timeout_s,
                 )
                 self.state.verifier_errors += scored.verifier_errors
-                result[key] = sum(scored.rewards) / len(problems)
+                result[key] = scored.mean_reward
             self.state.last_eval[task.name] = result
             row[f"eval/{task.name}/reward"] = result["reward"]
             row[f"eval/{task.name}/reward_seed_prompt"] = result["reward_seed_prompt"]

@@ -62,7 +62,7 @@ def _mean_reward(policy: Policy, task: Task, prompt: str, n: int, max_new_tokens
     problems = list(task.problems("eval"))[:n]
     scored = rollout(policy, task, [(prompt, p) for p in problems], temperature=0.0,
                      max_new_tokens=max_new_tokens, seed=derive_seed(seed, "attribution", task.name))
-    return sum(scored.rewards) / len(problems)
+    return scored.mean_reward
 
 
 def channel_attribution(run_dir: str | Path, base: ModelConfig, tasks: dict[str, Task], *, n: int = 64,

@@ -19,6 +19,10 @@ class Scored:
     def rewards(self) -> list[float]:
         return [v.reward for v in self.verdicts]
 
+    @property
+    def mean_reward(self) -> float:
+        return sum(self.rewards) / max(len(self.verdicts), 1)
+
 
 def rollout(
     policy: Policy,

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastslow.config import ModelConfig
 from fastslow.policy import Policy, derive_seed
-from fastslow.rollout import rollout
+from fastslow.rollout import Scored, rollout
 from fastslow.tasks import Problem
 from fastslow.world.reflector import MicroReflector
 from fastslow.world.tasks import MICRO_TASKS, MicroTask, micro_task
@@ -27,17 +27,16 @@ def load_policy(model_path: str | None = None) -> Policy:
     return Policy.load(ModelConfig(path=model_path or "micro", device="cpu"))
 
 
-def completions(policy: Policy, task: MicroTask, context: str, problems: Sequence[Problem],
-                temperature: float = 0.0, seed: int = 0) -> tuple[list[str], list[float]]:
-    """(completions, rewards) of ``context`` on ``problems``; greedy unless ``temperature`` > 0."""
-    scored = rollout(policy, task, [(context, p) for p in problems], temperature=temperature,
-                     max_new_tokens=MAX_NEW_TOKENS, seed=derive_seed(seed, "world-check", task.name, context))
-    return scored.batch.texts, scored.rewards
+def scored(policy: Policy, task: MicroTask, context: str, problems: Sequence[Problem],
+           temperature: float = 0.0, seed: int = 0) -> Scored:
+    """Rollouts of ``context`` on ``problems``; greedy unless ``temperature`` > 0."""
+    return rollout(policy, task, [(context, p) for p in problems], temperature=temperature,
+                   max_new_tokens=MAX_NEW_TOKENS, seed=derive_seed(seed, "world-check", task.name, context))
 
 
 def mean_reward(policy: Policy, task: MicroTask, context: str, problems: Sequence[Problem],
                 temperature: float = 0.0, seed: int = 0) -> float:
-    return sum(completions(policy, task, context, problems, temperature, seed)[1]) / max(1, len(problems))
+    return scored(policy, task, context, problems, temperature, seed).mean_reward
 
 
 def reflection_prompt(instruction: str, records: Sequence[dict[str, str]]) -> str:
@@ -54,7 +53,7 @@ def reflection_prompt(instruction: str, records: Sequence[dict[str, str]]) -> st
 def failure_records(policy: Policy, task: MicroTask, n_failures: int = 10) -> list[dict[str, str]]:
     """Reflective records of the first ``n_failures`` failed greedy seed-prompt rollouts on train problems."""
     problems = list(task.problems("train"))[: max(64, 4 * n_failures)]
-    texts, _ = completions(policy, task, task.seed_prompt, problems)
+    texts = scored(policy, task, task.seed_prompt, problems).batch.texts
     records = []
     for problem, completion in zip(problems, texts, strict=False):
         verdict = task.verify(problem, completion)
