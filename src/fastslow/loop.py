@@ -84,6 +84,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.spans = stage_spans([s.model_dump() for s in cfg.stages])  # (first step, end step) per stage
         self.tasks: dict[str, Task] = {}
         for stage in cfg.stages:
             if stage.task not in self.tasks:
@@ -222,7 +223,7 @@ class Trainer:
     # ---- bookkeeping --------------------------------------------------------------------------
     def _stage(self, step: int) -> tuple[int, int, int]:
         """(stage index, first step, end step) of the stage that loop step ``step`` (0-based) trains."""
-        for i, (start, end) in enumerate(stage_spans([s.model_dump() for s in self.cfg.stages])):
+        for i, (start, end) in enumerate(self.spans):
             if start <= step < end:
                 return i, start, end
         raise IndexError(step)

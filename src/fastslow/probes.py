@@ -58,9 +58,10 @@ def plasticity_probe(start: str | Path, task: str, steps: int, template: Config,
     return {"start": str(start), "final": curve[-1][1], "auc": area_under_curve(curve), "curve": curve}
 
 
-def _mean_reward(policy: Policy, task: Task, prompt: str, n: int, max_new_tokens: int, seed: int) -> float:
+def _mean_reward(policy: Policy, task: Task, prompt: str, n: int, max_new_tokens: int, seed: int,
+                 use_base: bool) -> float:
     problems = list(task.problems("eval"))[:n]
-    scored = rollout(policy, task, [(prompt, p) for p in problems], temperature=0.0,
+    scored = rollout(policy, task, [(prompt, p) for p in problems], temperature=0.0, use_base=use_base,
                      max_new_tokens=max_new_tokens, seed=derive_seed(seed, "attribution", task.name))
     return scored.mean_reward
 
@@ -70,17 +71,18 @@ def channel_attribution(run_dir: str | Path, base: ModelConfig, tasks: dict[str,
     """Per task: {base,trained} weights x {seed, evolved best} prompt, greedy on the eval split."""
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     best = summary.get("best_prompts", {})
-    trained = Policy.load(base, weights=run_weights(run_dir))
-    base_policy = Policy.load(base)
+    # One load: the trained policy carries its base (frozen copy, or the adapter disabled for LoRA).
+    policy = Policy.load(base, weights=run_weights(run_dir))
     out: dict[str, dict[str, float]] = {}
     for name, task in tasks.items():
         evolved = best.get(name, task.seed_prompt)
         cell = {}
-        for weights, policy in (("base", base_policy), ("trained", trained)):
-            cell[f"{weights}_seed"] = _mean_reward(policy, task, task.seed_prompt, n, max_new_tokens, seed)
+        for weights in ("base", "trained"):
+            use_base = weights == "base"
+            cell[f"{weights}_seed"] = _mean_reward(policy, task, task.seed_prompt, n, max_new_tokens, seed, use_base)
             cell[f"{weights}_evolved"] = (
                 cell[f"{weights}_seed"] if evolved == task.seed_prompt
-                else _mean_reward(policy, task, evolved, n, max_new_tokens, seed)
+                else _mean_reward(policy, task, evolved, n, max_new_tokens, seed, use_base)
             )
         out[name] = cell
     return out
