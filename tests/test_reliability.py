@@ -22,8 +22,9 @@ import fastslow.slow as slow
 from fastslow.checkpoint import list_checkpoints
 from fastslow.cli import app
 from fastslow.loop import Trainer, TrainingError, train
-from fastslow.reflect import GuardedReflector, ReflectionError, redact
+from fastslow.reflect import GuardedReflector, ReflectionError
 from fastslow.tasks import Problem, Verdict
+from fastslow.util import redact
 
 runner = CliRunner()
 RELEASE = threading.Event()  # hung plug-ins wait on this; set at the end of the module so their threads end

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from fastslow.config import DriftConfig
-from fastslow.policy import Batch, Policy, derive_seed
+from fastslow.policy import Batch, Policy
+from fastslow.util import derive_seed
 
 
 def exact_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,11 @@ from gepa.core.state import GEPAState, ValsetEvaluation
 from gepa.gepa_utils import find_dominator_programs
 
 from fastslow.config import FastConfig
-from fastslow.policy import Policy, derive_seed
-from fastslow.reflect import GuardedReflector, ReflectionLM, redact
+from fastslow.policy import Policy
+from fastslow.reflect import GuardedReflector, ReflectionLM
 from fastslow.rollout import rollout
 from fastslow.tasks import Problem, Task
+from fastslow.util import derive_seed, redact
 
 COMPONENT = "system_prompt"
 

@@ -31,12 +31,13 @@ from fastslow.checkpoint import latest_good_checkpoint, save_checkpoint, write_j
 from fastslow.config import Config
 from fastslow.drift import DriftMeter
 from fastslow.fast import FastChannel
-from fastslow.policy import Policy, derive_seed
-from fastslow.reflect import make_reflector, redact
+from fastslow.policy import Policy
+from fastslow.reflect import make_reflector
 from fastslow.rollout import rollout
 from fastslow.slow import Rollouts, SlowLearner
 from fastslow.stream import continual_metrics, stage_spans
 from fastslow.tasks import Task, load_task
+from fastslow.util import derive_seed, redact
 
 MAX_NONFINITE_STREAK = 5
 

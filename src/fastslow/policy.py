@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +19,11 @@ from transformers.utils import logging as hf_logging
 from fastslow.config import ModelConfig
 
 
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def resolve_model_path(path: str) -> str:
-    if path == "micro":
-        from fastslow.world import base_model_path
+    """A registered alias (``micro``, ...) -> its local directory; other paths unchanged."""
+    from fastslow import registry
 
-        return str(base_model_path())
-    return path
+    return registry.resolve_model(path)
 
 
 @dataclass

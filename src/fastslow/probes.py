@@ -12,9 +12,10 @@ from pathlib import Path
 
 from fastslow.checkpoint import run_weights
 from fastslow.config import Config, ModelConfig, StageConfig
-from fastslow.policy import Policy, derive_seed
+from fastslow.policy import Policy
 from fastslow.rollout import rollout
 from fastslow.tasks import Task
+from fastslow.util import derive_seed
 
 
 def area_under_curve(curve: list[tuple[float, float]]) -> float:

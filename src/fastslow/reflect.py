@@ -7,13 +7,12 @@ prompt (a string, or chat messages) and returning the reply text (the new prompt
 from __future__ import annotations
 
 import importlib
-import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from fastslow.config import ConfigError
 from fastslow.guard import call_with_timeout
+from fastslow.util import redact
 
 ReflectionLM = Callable[[Any], str]
 
@@ -22,68 +21,47 @@ class ReflectionError(RuntimeError):
     """A reflection call failed after its retries."""
 
 
-# ---- secrets ------------------------------------------------------------------------------------
-# API keys live only in the environment. Error text from plug-ins (an API client's exception, a
-# verifier's traceback message) may quote them, so every such text is passed through ``redact`` before
-# it is logged, stored in the run dir, or shown to a reflection model.
-SECRET_ENV_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
-_MIN_SECRET_LEN = 6  # shorter values (e.g. SOME_KEY=1) would mask ordinary words
-_SECRET_SHAPES = re.compile(
-    r"\b(?:sk-[A-Za-z0-9][A-Za-z0-9_\-]{5,}"  # OpenAI / Anthropic style keys (sk-..., sk-proj-..., sk-ant-...)
-    r"|hf_[A-Za-z0-9]{20,}"  # Hugging Face tokens
-    r"|(?<=Bearer )[A-Za-z0-9._\-]{12,})"  # bearer tokens quoted from HTTP headers
-)
-REDACTED = "***"
+def make_reflector(spec: str, cfg: Any = None) -> ReflectionLM:
+    """Resolve ``FastConfig.reflector`` through :mod:`fastslow.registry` (``cfg``: the FastConfig, if any).
 
-
-def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of environment variables whose names end in _KEY/_TOKEN/_SECRET/_PASSWORD, longest first."""
-    env = os.environ if environ is None else environ
-    values = {v for k, v in env.items() if k.upper().endswith(SECRET_ENV_SUFFIXES) and len(v) >= _MIN_SECRET_LEN}
-    return sorted(values, key=len, reverse=True)
-
-
-def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """``text`` with secret env values and key-shaped strings (``sk-...``, ``hf_...``) masked as ``***``."""
-    text = str(text)
-    for value in secret_values(environ):
-        text = text.replace(value, REDACTED)
-    return _SECRET_SHAPES.sub(REDACTED, text)
-
-
-def make_reflector(spec: str) -> ReflectionLM:
-    """Resolve ``FastConfig.reflector``.
-
-    - ``micro``: the offline, deterministic reflector of the micro world.
-    - ``litellm:<model>`` or ``openai:<model>``: an API or OpenAI-compatible model via litellm; keys are
-      read by litellm from the environment (e.g. ``OPENAI_API_KEY``, ``OPENAI_API_BASE``), never stored.
-    - ``<module>:<attr>``: an importable callable (or a zero-argument factory of one).
+    Built in: ``litellm:<model>`` / ``openai:<model>`` (an API or OpenAI-compatible model via litellm; keys
+    are read from the environment, never stored). Plug-ins add more (the micro world adds ``micro``).
+    Fallback: ``<module>:<attr>``, an importable callable (or a zero-argument factory of one).
     """
-    if spec == "micro":
-        from fastslow.world.reflector import MicroReflector
+    from fastslow import registry
+    from fastslow.util import one_line
 
-        return MicroReflector()
+    found = registry.reflector_factory(spec)
+    if found is not None:
+        factory, rest = found
+        return factory(rest, cfg)
     kind, _, name = spec.partition(":")
-    if kind in ("litellm", "openai") and name:
-        model = name if kind == "litellm" else f"openai/{name}"
-        return _LiteLLM(model)
     if kind and name:
         try:
             obj = getattr(importlib.import_module(kind), name)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"field 'fast.reflector': cannot import {spec!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the user's module failing at import: one redacted line
+            raise ConfigError(f"field 'fast.reflector': cannot import {spec!r}: {one_line(exc)}") from None
         if isinstance(obj, type) or getattr(obj, "__code__", None) and obj.__code__.co_argcount == 0:
             try:
                 obj = obj()
             except Exception as exc:  # noqa: BLE001 - a broken factory is bad input, reported in one line
-                raise ConfigError(f"field 'fast.reflector': {spec!r} failed to build: {redact(exc)}") from None
+                raise ConfigError(f"field 'fast.reflector': {spec!r} failed to build: {one_line(exc)}") from None
         if not callable(obj):
             raise ConfigError(f"field 'fast.reflector': {spec!r} is not callable")
         return obj
     raise ConfigError(
-        f"field 'fast.reflector': unknown reflector {spec!r}: use micro, litellm:<model>, openai:<model> "
+        f"field 'fast.reflector': unknown reflector {spec!r}: use one of {registry.known('reflectors')} "
         "or <module>:<attr>"
     )
+
+
+def _litellm_factory(prefix: str) -> Callable[[str, Any], ReflectionLM]:
+    def build(name: str, cfg: Any = None) -> ReflectionLM:
+        if not name:
+            raise ConfigError(f"field 'fast.reflector': {prefix}: needs a model name, e.g. {prefix}:gpt-4o-mini")
+        return _LiteLLM(name if prefix == "litellm" else f"openai/{name}")
+
+    return build
 
 
 class _LiteLLM:
@@ -132,3 +110,13 @@ class GuardedReflector:
                 self.last_error = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
         self.consecutive_failures += 1
         raise ReflectionError(f"reflection failed after {self.retries + 1} tries: {self.last_error}") from None
+
+
+def _register_builtins() -> None:
+    from fastslow import registry
+
+    registry.register_reflector("litellm:", _litellm_factory("litellm"), "any litellm model (keys from the env)")
+    registry.register_reflector("openai:", _litellm_factory("openai"), "an OpenAI(-compatible) model via litellm")
+
+
+_register_builtins()

@@ -3,7 +3,7 @@
 The whole integration surface is the :class:`Task` protocol and the :class:`Verdict` dataclass.
 Task specs used in configs:
 
-- ``micro/<name>``: a task of the embedded micro world (see :mod:`fastslow.world`).
+- ``micro/<name>``, ``rg:<dataset>``...: task families registered in :mod:`fastslow.registry`.
 - ``jsonl:<path>``: question/answer lines (see :mod:`fastslow.tasks.jsonl`).
 - ``codeio``: predict a short program's printed output (see :mod:`fastslow.tasks.codeio`).
 - ``<module>:<attr>``: any importable object (or zero-argument factory) implementing :class:`Task`.
@@ -81,39 +81,96 @@ def safe_verify(
             raise ValueError(f"reward {reward} outside [0, 1]")
         return Verdict(reward, str(verdict.feedback)), False
     except Exception as exc:  # noqa: BLE001 - any verifier fault is scored, not raised
-        from fastslow.reflect import redact  # feedback goes to the reflection model and may be stored: no keys
+        from fastslow.util import redact  # feedback goes to the reflection model and may be stored: no keys
 
         return Verdict(0.0, redact(f"verifier error: {type(exc).__name__}: {exc}")), True
 
 
-def load_task(spec: str) -> Task:
-    """Resolve a task spec (see module docstring) to a Task."""
-    if spec.startswith("micro/"):
-        from fastslow.world.tasks import micro_task
+def load_task(spec: str, name: str | None = None) -> Task:
+    """Resolve a task spec through :mod:`fastslow.registry` (``<module>:<attr>`` as the fallback).
 
-        return micro_task(spec.removeprefix("micro/"))
-    if spec.startswith("jsonl:"):
-        from fastslow.tasks.jsonl import JsonlTask
+    ``name`` renames the task (a stage's ``name:``), so two specs whose tasks share a name can both run.
+    """
+    from fastslow import registry
 
-        path = spec.removeprefix("jsonl:")
+    found = registry.task_factory(spec)
+    if found is not None:
+        factory, rest = found
         try:
-            return JsonlTask.from_file(path)
+            task = factory(rest)
         except TaskError:
             raise
-        except Exception as exc:  # noqa: BLE001 - unreadable file (binary, a directory, odd values): one line
-            raise TaskError(f"cannot read task file {path}: {type(exc).__name__}: {exc}") from None
-    if spec == "codeio":
-        from fastslow.tasks.codeio import CodeIOTask
+        except Exception as exc:  # noqa: BLE001 - a plug-in's factory failing on this spec is bad input
+            from fastslow.util import one_line
 
-        return CodeIOTask()
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
+            raise TaskError(f"task {spec!r}: {type(exc).__name__}: {one_line(exc)}") from None
+    elif ":" in spec and not spec.startswith(":"):
+        task = _import_task(spec)
+    else:
+        raise TaskError(f"unknown task spec {spec!r}: use one of {registry.known('tasks')} or <module>:<attr>")
+    if name:
+        task = _renamed(task, name)
+    return task
+
+
+def _import_task(spec: str) -> Task:
+    from fastslow.util import one_line
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # noqa: BLE001 - the user's module failing at import is bad input: one line
+        raise TaskError(f"cannot import task {spec!r}: {type(exc).__name__}: {one_line(exc)}") from None
+    if callable(obj) and not isinstance(obj, Task):
         try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise TaskError(f"cannot import task {spec!r}: {exc}") from None
-        task = obj() if callable(obj) and not isinstance(obj, Task) else obj
-        if not isinstance(task, Task):
-            raise TaskError(f"{spec!r} does not implement the Task protocol")
+            obj = obj()
+        except Exception as exc:  # noqa: BLE001
+            raise TaskError(f"task factory {spec!r} failed: {type(exc).__name__}: {one_line(exc)}") from None
+    if not isinstance(obj, Task):
+        raise TaskError(f"{spec!r} does not implement the Task protocol")
+    return obj
+
+
+class _Renamed:
+    """A task under another name (everything else delegated)."""
+
+    def __init__(self, task: Task, name: str) -> None:
+        self._task, self.name = task, name
+
+    def __getattr__(self, attr: str):
+        return getattr(self._task, attr)
+
+
+def _renamed(task: Task, name: str) -> Task:
+    try:
+        task.name = name  # dataclasses and plain objects: rename in place
         return task
-    raise TaskError(f"unknown task spec {spec!r}: use micro/<name>, jsonl:<path>, codeio or <module>:<attr>")
+    except AttributeError:
+        return _Renamed(task, name)  # type: ignore[return-value]
+
+
+def _builtin_jsonl(path: str) -> Task:
+    from fastslow.tasks.jsonl import JsonlTask
+
+    try:
+        return JsonlTask.from_file(path)
+    except TaskError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable file (binary, a directory, odd values): one line
+        raise TaskError(f"cannot read task file {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _builtin_codeio(rest: str) -> Task:
+    from fastslow.tasks.codeio import CodeIOTask
+
+    return CodeIOTask()
+
+
+def _register_builtins() -> None:
+    from fastslow import registry
+
+    registry.register_task("jsonl:", _builtin_jsonl, "question/answer lines from a JSON-lines file")
+    registry.register_task("codeio", _builtin_codeio, "predict a short program's printed output")
+
+
+_register_builtins()

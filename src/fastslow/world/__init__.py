@@ -37,4 +37,25 @@ def check_world(model_path: str | None = None, n: int = 200, seed: int = 0) -> d
     return _check(model_path=model_path, n=n, seed=seed)
 
 
+def _register() -> None:
+    """The micro world as a plug-in: model alias ``micro``, tasks ``micro/<name>``, reflector ``micro``."""
+    from fastslow import registry
+
+    def task(name: str):
+        from fastslow.world.tasks import micro_task
+
+        return micro_task(name)
+
+    def reflector(rest: str, cfg: Any = None):
+        from fastslow.world.reflector import MicroReflector
+
+        return MicroReflector()
+
+    registry.register_model("micro", base_model_path, "the embedded micro-world base model (0.49 M params)")
+    registry.register_task("micro/", task, "a task of the embedded micro world")
+    registry.register_reflector("micro", reflector, "the micro world's offline, deterministic reflector")
+
+
+_register()
+
 __all__ = ["BASE_DIR", "base_model_path", "build_base", "check_world"]

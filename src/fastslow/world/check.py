@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastslow.config import ModelConfig
-from fastslow.policy import Policy, derive_seed
+from fastslow.policy import Policy
 from fastslow.rollout import Scored, rollout
 from fastslow.tasks import Problem
+from fastslow.util import derive_seed
 from fastslow.world.reflector import MicroReflector
 from fastslow.world.tasks import MICRO_TASKS, MicroTask, micro_task
 
