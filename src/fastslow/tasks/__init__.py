@@ -5,6 +5,8 @@ Task specs used in configs:
 
 - ``micro/<name>``, ``rg:<dataset>``...: task families registered in :mod:`fastslow.registry`.
 - ``jsonl:<path>``: question/answer lines (see :mod:`fastslow.tasks.jsonl`).
+- ``rg:<dataset>[?key=value&...]``: a reasoning-gym dataset (see :mod:`fastslow.tasks.rg`).
+- ``humaneval``: HumanEval function completion (see :mod:`fastslow.tasks.humaneval`).
 - ``codeio``: predict a short program's printed output (see :mod:`fastslow.tasks.codeio`).
 - ``<module>:<attr>``: any importable object (or zero-argument factory) implementing :class:`Task`.
 """
@@ -152,8 +154,13 @@ def _renamed(task: Task, name: str) -> Task:
 def _builtin_jsonl(path: str) -> Task:
     from fastslow.tasks.jsonl import JsonlTask
 
+    path, _, query = path.partition("?")  # jsonl:data.jsonl?match=ci&extract=last_line
+    options = dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+    unknown = set(options) - {"match", "extract"}
+    if unknown:
+        raise TaskError(f"jsonl:{path}: unknown option {sorted(unknown)[0]!r}: use match= or extract=")
     try:
-        return JsonlTask.from_file(path)
+        return JsonlTask.from_file(path, **options)
     except TaskError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable file (binary, a directory, odd values): one line
@@ -166,11 +173,25 @@ def _builtin_codeio(rest: str) -> Task:
     return CodeIOTask()
 
 
+def _builtin_rg(rest: str) -> Task:
+    from fastslow.tasks.rg import rg_task
+
+    return rg_task(rest)
+
+
+def _builtin_humaneval(rest: str) -> Task:
+    from fastslow.tasks.humaneval import HumanEvalTask
+
+    return HumanEvalTask()
+
+
 def _register_builtins() -> None:
     from fastslow import registry
 
     registry.register_task("jsonl:", _builtin_jsonl, "question/answer lines from a JSON-lines file")
     registry.register_task("codeio", _builtin_codeio, "predict a short program's printed output")
+    registry.register_task("rg:", _builtin_rg, "a reasoning-gym dataset: rg:<dataset>[?key=value&...]")
+    registry.register_task("humaneval", _builtin_humaneval, "HumanEval function completion, tests in the sandbox")
 
 
 _register_builtins()

