@@ -77,6 +77,10 @@ def run_config(
             bits.append(f"eval {sum(evals) / len(evals):.3f}")
         if "drift/kl_rev" in row:
             bits.append(f"kl {row['drift/kl_rev']:.4f}")
+        if "fast/accepted_total" in row:
+            bits.append(f"accepted {row['fast/accepted_total']:.0f}")
+        if row.get("fast/failed_reflection_calls"):
+            bits.append(f"reflection errors {row['fast/failed_reflection_calls']:.0f}")
         progress.update(bar, completed=done, info="  ".join(bits) or progress.tasks[bar].fields["info"])
 
     trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step, log=lambda m: console.print(m))
@@ -108,7 +112,10 @@ def run(
     except TrainingError as exc:
         fail(_one_line(exc), code=1)
     final = {t: round(v["reward"], 4) for t, v in summary["final"].items()}
-    console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}")
+    fast = summary.get("fast")
+    health = (f"  accepted {fast['accepted_total']}  reflection errors {fast['reflection_errors']}/"
+              f"{fast['reflection_calls']}") if fast else ""
+    console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}{health}")
 
 
 @app.command("eval")

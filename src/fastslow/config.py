@@ -75,8 +75,22 @@ class FastConfig(_Strict):
     minibatch: int = Field(3, gt=0, description="GEPA reflection minibatch size.")
     reflector: str = Field(
         "micro",
-        description="'micro' (offline micro-world reflector), 'litellm:<model>' / 'openai:<model>' "
-        "(API model, key from the environment) or '<module>:<attr>' (a callable str -> str).",
+        description="'micro' (offline micro-world reflector), 'feedback' (no LM), 'hf:<model>', 'openai:<model>' "
+        "(an OpenAI-compatible server), 'litellm:<model>', 'replay:<file>' or '<module>:<attr>' (a callable).",
+    )
+    reflector_base_url: str | None = Field(
+        None, description="openai:<model>: the server's base URL (default https://api.openai.com/v1)."
+    )
+    reflector_key_env: str = Field("OPENAI_API_KEY", description="openai:<model>: env var holding the API key.")
+    reflection_max_tokens: int = Field(512, gt=0, description="Reply length cap of hf:/openai: reflectors.")
+    reflection_temperature: float = Field(0.0, ge=0, description="Sampling temperature of hf:/openai: reflectors.")
+    reflection_record: str | None = Field(None, description="Append every reflection call to this JSONL file.")
+    reflection_replay: str | None = Field(
+        None, description="Answer reflection calls from this recording (unrecorded prompts go to the reflector)."
+    )
+    preflight: bool = Field(True, description="Before step 0, one short real call to the reflector (fail early).")
+    stop_after_failed_rounds: int = Field(
+        3, ge=0, description="R: stop the run after R consecutive rounds whose reflection calls all failed (0: never)."
     )
     reflection_retries: int = Field(2, ge=0, description="Retries of a failing reflection call.")
     reflection_timeout_s: float = Field(120.0, gt=0, description="Wall-clock limit of one reflection call.")

@@ -32,6 +32,7 @@ from fastslow.config import Config
 from fastslow.drift import DriftMeter
 from fastslow.fast import FastChannel
 from fastslow.policy import Policy
+from fastslow.preflight import ReflectionHealth, check_model, check_reflector
 from fastslow.reflect import make_reflector
 from fastslow.rollout import rollout
 from fastslow.slow import Rollouts, SlowLearner
@@ -40,6 +41,8 @@ from fastslow.tasks import Task, load_task
 from fastslow.util import derive_seed, redact
 
 MAX_NONFINITE_STREAK = 5
+# timing.json: per-step lists and totals of each phase (seconds). slow_step = sampling + update.
+PHASES = ("step_s", "round_s", "slow_step_s", "sampling_s", "update_s", "drift_s", "eval_s")
 
 
 class RunDirError(RuntimeError):
@@ -90,6 +93,12 @@ class Trainer:
         for stage in cfg.stages:
             if stage.task not in self.tasks:
                 self.tasks[stage.task] = load_task(stage.task)
+        check_model(cfg)  # before anything loads: a missing model is one line, not a hub traceback
+        reflection_lm = None
+        if fast_on(cfg.method):
+            reflection_lm = make_reflector(cfg.fast.reflector, cfg.fast)
+            check_reflector(cfg, reflection_lm)  # one short real call: a dead reflector never starts a run
+        self.health = ReflectionHealth(cfg.fast.stop_after_failed_rounds)
         ckpt = latest_good_checkpoint(self.ckpt_root, warn=log) if resume else None
         self.policy = Policy.load(cfg.model, weights=ckpt / "model" if ckpt else None)
         if not slow_on(cfg.method):
@@ -97,7 +106,7 @@ class Trainer:
         self.slow = SlowLearner(self.policy, cfg.slow) if slow_on(cfg.method) else None
         self.fast = None
         if fast_on(cfg.method):
-            self.fast = FastChannel(self.policy, cfg.fast, make_reflector(cfg.fast.reflector), seed=cfg.seed,
+            self.fast = FastChannel(self.policy, cfg.fast, reflection_lm, seed=cfg.seed,
                                     max_new_tokens=cfg.slow.max_new_tokens, verify_timeout_s=cfg.verify_timeout_s)
         probes = []
         for task in self.tasks.values():
@@ -107,7 +116,7 @@ class Trainer:
         # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
         _prepare_run_dir(self.out, resume=resume, force=force)
         self.state = LoopState()
-        self.timing: dict[str, list[float]] = {"step_s": [], "round_s": [], "slow_step_s": [], "eval_s": []}
+        self.timing: dict[str, list[float]] = {k: [] for k in PHASES}
         if ckpt is not None:
             self._restore(ckpt)
             log(f"resumed from {ckpt} (step {self.state.step})")
@@ -132,9 +141,21 @@ class Trainer:
             row: dict[str, float] = {}
             if self.fast is not None and (step - stage_start) % cfg.fast.every == 0:
                 t_round = time.perf_counter()
+                guard = self.fast.reflector
+                calls0, failed0 = guard.calls, guard.failed_calls
                 row.update(self.fast.run_round(task, workdir=self.out))
                 if self.fast.last_error:  # a faulty reflector or round is survived, never silently
                     self.log(f"step {step}: fast channel kept its population: {self.fast.last_error}")
+                stop = self.health.record(guard.calls - calls0, guard.failed_calls - failed0,
+                                          int(row.get("fast/accepted", 0)))
+                row["fast/failed_reflection_calls"] = float(self.health.failed_calls)
+                row["fast/accepted_total"] = float(self.health.accepted)
+                if stop:
+                    raise TrainingError(
+                        f"fast.reflector {cfg.fast.reflector}: every reflection call failed in "
+                        f"{self.health.streak} consecutive rounds (last: {guard.last_error}); stopped at step "
+                        f"{step}, checkpoints kept in {self.ckpt_root} (fast.stop_after_failed_rounds: 0 carries on)"
+                    )
                 st.fast_rollouts += self.fast.last_round_rollouts
                 st.verifier_errors += self.fast.last_verifier_errors
                 self.timing["round_s"].append(time.perf_counter() - t_round)
@@ -145,7 +166,9 @@ class Trainer:
             st.step = step + 1
             done = st.step
             if done % cfg.drift.every == 0 or done == total:
+                t_drift = time.perf_counter()
                 row.update(self._drift())
+                self.timing["drift_s"].append(time.perf_counter() - t_drift)
             if done % cfg.eval.every == 0 or done == stage_end:
                 row.update(self._evaluate(step=done))
             if done == stage_end:
@@ -170,16 +193,20 @@ class Trainer:
         g = cfg.slow.group_size
         contexts = self.fast.prompts_for_group(task, g) if self.fast else [task.seed_prompt] * g
         pairs = [(ctx, p) for p in problems for ctx in contexts]
+        t_sample = time.perf_counter()
         scored = rollout(
             self.policy, task, pairs, temperature=cfg.slow.temperature, top_p=cfg.slow.top_p,
             max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "rollout", step),
             verify_timeout_s=cfg.verify_timeout_s,
         )
+        t_update = time.perf_counter()
+        self.timing["sampling_s"].append(t_update - t_sample)
         st.rollouts += len(pairs)
         st.verifier_errors += scored.verifier_errors
         rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(len(problems), g)
         measure_k3 = (step + 1) % cfg.drift.every == 0
         metrics = self.slow.step(Rollouts(scored.batch, rewards), measure_k3=measure_k3)
+        self.timing["update_s"].append(time.perf_counter() - t_update)
         if self.slow.nonfinite_streak >= MAX_NONFINITE_STREAK:
             raise TrainingError(
                 f"loss or gradient non-finite for {self.slow.nonfinite_streak} consecutive steps at step {step}; "
@@ -249,6 +276,7 @@ class Trainer:
             state = {
                 "loop": asdict(st),
                 "fast": self.fast.state_dict() if self.fast else None,
+                "reflection_health": self.health.state_dict(),
                 "torch_rng": torch.get_rng_state().tolist(),
             }
             (tmp / "state.json").write_text(json.dumps(state))
@@ -263,6 +291,7 @@ class Trainer:
             self.slow.load_state_dict(torch.load(ckpt / "trainer.pt", weights_only=False))
         if self.fast is not None and state["fast"] is not None:
             self.fast.load_state_dict(state["fast"])
+        self.health.load_state_dict(state.get("reflection_health", {}))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         # Rows written after this checkpoint belong to the lost future: cut them.
         with self.metrics_path.open("r+b") as f:
@@ -289,6 +318,7 @@ class Trainer:
             "prompts": self.fast.population if self.fast else [],
             "best_prompts": self.fast.best if self.fast else {},
             "verifier_errors": st.verifier_errors,
+            "fast": self.health.summary() if self.fast else None,  # reflection_errors, accepted_total, ...
         }
 
     def _timing_summary(self) -> dict:
@@ -296,6 +326,8 @@ class Trainer:
             return sum(xs) / len(xs) if xs else None
 
         return {
+            "total_s": {k: sum(v) for k, v in self.timing.items()},
+            "per_step": dict(self.timing),
             "mean_step_s": mean(self.timing["step_s"]),
             "mean_slow_step_s": mean(self.timing["slow_step_s"]),
             "mean_round_s": mean(self.timing["round_s"]),

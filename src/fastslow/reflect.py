@@ -24,17 +24,20 @@ class ReflectionError(RuntimeError):
 def make_reflector(spec: str, cfg: Any = None) -> ReflectionLM:
     """Resolve ``FastConfig.reflector`` through :mod:`fastslow.registry` (``cfg``: the FastConfig, if any).
 
-    Built in: ``litellm:<model>`` / ``openai:<model>`` (an API or OpenAI-compatible model via litellm; keys
-    are read from the environment, never stored). Plug-ins add more (the micro world adds ``micro``).
+    Built in: ``litellm:<model>`` (via litellm), and from :mod:`fastslow.reflectors`: ``feedback`` (no LM),
+    ``hf:<model>``, ``openai:<model>`` (any OpenAI-compatible server; keys read from the environment, never
+    stored), ``replay:<file>``. Plug-ins add more (the micro world adds ``micro``). ``fast.reflection_record`` /
+    ``fast.reflection_replay`` wrap any of them.
     Fallback: ``<module>:<attr>``, an importable callable (or a zero-argument factory of one).
     """
     from fastslow import registry
+    from fastslow.reflectors import wrap_record_replay
     from fastslow.util import one_line
 
     found = registry.reflector_factory(spec)
     if found is not None:
         factory, rest = found
-        return factory(rest, cfg)
+        return wrap_record_replay(factory(rest, cfg), cfg)
     kind, _, name = spec.partition(":")
     if kind and name:
         try:
@@ -48,7 +51,7 @@ def make_reflector(spec: str, cfg: Any = None) -> ReflectionLM:
                 raise ConfigError(f"field 'fast.reflector': {spec!r} failed to build: {one_line(exc)}") from None
         if not callable(obj):
             raise ConfigError(f"field 'fast.reflector': {spec!r} is not callable")
-        return obj
+        return wrap_record_replay(obj, cfg)
     raise ConfigError(
         f"field 'fast.reflector': unknown reflector {spec!r}: use one of {registry.known('reflectors')} "
         "or <module>:<attr>"
@@ -90,7 +93,8 @@ class GuardedReflector:
     def __init__(self, lm: ReflectionLM, *, retries: int = 2, timeout_s: float = 120.0) -> None:
         self.lm, self.retries, self.timeout_s = lm, retries, timeout_s
         self.calls = 0
-        self.errors = 0
+        self.errors = 0  # failed tries (retries included)
+        self.failed_calls = 0  # calls that raised after all their tries
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
@@ -109,6 +113,7 @@ class GuardedReflector:
                 # the original exception is not chained, so no traceback printer can show it either.
                 self.last_error = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
         self.consecutive_failures += 1
+        self.failed_calls += 1
         raise ReflectionError(f"reflection failed after {self.retries + 1} tries: {self.last_error}") from None
 
 
@@ -116,7 +121,9 @@ def _register_builtins() -> None:
     from fastslow import registry
 
     registry.register_reflector("litellm:", _litellm_factory("litellm"), "any litellm model (keys from the env)")
-    registry.register_reflector("openai:", _litellm_factory("openai"), "an OpenAI(-compatible) model via litellm")
+    from fastslow.reflectors import register
+
+    register()  # feedback, hf:, openai: (an OpenAI-compatible server, no litellm needed), replay:
 
 
 _register_builtins()

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 from fastslow.tasks import Problem, Split, TaskError, Verdict
 from fastslow.tasks.extract import check_kind, extract
 
-FORMAT_RULE = "Put the final answer alone inside <answer></answer> tags, e.g. <answer>42</answer>."
+FORMAT_RULE = "Put the final answer alone inside <answer></answer> tags: <answer>42</answer>."
 
 
 def _value(raw: str):
@@ -85,8 +85,8 @@ class ReasoningGymTask:
         if reward >= 1.0:
             return Verdict(1.0, f"Correct: {got!r}.")
         if got is None or (self.extract == "answer" and "<answer>" not in completion):
-            return Verdict(reward, f"No <answer> tag; read {got!r}. Expected answer: {problem.answer}. {FORMAT_RULE}")
-        return Verdict(reward, f"Answer {got!r} is wrong. Expected answer: {problem.answer}.")
+            return Verdict(reward, f"No <answer> tag; read {got!r}. Expected answer: {problem.answer}\n{FORMAT_RULE}")
+        return Verdict(reward, f"Answer {got!r} is wrong. Expected answer: {problem.answer}")
 
 
 def rg_task(rest: str) -> ReasoningGymTask:

@@ -1,0 +1,278 @@
+"""Reflection models that work offline: ``feedback``, ``hf:<model>``, ``openai:<model>`` (any OpenAI-compatible
+server), and record/replay of any of them.
+
+A reflection model takes GEPA's reflection prompt (a string, or chat messages) and returns text holding the new
+prompt inside triple backticks. Each kind here registers in :mod:`fastslow.registry` when :mod:`fastslow.reflect`
+is imported; settings come from ``FastConfig`` (``reflection_max_tokens``, ``reflection_temperature``,
+``reflector_base_url``, ``reflector_key_env``, ``reflection_record``, ``reflection_replay``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from fastslow.config import ConfigError
+
+FIELD = "field 'fast.reflector'"
+
+
+def prompt_text(prompt: Any) -> str:
+    """The reflection prompt as one string (chat messages are joined by role)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt)
+
+
+def _messages(prompt: Any) -> list[dict[str, str]]:
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+
+
+def _setting(cfg: Any, name: str, default: Any) -> Any:
+    return getattr(cfg, name, default) if cfg is not None else default
+
+
+# ---- feedback: no language model ------------------------------------------------------------------
+_BLOCK = re.compile(r"```(.*?)```", re.DOTALL)
+_EXPECTED = re.compile(r"[Ee]xpected(?: answer)?:?\s*(.+?)\s*$")
+_RULE = re.compile(r"((?:Put|Give|Answer|Reply|Use|Write|Format)[^.\n]*(?:\.|$))")
+_RECORD = re.compile(r"^#+ Example \d+\s*$", re.MULTILINE)
+
+
+class FeedbackReflector:
+    """Builds the next prompt from the verifier's feedback on the minibatch, with no language model.
+
+    The new prompt is the current instruction (GEPA puts it between the first triple backticks), then
+    the answer-format rules the feedback states (sentences such as "Put the final answer inside ..."),
+    then up to ``examples`` worked examples mined from the failures: the problem's input and the answer
+    the feedback says was expected. Examples already in the prompt are not added twice, and the prompt
+    keeps at most ``max_examples`` of them (the newest), so it cannot grow without bound.
+    """
+
+    def __init__(self, examples: int = 2, max_examples: int = 4, max_input_chars: int = 300) -> None:
+        self.examples, self.max_examples, self.max_input_chars = examples, max_examples, max_input_chars
+
+    @staticmethod
+    def _records(text: str) -> list[dict[str, str]]:
+        """GEPA's reflective dataset as rendered in the prompt: '# Example i' then '## <key>' sections."""
+        records = []
+        for chunk in _RECORD.split(text)[1:]:
+            fields: dict[str, str] = {}
+            for part in re.split(r"^## ", chunk, flags=re.MULTILINE)[1:]:
+                key, _, value = part.partition("\n")
+                fields[key.strip()] = value.strip()
+            records.append(fields)
+        return records
+
+    def __call__(self, prompt: Any) -> str:
+        text = prompt_text(prompt)
+        blocks = _BLOCK.findall(text)
+        current = blocks[0].strip() if blocks else ""
+        instruction, _, old = current.partition("\n\nExamples:")
+        rules = [line for line in instruction.split("\n") if line.strip()]
+        examples = [e for e in old.strip().split("\n\n") if e.strip()] if old else []
+        added = 0
+        for rec in self._records(text):
+            feedback = rec.get("Feedback", "")
+            for rule in _RULE.findall(feedback):
+                if rule.strip() and rule.strip() not in "\n".join(rules):
+                    rules.append(rule.strip())
+            expected = next((m.group(1) for line in feedback.splitlines() if (m := _EXPECTED.search(line))), None)
+            if expected is None or added >= self.examples:
+                continue
+            problem = " ".join(rec.get("Inputs", "").split())[: self.max_input_chars]
+            answer = expected.rstrip(".").strip("'\"")
+            example = f"Input: {problem}\nAnswer: {answer}"
+            if problem and example not in examples:
+                examples.append(example)
+                added += 1
+        examples = examples[-self.max_examples:]
+        body = "\n".join(rules) + ("\n\nExamples:\n" + "\n\n".join(examples) if examples else "")
+        return f"```\n{body.strip()}\n```"
+
+
+# ---- hf: a local transformers model ---------------------------------------------------------------
+class HFReflector:
+    """A local transformers causal LM as reflection model: chat template, greedy or sampled; loaded once."""
+
+    def __init__(self, path: str, *, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from fastslow.registry import resolve_model
+
+        local = resolve_model(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(local)
+        self.model = AutoModelForCausalLM.from_pretrained(local).eval()
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self._lock = threading.Lock()  # GEPA may call from a timeout thread; one generate at a time
+
+    def __call__(self, prompt: Any) -> str:
+        import torch
+
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(_messages(prompt), add_generation_prompt=True, tokenize=False)
+        else:
+            text = prompt_text(prompt) + "\n"
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {
+            "do_sample": False}
+        with self._lock, torch.no_grad():
+            torch.manual_seed(self.seed)
+            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens,
+                                      pad_token_id=tok.pad_token_id or tok.eos_token_id, **sampling)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---- openai: any OpenAI-compatible chat-completions server ---------------------------------------
+class OpenAIReflector:
+    """POST ``{base_url}/chat/completions`` (the OpenAI wire format that vLLM, llama.cpp, Ollama... serve).
+
+    The key is read from the environment variable ``key_env`` at each call and never stored; a server
+    on localhost needs none.
+    """
+
+    def __init__(self, model: str, *, base_url: str, key_env: str, max_tokens: int = 512,
+                 temperature: float = 0.0, timeout_s: float = 120.0) -> None:
+        self.model, self.base_url, self.key_env = model, base_url.rstrip("/"), key_env
+        self.max_tokens, self.temperature, self.timeout_s = max_tokens, temperature, timeout_s
+
+    def __call__(self, prompt: Any) -> str:
+        body = {"model": self.model, "messages": _messages(prompt), "max_tokens": self.max_tokens,
+                "temperature": self.temperature}
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(f"{self.base_url}/chat/completions", json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                reply = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:200].decode("utf-8", "replace")
+            raise RuntimeError(f"{self.base_url}: HTTP {exc.code}: {detail}") from None
+        return reply["choices"][0]["message"]["content"]
+
+    def needs_key(self) -> bool:
+        host = self.base_url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        return host not in ("localhost", "127.0.0.1", "::1", "[::1]")
+
+    def __repr__(self) -> str:
+        return f"OpenAIReflector({self.model} at {self.base_url})"
+
+
+# ---- record / replay ------------------------------------------------------------------------------
+def prompt_hash(prompt: Any) -> str:
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class Recording:
+    """Appends every (prompt hash, prompt, reply) of ``lm`` to a JSONL file, one line per call."""
+
+    def __init__(self, lm: Any, path: str | Path) -> None:
+        self.lm, self.path = lm, Path(path)
+        self._lock = threading.Lock()
+
+    def __call__(self, prompt: Any) -> str:
+        reply = self.lm(prompt)
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"hash": prompt_hash(prompt), "prompt": prompt_text(prompt), "reply": reply}) + "\n")
+        return reply
+
+
+class Replay:
+    """Answers from a recording; a prompt that was never recorded goes to ``fallback`` or is an error."""
+
+    def __init__(self, path: str | Path, fallback: Any = None) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"field 'fast.reflection_replay': no recording at {p}")
+        self.replies: dict[str, str] = {}
+        for lineno, line in enumerate(p.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    self.replies[row["hash"]] = row["reply"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError(f"field 'fast.reflection_replay': {p} line {lineno} is malformed") from None
+        self.fallback, self.hits, self.misses = fallback, 0, 0
+
+    def __call__(self, prompt: Any) -> str:
+        key = prompt_hash(prompt)
+        if key in self.replies:
+            self.hits += 1
+            return self.replies[key]
+        self.misses += 1
+        if self.fallback is None:
+            raise KeyError(f"reflection prompt {key} is not in the recording")
+        return self.fallback(prompt)
+
+
+# ---- registration -----------------------------------------------------------------------------------
+def _feedback(rest: str, cfg: Any = None) -> FeedbackReflector:
+    return FeedbackReflector()
+
+
+def _hf(rest: str, cfg: Any = None) -> HFReflector:
+    if not rest:
+        raise ConfigError(f"{FIELD}: hf: needs a model path or alias, e.g. hf:smollm2-135m")
+    try:
+        return HFReflector(rest, max_new_tokens=_setting(cfg, "reflection_max_tokens", 256),
+                           temperature=_setting(cfg, "reflection_temperature", 0.0))
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model that cannot load is the user's input: one line
+        from fastslow.util import one_line
+
+        raise ConfigError(f"{FIELD} hf:{rest}: cannot load the model: {one_line(exc)}") from None
+
+
+def _openai(rest: str, cfg: Any = None) -> Any:
+    if not rest:
+        raise ConfigError(f"{FIELD}: openai: needs a model name, e.g. openai:gpt-4o-mini")
+    base_url = _setting(cfg, "reflector_base_url", None) or "https://api.openai.com/v1"
+    key_env = _setting(cfg, "reflector_key_env", None) or "OPENAI_API_KEY"
+    lm = OpenAIReflector(rest, base_url=base_url, key_env=key_env,
+                         max_tokens=_setting(cfg, "reflection_max_tokens", 512),
+                         temperature=_setting(cfg, "reflection_temperature", 0.0),
+                         timeout_s=_setting(cfg, "reflection_timeout_s", 120.0))
+    if lm.needs_key() and not os.environ.get(key_env):
+        raise ConfigError(f"{FIELD} openai:{rest}: no {key_env} in the environment (set it, or set "
+                          "fast.reflector_base_url to a local OpenAI-compatible server)")
+    return lm
+
+
+def wrap_record_replay(lm: Any, cfg: Any) -> Any:
+    """``fast.reflection_replay`` answers from a recording (unrecorded prompts go to ``lm``, if any);
+    ``fast.reflection_record`` appends every call to a JSONL file."""
+    replay, record = _setting(cfg, "reflection_replay", None), _setting(cfg, "reflection_record", None)
+    if replay:
+        lm = Replay(replay, fallback=lm)
+    if record:
+        lm = Recording(lm, record)
+    return lm
+
+
+def replay_only(rest: str, cfg: Any = None) -> Replay:
+    """``replay:<file.jsonl>``: answers only from the recording; an unrecorded prompt is a reflection error."""
+    if not rest:
+        raise ConfigError(f"{FIELD}: replay: needs a recording, e.g. replay:runs/x/reflections.jsonl")
+    return Replay(rest)
+
+
+def register() -> None:
+    from fastslow import registry
+
+    registry.register_reflector("feedback", _feedback, "prompt built from the verifier's feedback (no LM)")
+    registry.register_reflector("hf:", _hf, "a local transformers model: hf:<path or alias>")
+    registry.register_reflector("openai:", _openai, "an OpenAI-compatible server (fast.reflector_base_url)")
+    registry.register_reflector("replay:", replay_only, "replies replayed from a recorded JSONL")
