@@ -127,6 +127,7 @@ def eval_(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 24,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's).", min=1)] = None,
 ) -> None:
     """Score a model on a task's eval split; prints JSON {task, reward, n}."""
     from fastslow.config import ModelConfig
@@ -134,6 +135,10 @@ def eval_(
     from fastslow.rollout import PolicySampler, score_prompt
     from fastslow.tasks import load_task
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         t = load_task(task)
         policy = Policy.load(ModelConfig(path=_model_dir(model)))

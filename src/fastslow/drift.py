@@ -57,6 +57,8 @@ class DriftMeter:
         self.prompts = list(probe_prompts)
         self.seed = derive_seed(seed, "drift-probe")
         self._base_samples: Batch | None = None  # the base never changes: sample it once
+        self._base_logits: list[torch.Tensor] = []  # ... and score it once: base logits on base samples, per chunk
+        self._last: tuple[int, dict[str, float]] | None = None  # (policy version, metrics): same weights, same numbers
 
     def _sample(self, use_base: bool) -> Batch:
         return self.policy.generate(
@@ -67,10 +69,16 @@ class DriftMeter:
     def _mean_over_tokens(self, batch: Batch, *, policy_first: bool) -> tuple[float, float]:
         """Mean per-token KL (direction set by ``policy_first``) and mean policy entropy on ``batch``."""
         kl_sum = ent_sum = tokens = 0.0
-        for start in range(0, len(batch), self.chunk):
+        cache = not policy_first  # base samples are fixed, so are the base's logits on them
+        for i, start in enumerate(range(0, len(batch), self.chunk)):
             part = batch.select(range(start, min(start + self.chunk, len(batch))))
             pi = self.policy.completion_logits(part)
-            base = self.policy.completion_logits(part, use_base=True)
+            if cache and i < len(self._base_logits):
+                base = self._base_logits[i]
+            else:
+                base = self.policy.completion_logits(part, use_base=True)
+                if cache:
+                    self._base_logits.append(base)
             mask = part.completion_mask.float()
             kl = exact_kl(pi, base) if policy_first else exact_kl(base, pi)
             kl_sum += float((kl * mask).sum())
@@ -80,7 +88,9 @@ class DriftMeter:
         return kl_sum / tokens, ent_sum / tokens
 
     def measure(self) -> dict[str, float]:
-        """``drift/*`` metrics for the current weights."""
+        """``drift/*`` metrics for the current weights (weights unchanged since the last call: its numbers)."""
+        if self._last is not None and self._last[0] == self.policy.version:
+            return dict(self._last[1])
         was_training = self.policy.model.training
         self.policy.model.eval()
         try:
@@ -90,9 +100,11 @@ class DriftMeter:
             kl_fwd, _ = self._mean_over_tokens(self._base_samples, policy_first=False)
         finally:
             self.policy.model.train(was_training)
-        return {
+        metrics = {
             "drift/kl_rev": max(kl_rev, 0.0),
             "drift/kl_fwd": max(kl_fwd, 0.0),
             "drift/entropy": ent,
             "drift/weight_l2": weight_l2(self.policy),
         }
+        self._last = (self.policy.version, metrics)
+        return dict(metrics)
