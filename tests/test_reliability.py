@@ -68,7 +68,7 @@ def number_reflector(prompt):
 def test_faulty_reflector_keeps_the_population_counts_and_the_run_finishes(tiny_model, tmp_path, name):
     cfg = small_config(tiny_model, tmp_path / "run", method="fst", steps=2, extra=[
         f"fast.reflector=test_reliability:{name}_reflector", "fast.reflection_timeout_s=0.1",
-        "fast.reflection_retries=1", "fast.budget=40",
+        "fast.reflection_retries=1", "fast.budget=40", "fast.preflight=false",  # the preflight would refuse it
     ])
     logs: list[str] = []
     t0 = time.perf_counter()
@@ -326,6 +326,7 @@ def test_api_keys_never_reach_the_run_dir_logs_or_the_reflection_model(tiny_mode
     out = tmp_path / "run"
     cfg = small_config(tiny_model, out, method="fst", steps=4, task="test_reliability:leaky_task", extra=[
         "fast.reflector=test_reliability:leaky_reflector", "fast.reflection_retries=1", "fast.budget=24",
+        "fast.preflight=false",  # the preflight refuses a reflector whose first call fails (tested elsewhere)
     ])
     logs: list[str] = []
     summary = Trainer(cfg, log=logs.append).run()
