@@ -54,3 +54,18 @@ def test_missing_package_and_uninstalled_alias_are_one_line_errors(home, tmp_pat
     run = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")])
     assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
     assert "fastslow models fetch smollm2-135m" in run.output
+
+
+@pytest.mark.parametrize(("path", "fragment"), [
+    ("runs/no-such-model", "no model folder"),  # the case: a folder not made yet, never sent to the hub
+    ("./no-such-model", "no model folder"),  # clearly a path
+    ("someorg/some-model", "HF_HUB_OFFLINE"),  # a hub id while the hub is off
+])
+def test_run_without_a_usable_model_is_one_line_exit_2(tmp_path, monkeypatch, path, fragment):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"method: rl\nmodel: {{path: {path}}}\nstages: [{{task: micro/flip, steps: 1}}]\n")
+    run = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")])
+    assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
+    assert "model.path" in run.output and fragment in run.output

@@ -41,8 +41,9 @@ def check_model(cfg: Config) -> str:
     if not looks_like_id or local.exists():
         raise ConfigError(f"{field}: no model folder at {local} (for the packaged models: `fastslow models list`)")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ConfigError(f"{field}: not a local folder, and the hub is off (HF_HUB_OFFLINE=1): give a model "
-                          "folder, `fastslow models fetch <name>`, or set HF_HUB_OFFLINE=0 to download")
+        raise ConfigError(f"{field}: no model folder at {local}, and as a hub id it needs the hub, which is off "
+                          "(HF_HUB_OFFLINE=1): give a model folder, `fastslow models fetch <name>` (see "
+                          "`fastslow models list`), or set HF_HUB_OFFLINE=0 to download")
     return path
 
 
