@@ -191,6 +191,8 @@ class Trainer:
     # ---- measurements -------------------------------------------------------------------------
     def _drift(self) -> dict[str, float]:
         self.state.last_drift = self.drift.measure()
+        if self.slow is not None:  # the drift budget (slow.kl_target) steers on the exact reverse KL
+            self.slow.observe_drift(self.state.last_drift.get("drift/kl_rev"))
         return dict(self.state.last_drift)
 
     def _stream_task_names(self) -> list[str]:
