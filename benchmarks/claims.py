@@ -37,15 +37,17 @@ RESULTS = HERE / "results"
 # for adapters, fixed up front, same for rl and fst).
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {
-        "seeds": [0, 1, 2], "single_steps": 12, "stage_steps": 12, "batch_problems": 8, "group_size": 8,
+        "seeds": [0, 1, 2], "single_tasks": 1, "single_steps": 8, "stage_steps": 8, "batch_problems": 8,
+        "group_size": 8,
         "lr": 3e-4, "lora_lr": 3e-3, "lora_r": 8, "warmup_steps": 5, "max_new_tokens": 20,
-        "fast_every": 6, "population": 4, "fast_budget": 32, "val_size": 8,
-        "eval_every": 6, "eval_n": 32, "drift_every": 6, "probe_size": 12,
+        "fast_every": 4, "population": 4, "fast_budget": 24, "val_size": 8,
+        "eval_every": 4, "eval_n": 32, "drift_every": 4, "probe_size": 12,
         "probe_steps": 8, "probe_eval_every": 4, "attribution_n": 32,
         "kl_coefs": [0.0, 1.0], "weights": ["full", "lora"], "kl_target": 0.05, "bootstrap": 1000,
     },
     "full": {
-        "seeds": [0, 1, 2], "single_steps": 90, "stage_steps": 90, "batch_problems": 8, "group_size": 8,
+        "seeds": [0, 1, 2], "single_tasks": 3, "single_steps": 90, "stage_steps": 90, "batch_problems": 8,
+        "group_size": 8,
         "lr": 3e-4, "lora_lr": 3e-3, "lora_r": 8, "warmup_steps": 5, "max_new_tokens": 20,
         "fast_every": 10, "population": 4, "fast_budget": 64, "val_size": 12,
         "eval_every": 10, "eval_n": 96, "drift_every": 10, "probe_size": 16,
@@ -99,7 +101,7 @@ def plan(s: dict, root: Path) -> tuple[list[dict], list[dict]]:
     probes: list[dict] = []
     for regime, r in regimes().items():
         for seed in s["seeds"]:
-            for task in r["stream"]:
+            for task in r["stream"][: s["single_tasks"]]:
                 for method in METHODS:
                     out = root / regime / "single" / task / f"{method}-s{seed}"
                     runs[str(out)] = {"kind": "single", "regime": regime, "task": task, "method": method,
@@ -454,7 +456,7 @@ def analyse(s: dict, root: Path, runs: list[dict], probes: list[dict], attributi
         per_task: dict = {}
         pooled: dict[str, list] = {k: [] for k in ("slow", "total", "kl_rev", "kl_fwd", "d_rl", "d_gepa",
                                                    "reached")}
-        for task in reg["stream"]:
+        for task in reg["stream"][: s["single_tasks"]]:
             per_seed = {}
             for seed in s["seeds"]:
                 got = {j["method"]: loaded[j["cfg"]["out"]] for j in runs

@@ -139,8 +139,8 @@ _WEIGHT_SPECS: dict[str, tuple[str, str, str]] = {
     "swap": ("swap_pairs", "angle", "rotate"),
 }
 WEIGHT_TASKS: list[str] = list(_WEIGHT_SPECS)
-WEIGHT_STREAM: list[str] = ["mirror", "leap", "descend"]
-WEIGHT_HELDOUT: str = "back"
+WEIGHT_STREAM: list[str] = ["mirror", "leap", "back"]
+WEIGHT_HELDOUT: str = "descend"
 ALL_TASKS: list[str] = MICRO_TASKS + WEIGHT_TASKS
 
 
