@@ -154,9 +154,19 @@ def train_job(job: dict) -> str:
 
     torch.set_num_threads(1)
     out = Path(job["cfg"]["out"])
-    if not (out / "summary.json").exists():
-        train(config_from_dict(job["cfg"]), force=True, log=_quiet)
+    cfg = config_from_dict(job["cfg"])
+    if not _finished_with(out, cfg.model_dump(mode="json")):
+        train(cfg, force=True, log=_quiet)
     return str(out)
+
+
+def _finished_with(out: Path, settings: dict) -> bool:
+    """A finished run in ``out`` made with exactly these settings (else it is run again)."""
+    import yaml
+
+    if not (out / "summary.json").exists() or not (out / "config.yaml").exists():
+        return False
+    return yaml.safe_load((out / "config.yaml").read_text()) == settings
 
 
 def merged_weights(run_dir: Path, lora_cfg: dict) -> Path:
@@ -645,6 +655,53 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
     path.write_text("\n".join(L) + "\n")
 
 
+DEMO_START, DEMO_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
+
+
+def demo_table(claims: dict) -> str:
+    """The project README's demo table as mean [min, max] over seeds, from the prompt regime's stream runs
+    (full mode uses the demo's settings exactly)."""
+    r = claims["regimes"]["prompt"]
+    runs, seeds = r["stream_runs"], claims["seeds"]
+
+    def cell(method: str, fn: Callable[[dict], float | None], digits: int = 3) -> str:
+        vals = [fn(runs[method][str(sd)]) for sd in seeds if str(sd) in runs.get(method, {})]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "n/a"
+        return f"{statistics.fmean(vals):.{digits}f} [{min(vals):.{digits}f}, {max(vals):.{digits}f}]"
+
+    rows = []
+    for j, task in enumerate(r["stream"]):
+        rows.append([f"final reward {task} (best prompt)"] + [cell(m, lambda e, j=j: e["matrix"][-1][j])
+                                                             for m in METHODS])
+    for key in ("acc", "bwt", "forgetting"):
+        rows.append([key.upper() if key != "forgetting" else "forgetting"]
+                    + [cell(m, lambda e, k=key: e["cl"][k]) for m in METHODS])
+    rows.append(["final KL(pi‖base) per token"] + [cell(m, lambda e: e["kl_rev"]) for m in METHODS])
+    sa = r["stream_aggregate"]  # gepa never moves the weights: its plasticity is the base's
+    for key in ("final", "auc"):
+        b = sa[f"plasticity_{key}"]["base"]
+        rows.append([f"plasticity on `{r['heldout']}`, {key}; base {_fmt_spread(b)}"]
+                    + [cell(m, lambda e, k=key: (e["plasticity"] or {}).get(k)) if m != "gepa" else "= base"
+                       for m in METHODS])
+    lines = [f"Mean [min, max] over seeds {seeds} (`make bench`, benchmarks/README.md).", "",
+             "| | rl | gepa (frozen weights) | fst |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_project_readme(claims: dict, path: Path) -> bool:
+    """Replace the demo table between the markers of the project README; False when the markers are absent."""
+    text = path.read_text()
+    if DEMO_START not in text or DEMO_END not in text:
+        return False
+    head, rest = text.split(DEMO_START, 1)
+    _, tail = rest.split(DEMO_END, 1)
+    path.write_text(f"{head}{DEMO_START}\n{demo_table(claims)}\n{DEMO_END}{tail}")
+    return True
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -686,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for regime in regimes():
         plot_frontier(frontier, regime, args.results / f"frontier_{regime}.png")
     write_readme(claims, frontier, meta, HERE / "README.md")
+    if mode == "full":  # the project README's demo table uses the demo's settings: only full mode matches them
+        update_project_readme(claims, HERE.parent / "README.md")
     for name in ("claims.json", "frontier.json"):  # the run root doubles as a report dir
         (root / name).write_text((args.results / name).read_text())
     print(f"wrote {args.results} and {HERE / 'README.md'} ({meta['wall_s'] / 60:.1f} min)", flush=True)
