@@ -14,7 +14,7 @@ from typing import Any
 
 from fastslow.config import ModelConfig
 from fastslow.policy import Policy
-from fastslow.rollout import Scored, rollout
+from fastslow.rollout import PolicySampler, Scored, rollout, score_prompt
 from fastslow.tasks import Problem
 from fastslow.util import derive_seed
 from fastslow.world.reflector import MicroReflector
@@ -39,9 +39,12 @@ def scored(policy: Policy, task: MicroTask, context: str, problems: Sequence[Pro
                    max_new_tokens=MAX_NEW_TOKENS, seed=derive_seed(seed, "world-check", task.name, context))
 
 
-def mean_reward(policy: Policy, task: MicroTask, context: str, problems: Sequence[Problem],
-                temperature: float = 0.0, seed: int = 0) -> float:
-    return scored(policy, task, context, problems, temperature, seed).mean_reward
+def mean_reward(policy: Policy, task: MicroTask, context: str, n: int, temperature: float = 0.0,
+                seed: int = 0) -> float:
+    """Mean reward of ``context`` on the first ``n`` eval problems (the project's one evaluation)."""
+    seed = derive_seed(seed, "world-check", task.name, context)
+    return score_prompt(PolicySampler(policy), task, context, n, temperature=temperature,
+                        max_new_tokens=MAX_NEW_TOKENS, seed=seed).mean_reward
 
 
 def reflection_prompt(instruction: str, records: Sequence[dict[str, str]]) -> str:
@@ -130,10 +133,10 @@ def check_world(model_path: str | None = None, n: int = 200, seed: int = 0,
         problems = list(task.problems("eval"))[:n]
         proposal = propose_from_failures(policy, task)
         row = {
-            "seed": mean_reward(policy, task, task.seed_prompt, problems),
-            "rule": mean_reward(policy, task, task.rule_text, problems),
-            "reflector": mean_reward(policy, task, proposal, problems),
-            "seed_sampled": mean_reward(policy, task, task.seed_prompt, problems, temperature=1.0, seed=seed),
+            "seed": mean_reward(policy, task, task.seed_prompt, n),
+            "rule": mean_reward(policy, task, task.rule_text, n),
+            "reflector": mean_reward(policy, task, proposal, n),
+            "seed_sampled": mean_reward(policy, task, task.seed_prompt, n, temperature=1.0, seed=seed),
         }
         gain = row["rule"] - row["seed"]
         row["recovered"] = (row["reflector"] - row["seed"]) / gain if gain > 0 else None
