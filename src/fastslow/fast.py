@@ -180,7 +180,7 @@ class FastChannel:
         rescore_rollouts = adapter.generated
         calls_before, errors_before = self.reflector.calls, self.reflector.errors
         self.last_error = None  # this round's fault, one redacted line, for the run log
-        tmp = Path(tempfile.mkdtemp(prefix="gepa-", dir=workdir))
+        tmp = Path(tempfile.mkdtemp(prefix=".fastslow-gepa-", dir=workdir))
         metrics: dict[str, float] = {}
         try:
             state.save(str(tmp))

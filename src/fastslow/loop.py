@@ -14,11 +14,12 @@ Every random draw is seeded from (seed, what, step), so a resumed run replays ex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,23 +28,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from fastslow.checkpoint import latest_good_checkpoint, save_checkpoint, write_json_atomic
-from fastslow.config import Config
+from fastslow.checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint, write_json_atomic
+from fastslow.config import Config, resume_changes
 from fastslow.drift import DriftMeter
 from fastslow.fast import FastChannel
 from fastslow.policy import Policy
 from fastslow.reflect import make_reflector
 from fastslow.rollout import rollout
+from fastslow.rundir import TEMP_INFIX, RunDirError, RunDirLock, check_run_dir, claim  # noqa: F401 - re-exported
 from fastslow.slow import Rollouts, SlowLearner
 from fastslow.stream import continual_metrics, stage_spans
 from fastslow.tasks import Task, load_task
 from fastslow.util import derive_seed, redact
 
 MAX_NONFINITE_STREAK = 5
-
-
-class RunDirError(RuntimeError):
-    """The run directory holds another run and neither resume nor force was asked for."""
 
 
 class TrainingError(RuntimeError):
@@ -62,6 +60,9 @@ class LoopState:
     last_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     last_drift: dict[str, float] = field(default_factory=dict)
     metrics_bytes: int = 0
+    metrics_rows: int = 0
+    metrics_sha256: str = ""  # of the first metrics_bytes of metrics.jsonl ("" in format-1 checkpoints)
+    verifier_calls: int = 0
 
 
 def slow_on(method: str) -> bool:
@@ -81,7 +82,18 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
-        _prepare_run_dir(self.out, resume=resume, force=force, clear=False)  # refuse early, write nothing yet
+        check_run_dir(self.out, resume=True, force=False)  # a file or the user's folder: refused, nothing written
+        self.lock = RunDirLock(self.out)
+        self.lock.acquire()  # one process per run dir, held until run() ends (or the process dies)
+        try:
+            check_run_dir(self.out, resume=resume, force=force)  # under the lock: a run there is not running
+            self._setup(resume=resume, force=force)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, *, resume: bool, force: bool) -> None:
+        cfg, log = self.cfg, self.log
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -91,6 +103,12 @@ class Trainer:
             if stage.task not in self.tasks:
                 self.tasks[stage.task] = load_task(stage.task)
         ckpt = latest_good_checkpoint(self.ckpt_root, warn=log) if resume else None
+        self._resume_changes: dict = {}
+        if ckpt is not None:
+            saved = json.loads((ckpt / "state.json").read_text())
+            if saved.get("config") is not None:  # format-1 checkpoints carry no config
+                self._resume_changes = resume_changes(saved["config"], cfg.model_dump(mode="json"),
+                                                      saved["loop"]["step"])
         self.policy = Policy.load(cfg.model, weights=ckpt / "model" if ckpt else None)
         if not slow_on(cfg.method):
             self.policy.model.requires_grad_(False)
@@ -105,8 +123,9 @@ class Trainer:
                 probes.append(self.policy.format(task.seed_prompt, problem.prompt))
         self.drift = DriftMeter(self.policy, probes, cfg.drift, seed=cfg.seed)
         # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
-        _prepare_run_dir(self.out, resume=resume, force=force)
+        claim(self.out, resume=resume, force=force)
         self.state = LoopState()
+        self._metrics_hash = hashlib.sha256()
         self.timing: dict[str, list[float]] = {"step_s": [], "round_s": [], "slow_step_s": [], "eval_s": []}
         if ckpt is not None:
             self._restore(ckpt)
@@ -118,6 +137,12 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict:
         cfg, st = self.cfg, self.state
         total = cfg.total_steps
         if st.step == 0 and st.metrics_bytes == 0:
@@ -232,11 +257,19 @@ class Trainer:
     def _log_row(self, step: int, metrics: dict[str, float]) -> None:
         st = self.state
         row = {"step": step, "rollouts": st.rollouts, "fast_rollouts": st.fast_rollouts, **metrics}
-        with self.metrics_path.open("a") as f:
-            # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            f.write(json.dumps(clean) + "\n")
-        st.metrics_bytes = self.metrics_path.stat().st_size
+        # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._append_metrics(json.dumps(clean) + "\n")
+
+    def _append_metrics(self, line: str) -> None:
+        """Append one row; the state keeps the row count and a running sha256 of everything written."""
+        st, data = self.state, line.encode()
+        with self.metrics_path.open("ab") as f:
+            f.write(data)
+        self._metrics_hash.update(data)
+        st.metrics_bytes += len(data)
+        st.metrics_rows += 1
+        st.metrics_sha256 = self._metrics_hash.hexdigest()
 
     def _checkpoint(self) -> None:
         st = self.state
@@ -250,8 +283,12 @@ class Trainer:
                 "loop": asdict(st),
                 "fast": self.fast.state_dict() if self.fast else None,
                 "torch_rng": torch.get_rng_state().tolist(),
+                "config": self.cfg.model_dump(mode="json"),
             }
             (tmp / "state.json").write_text(json.dumps(state))
+            # The rows so far travel with the checkpoint: a metrics file cut short is rebuilt from them.
+            with self.metrics_path.open("rb") as src:
+                (tmp / "metrics.jsonl").write_bytes(src.read(st.metrics_bytes))
 
         save_checkpoint(self.ckpt_root, st.step, write, keep=self.cfg.keep_checkpoints)
 
@@ -264,9 +301,33 @@ class Trainer:
         if self.fast is not None and state["fast"] is not None:
             self.fast.load_state_dict(state["fast"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        # Rows written after this checkpoint belong to the lost future: cut them.
-        with self.metrics_path.open("r+b") as f:
-            f.truncate(self.state.metrics_bytes)
+        self._restore_metrics(ckpt)
+        if self._resume_changes:  # safe changes only (the others were refused before anything was written)
+            self._append_metrics(json.dumps({"step": self.state.step, "event": "resume_config_changed",
+                                             "changed": self._resume_changes}) + "\n")
+            self.log(f"resume: config changed: {', '.join(sorted(self._resume_changes))}")
+
+    def _restore_metrics(self, ckpt: Path) -> None:
+        """Cut rows written after ``ckpt`` (the lost future); rebuild a file cut short or altered from the
+        checkpoint's copy. Never pads: a file shorter than the checkpoint's offset is not extended."""
+        st = self.state
+        data = self.metrics_path.read_bytes() if self.metrics_path.is_file() else b""
+        prefix = data[: st.metrics_bytes]
+        intact = len(prefix) == st.metrics_bytes and (
+            not st.metrics_sha256 or hashlib.sha256(prefix).hexdigest() == st.metrics_sha256)
+        if not intact:
+            copy = ckpt / "metrics.jsonl"
+            if not copy.is_file():
+                raise CheckpointError(
+                    f"{self.metrics_path} holds less than the {st.metrics_bytes} bytes checkpoint {ckpt.name} "
+                    "recorded and the checkpoint carries no copy: cannot resume without losing rows"
+                )
+            prefix = copy.read_bytes()
+            self.log(f"{self.metrics_path.name} was cut short or altered: rebuilt from checkpoint {ckpt.name}")
+        tmp = self.metrics_path.with_name(f".metrics.jsonl{TEMP_INFIX}{os.getpid()}")
+        tmp.write_bytes(prefix)
+        os.replace(tmp, self.metrics_path)
+        self._metrics_hash = hashlib.sha256(prefix)
 
     def _summary(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -303,30 +364,6 @@ class Trainer:
             "rounds": len(self.timing["round_s"]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-
-
-def _prepare_run_dir(out: Path, *, resume: bool, force: bool, clear: bool = True) -> None:
-    """Refuse a run dir holding another run (unless resume/force); with ``clear``, empty it (force) and
-    sweep what a killed process left (GEPA round scratch dirs, half-written JSON temp files)."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"run directory {out} is not a directory")
-    holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-    if holds_run and not (resume or force):
-        raise RunDirError(
-            f"run directory {out} already holds a run: pass --resume to continue it or --force to overwrite"
-        )
-    if not clear:
-        return
-    if holds_run and force and not resume:
-        for name in ("metrics.jsonl", "summary.json", "timing.json", "config.yaml"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("gepa-*"), *out.glob(".*.tmp-*")]:  # one process per run dir: these are dead
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
 
 
 def train(cfg: Config, **kwargs) -> dict:
