@@ -64,7 +64,8 @@ seed: 3
 
 
 def _start(cfg: Path, out: Path, *, ckpt_delay: float | None = None) -> subprocess.Popen:
-    env = {"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"}
+    # This checkout's source first: the venv's installed fastslow may be another checkout's.
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "PATH": "/usr/bin:/bin"}
     if ckpt_delay:
         env["FASTSLOW_CHECKPOINT_DELAY_S"] = str(ckpt_delay)
     return subprocess.Popen(
@@ -229,7 +230,7 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, dama
 
 def test_unknown_format_version_is_rejected(tmp_path):
     root = tmp_path / "checkpoints"
-    good, future = _fake_ckpt(root, 2), _fake_ckpt(root, 4)
+    _good, future = _fake_ckpt(root, 2), _fake_ckpt(root, 4)
     meta = json.loads((future / MANIFEST).read_text())
     meta["format"] = FORMAT_VERSION + 1
     (future / MANIFEST).write_text(json.dumps(meta))

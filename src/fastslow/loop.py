@@ -29,10 +29,11 @@ import torch
 import yaml
 
 from fastslow.checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint, write_json_atomic
+from fastslow.checks import VerifierWindow, check_splits, fit_to_context, weights_finite
 from fastslow.config import Config, resume_changes
 from fastslow.drift import DriftMeter
+from fastslow.errors import load_policy
 from fastslow.fast import FastChannel
-from fastslow.policy import Policy
 from fastslow.reflect import make_reflector
 from fastslow.rollout import rollout
 from fastslow.rundir import TEMP_INFIX, RunDirError, RunDirLock, check_run_dir, claim  # noqa: F401 - re-exported
@@ -84,7 +85,8 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         check_run_dir(self.out, resume=True, force=False)  # a file or the user's folder: refused, nothing written
         self.lock = RunDirLock(self.out)
-        self.lock.acquire()  # one process per run dir, held until run() ends (or the process dies)
+        if self.out.is_dir():  # one process per run dir, held until run() ends (or the process dies)
+            self.lock.acquire()  # (a new dir is locked when it is created, once every input has loaded)
         try:
             check_run_dir(self.out, resume=resume, force=force)  # under the lock: a run there is not running
             self._setup(resume=resume, force=force)
@@ -101,7 +103,7 @@ class Trainer:
         self.tasks: dict[str, Task] = {}
         for stage in cfg.stages:
             if stage.task not in self.tasks:
-                self.tasks[stage.task] = load_task(stage.task)
+                self.tasks[stage.task] = check_splits(load_task(stage.task), stage.task)
         ckpt = latest_good_checkpoint(self.ckpt_root, warn=log) if resume else None
         self._resume_changes: dict = {}
         if ckpt is not None:
@@ -109,7 +111,8 @@ class Trainer:
             if saved.get("config") is not None:  # format-1 checkpoints carry no config
                 self._resume_changes = resume_changes(saved["config"], cfg.model_dump(mode="json"),
                                                       saved["loop"]["step"])
-        self.policy = Policy.load(cfg.model, weights=ckpt / "model" if ckpt else None)
+        self.policy = load_policy(cfg.model, weights=ckpt / "model" if ckpt else None)
+        self.oversize_skipped = self._fit_tasks_to_context()
         if not slow_on(cfg.method):
             self.policy.model.requires_grad_(False)
         self.slow = SlowLearner(self.policy, cfg.slow) if slow_on(cfg.method) else None
@@ -123,8 +126,11 @@ class Trainer:
                 probes.append(self.policy.format(task.seed_prompt, problem.prompt))
         self.drift = DriftMeter(self.policy, probes, cfg.drift, seed=cfg.seed)
         # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
+        if not self.lock.held:
+            self.lock.acquire()
         claim(self.out, resume=resume, force=force)
         self.state = LoopState()
+        self.verifier_window = VerifierWindow(cfg.verifier_error_window, cfg.max_verifier_error_share)
         self._metrics_hash = hashlib.sha256()
         self.timing: dict[str, list[float]] = {"step_s": [], "round_s": [], "slow_step_s": [], "eval_s": []}
         if ckpt is not None:
@@ -161,7 +167,7 @@ class Trainer:
                 if self.fast.last_error:  # a faulty reflector or round is survived, never silently
                     self.log(f"step {step}: fast channel kept its population: {self.fast.last_error}")
                 st.fast_rollouts += self.fast.last_round_rollouts
-                st.verifier_errors += self.fast.last_verifier_errors
+                self._verified(self.fast.last_verifier_errors, self.fast.last_round_rollouts)
                 self.timing["round_s"].append(time.perf_counter() - t_round)
             if self.slow is not None:
                 t_slow = time.perf_counter()
@@ -201,7 +207,7 @@ class Trainer:
             verify_timeout_s=cfg.verify_timeout_s,
         )
         st.rollouts += len(pairs)
-        st.verifier_errors += scored.verifier_errors
+        self._verified(scored.verifier_errors, len(pairs))
         rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(len(problems), g)
         measure_k3 = (step + 1) % cfg.drift.every == 0
         metrics = self.slow.step(Rollouts(scored.batch, rewards), measure_k3=measure_k3)
@@ -210,8 +216,32 @@ class Trainer:
                 f"loss or gradient non-finite for {self.slow.nonfinite_streak} consecutive steps at step {step}; "
                 f"updates were skipped, the last good checkpoint is in {self.ckpt_root} (try a lower slow.lr)"
             )
+        if not weights_finite(self.policy.model):  # e.g. lr 1e9: a finite step that overflowed the weights
+            raise TrainingError(
+                f"the weights became non-finite after the update of step {step}; the last good checkpoint is in "
+                f"{self.ckpt_root} (try a lower slow.lr)"
+            )
         st.policy_version = self.policy.version
         return metrics
+
+    def _verified(self, errors: int, calls: int) -> None:
+        """Count verifier outcomes; too many errors in the window stop the run (the checkpoint is kept)."""
+        st = self.state
+        st.verifier_errors += errors
+        st.verifier_calls += calls
+        self.verifier_window.add(errors, calls)
+
+    def _fit_tasks_to_context(self) -> dict[str, int]:
+        """Problems whose prompt (with the seed prompt and the completion budget) exceeds the model's context
+        are a config error naming the first, or left out and counted (``oversize_problems: skip``)."""
+        skipped: dict[str, int] = {}
+        for spec, task in self.tasks.items():
+            self.tasks[spec], n = fit_to_context(task, self.policy, self.cfg.slow.max_new_tokens,
+                                                 skip=self.cfg.oversize_problems == "skip")
+            if n:
+                skipped[task.name] = n
+                self.log(f"task {task.name}: {n} problems longer than the model's context left out")
+        return skipped
 
     # ---- measurements -------------------------------------------------------------------------
     def _drift(self) -> dict[str, float]:
@@ -238,7 +268,7 @@ class Trainer:
                     max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
                     verify_timeout_s=cfg.verify_timeout_s,
                 )
-                self.state.verifier_errors += scored.verifier_errors
+                self._verified(scored.verifier_errors, len(problems))
                 result[key] = scored.mean_reward
             self.state.last_eval[task.name] = result
             row[f"eval/{task.name}/reward"] = result["reward"]
@@ -260,6 +290,12 @@ class Trainer:
         # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._append_metrics(json.dumps(clean) + "\n")
+        problem = self.verifier_window.verdict()
+        if problem:  # checked once the row is logged, so the run's record shows the counts that stopped it
+            raise TrainingError(
+                f"{problem} (verifier errors {st.verifier_errors}/{st.verifier_calls} in all); the run stops at "
+                f"step {step}, the last good checkpoint is in {self.ckpt_root}"
+            )
 
     def _append_metrics(self, line: str) -> None:
         """Append one row; the state keeps the row count and a running sha256 of everything written."""
@@ -350,6 +386,8 @@ class Trainer:
             "prompts": self.fast.population if self.fast else [],
             "best_prompts": self.fast.best if self.fast else {},
             "verifier_errors": st.verifier_errors,
+            "verifier_calls": st.verifier_calls,
+            "oversize_problems_skipped": self.oversize_skipped,
         }
 
     def _timing_summary(self) -> dict:

@@ -70,6 +70,10 @@ class RunDirLock:
         self.out = Path(out)
         self._fd: int | None = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def acquire(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
