@@ -158,6 +158,10 @@ class Config(_Strict):
         description="A run whose verifier errors exceed this share of the last verifier_error_window calls stops "
         "(exit 1, checkpoint kept): a verifier that always fails would otherwise train on all-zero rewards.",
     )
+    allow_unsafe_execution: bool = Field(
+        False, description="Run untrusted code (e.g. a task's programs) with resource limits only where no "
+        "isolation mechanism (unshare namespaces, bubblewrap) works; false refuses it."
+    )
     oversize_problems: Literal["error", "skip"] = Field(
         "error", description="A problem whose prompt does not fit the model's context: 'error' (a config error "
         "naming it) or 'skip' (left out, counted in summary.json)."
@@ -289,7 +293,8 @@ def _expanded_size(data: Any) -> int:
 # model, seed, loss, lr, batch sizes, ...) changes what the checkpoint's numbers mean and is refused.
 RESUME_SAFE = frozenset({
     "out", "threads", "eval.every", "drift.every", "checkpoint_every", "keep_checkpoints", "verify_timeout_s",
-    "verifier_error_window", "max_verifier_error_share", "oversize_problems", "fast.reflection_timeout_s",
+    "verifier_error_window", "max_verifier_error_share", "oversize_problems", "allow_unsafe_execution",
+    "fast.reflection_timeout_s",
     "fast.reflection_retries", "fast.max_reply_chars", "fast.max_prompt_chars",
 })
 
@@ -319,7 +324,8 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     start = 0
     for i, stage in enumerate(old_stages):
         end = start + stage["steps"]
-        if end <= step:  # trained to its end: must be unchanged
+        last = i == len(old_stages) - 1  # the last stage may be lengthened (or shortened to what is done)
+        if end <= step and not last:  # trained to its end: must be unchanged
             if i >= len(new_stages) or new_stages[i] != stage:
                 refused.append(f"stages.{i}")
         elif start <= step:  # the current stage: same task, long enough for what was already trained

@@ -134,7 +134,8 @@ class FastChannel:
                  max_new_tokens: int, verify_timeout_s: float | None = None) -> None:
         self.policy, self.cfg, self.seed = policy, cfg, seed
         self.max_new_tokens, self.verify_timeout_s = max_new_tokens, verify_timeout_s
-        self.reflector = GuardedReflector(reflector, retries=cfg.reflection_retries, timeout_s=cfg.reflection_timeout_s)
+        self.reflector = GuardedReflector(reflector, retries=cfg.reflection_retries, timeout_s=cfg.reflection_timeout_s,
+                                          max_reply_chars=cfg.max_reply_chars, max_prompt_chars=cfg.max_prompt_chars)
         self.population: list[str] = []
         self.best: dict[str, str] = {}
         self.rounds = 0

@@ -96,6 +96,8 @@ class Trainer:
 
     def _setup(self, *, resume: bool, force: bool) -> None:
         cfg, log = self.cfg, self.log
+        if cfg.allow_unsafe_execution:  # read by the sandbox of untrusted code (fastslow.tasks.sandbox)
+            os.environ["FASTSLOW_ALLOW_UNSAFE_EXEC"] = "1"
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
