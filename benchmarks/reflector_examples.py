@@ -1,6 +1,6 @@
 """One proposal from each reflector kind on a real task: SmolLM2-135M on rg:basic_arithmetic.
 
-    fastslow models fetch smollm2-135m && python benchmarks/reflector_examples.py [OUT.json]
+    fastslow models fetch smollm2-135m && python benchmarks/reflector_examples.py [OUT.json [feedback]]
 
 The reflection prompt is GEPA's own, rendered from the model's real (greedy) answers and the verifier's
 feedback. Kinds: feedback; hf:smollm2-135m; openai:smollm2 against a local OpenAI-compatible server that
@@ -30,11 +30,13 @@ TASK = "rg:basic_arithmetic?max_terms=2&max_digits=1&operators=+,-&extract=last_
 def reflection_prompt() -> str:
     task = load_task(TASK)
     policy = Policy.load(ModelConfig(path="smollm2-135m"))
-    problems = list(task.problems("train"))[:3]
+    problems = list(task.problems("train"))[:16]
     scored = PolicySampler(policy)(task, [(task.seed_prompt, p) for p in problems], temperature=0.0,
                                    max_new_tokens=32, seed=0)
     records = [{"Inputs": p.prompt, "Generated Outputs": out, "Feedback": v.feedback}
                for p, out, v in zip(problems, scored.batch.texts, scored.verdicts, strict=True)]
+    # GEPA reflects on minibatches with room to improve (it skips perfect ones): failures first, 3 records.
+    records = sorted(records, key=lambda r: r["Feedback"].startswith("Correct"))[:3]
     return InstructionProposalSignature.prompt_renderer(
         {"current_instruction_doc": task.seed_prompt, "dataset_with_feedback": records})
 
@@ -58,10 +60,13 @@ def serve(lm) -> HTTPServer:
     return httpd
 
 
-def main(out: str | None) -> None:
+def main(out: str | None, kinds: str = "all") -> None:
     prompt = reflection_prompt()
     proposals = {"prompt": prompt}
     proposals["feedback"] = make_reflector("feedback", FastConfig(reflector="feedback"))(prompt)
+    if kinds == "feedback":
+        print(json.dumps(proposals, indent=2))
+        return
     hf_cfg = FastConfig(reflector="hf:smollm2-135m", reflection_max_tokens=160)
     hf = make_reflector(hf_cfg.reflector, hf_cfg)
     proposals["hf:smollm2-135m"] = hf(prompt)
@@ -79,4 +84,4 @@ def main(out: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    main(sys.argv[1] if len(sys.argv) > 1 else None, *sys.argv[2:3])
