@@ -14,3 +14,13 @@ def test_timing_json_has_per_phase_totals_and_per_step_lists(tiny_model, tmp_pat
     for phase, values in steps.items():
         assert timing["total_s"][phase] == sum(values) and all(v >= 0 for v in values)
     assert sum(steps["sampling_s"]) + sum(steps["update_s"]) <= sum(steps["slow_step_s"]) + 1e-6
+
+
+def test_summary_and_report_show_fast_channel_health(tiny_model, tmp_path):
+    from fastslow.report import build_report
+
+    summary = train(small_config(tiny_model, tmp_path / "r", method="fst", steps=2))
+    fast = summary["fast"]
+    assert fast["reflection_calls"] > 0 and fast["accepted_total"] >= 0 and fast["failed_reflection_calls"] == 0
+    html = build_report([tmp_path / "r"], tmp_path / "r").read_text()
+    assert "Fast channel health" in html

@@ -569,6 +569,13 @@ def _tables_html(runs: dict[str, Run], cmp: dict) -> str:
     parts.append("<h3>Final drift</h3>" + _table(
         ["method", "KL(pi||base)", "KL(base||pi)", "weight L2", "entropy"],
         [[html.escape(lab)] + [_fmt(d["drift"].get(k), 4) for k in drift_keys] for lab, d in info.items()]))
+    health = [(lab, r.summary["fast"]) for lab, r in runs.items() if isinstance(r.summary.get("fast"), dict)]
+    if health:  # a dead reflector must show: calls, failures, what was accepted
+        parts.append("<h3>Fast channel health</h3>" + _table(
+            ["method", "reflection calls", "reflection errors", "failed calls", "accepted", "rounds, none accepted"],
+            [[html.escape(lab)] + [_count(f.get(k)) for k in ("reflection_calls", "reflection_errors",
+                                                              "failed_reflection_calls", "accepted_total",
+                                                              "rounds_nothing_accepted")] for lab, f in health]))
     if cmp["vs_rl"]:
         se_rows, mk_rows = [], []
         for lab, d in cmp["vs_rl"].items():
