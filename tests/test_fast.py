@@ -86,3 +86,35 @@ def test_a_failing_reflector_keeps_the_population_and_ends_the_round(tiny_model)
     assert rnd.reflection_calls == 2 and rnd.reflection_errors == 4 and len(calls) == 4
     assert rnd.accepted == 0 and "ConnectionError" in rnd.error
     assert set(channel.population) <= {"kept prompt", echo_task().seed_prompt}
+
+
+def test_budget_is_a_hard_cap_counting_rescoring_and_keeps_what_was_accepted(tiny_model):
+    for budget in (10, 15, 23, 40):
+        channel, _ = _channel(tiny_model, budget=budget, minibatch=3)
+        task = echo_task()
+        rounds = [channel.run_round(task) for _ in range(2)]
+        for rnd in rounds:
+            assert rnd.error is None
+            assert rnd.rollouts <= budget  # re-scoring (4 per carried candidate here) included
+            assert rnd.metrics["fast/rescore_rollouts"] <= rnd.rollouts
+        assert channel.population  # a round that hit the cap still returns its population
+    channel, _ = _channel(tiny_model, budget=2)  # below the cost of re-scoring the seed: re-scoring alone
+    rnd = channel.run_round(echo_task())
+    assert rnd.rollouts == 4 and rnd.accepted == 0 and rnd.error is None
+
+
+def test_a_round_that_hits_the_cap_keeps_the_candidates_accepted_before(tiny_model):
+    from types import SimpleNamespace
+
+    from fastslow.rollout import Scored
+    from fastslow.tasks import Verdict
+
+    def sampler(task, pairs, **kw):  # rewards a prompt by how many hints it carries: every proposal improves
+        verdicts = [Verdict(min(1.0, 0.2 * text.count("Reverse it.")), "more hints") for text, _ in pairs]
+        return Scored(SimpleNamespace(texts=["x"] * len(pairs)), verdicts, 0)
+
+    cfg = FastConfig(population=2, budget=30, val_size=4, minibatch=2)
+    channel = FastChannel(sampler, cfg, canned_reflector, seed=0, max_new_tokens=6, version=lambda: 0)
+    rnd = channel.run_round(echo_task())
+    assert rnd.rollouts <= 30 and rnd.error is None
+    assert rnd.accepted >= 1 and "Reverse it." in channel.best["echo"]  # acceptances before the cap survive

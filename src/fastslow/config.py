@@ -110,7 +110,7 @@ class FastConfig(_Strict):
         description="T: a GEPA round at each stage's first step and every T steps from it (steps start, start+T, ...).",
     )
     population: int = Field(4, gt=0, description="K: prompts kept (top-K of the Pareto front); must divide G.")
-    budget: int = Field(120, gt=0, description="Metric calls (rollouts) per GEPA round, re-scoring excluded.")
+    budget: int = Field(120, gt=0, description="Hard cap on a GEPA round's rollouts, re-scoring included.")
     val_size: int = Field(16, gt=0, description="Pareto (validation) problems per round, drawn from train.")
     minibatch: int = Field(3, gt=0, description="GEPA reflection minibatch size.")
     reflector: str = Field(

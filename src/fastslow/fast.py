@@ -25,6 +25,7 @@ from typing import Any
 
 import gepa
 from gepa import EvaluationBatch
+from gepa.core.result import GEPAResult
 from gepa.core.state import GEPAState, ValsetEvaluation
 from gepa.gepa_utils import find_dominator_programs
 
@@ -37,12 +38,17 @@ from fastslow.util import derive_seed, one_line
 COMPONENT = "system_prompt"
 
 
+class BudgetSpent(RuntimeError):
+    """The round's rollout budget (``fast.budget``, re-scoring included) would be exceeded."""
+
+
 class FastAdapter:
     """GEPA adapter over the sampler: a candidate is ``{"system_prompt": text}``, scored by the verifier.
 
     Evaluations are memoised by (weights version, prompt, problem id): GEPA 0.1.4 re-evaluates the seed
     on resume, and re-scoring already evaluated each candidate; neither should cost rollouts twice.
-    ``generated`` counts the rollouts actually sampled.
+    ``generated`` counts the rollouts actually sampled; with ``limit`` set, a call that would take it past
+    ``limit`` samples nothing and raises :class:`BudgetSpent` (the round's hard cap).
     """
 
     propose_new_texts = None  # GEPA's own reflective proposer, with our reflection model
@@ -54,12 +60,15 @@ class FastAdapter:
         self.sample, self.task, self.version = sample, task, version
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.generated = 0
+        self.limit: int | None = None
         self.verifier_errors = 0
         self._memo: dict[tuple[int, str, str], tuple[str, float, str]] = {}
 
     def evaluate(self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False):
         text, version = candidate[COMPONENT], self.version()
         todo = [p for p in batch if (version, text, p.id) not in self._memo]
+        if todo and self.limit is not None and self.generated + len(todo) > self.limit:
+            raise BudgetSpent(f"{self.generated} of {self.limit} rollouts spent; {len(todo)} more needed")
         if todo:
             scored = self.sample(
                 self.task,
@@ -184,6 +193,11 @@ class FastChannel:
         accepted = 0
         tmp = Path(tempfile.mkdtemp(prefix=".fastslow-gepa-", dir=workdir))
         metrics: dict[str, float] = {}
+        result = None
+        # fast.budget is a hard cap on the round's rollouts, re-scoring included (re-scoring always runs:
+        # a budget below its cost is spent on it alone). GEPA checks its own max_metric_calls only between
+        # iterations, so the adapter enforces the cap; the iteration that hits it is dropped (below).
+        adapter.limit = max(cfg.budget, rescore_rollouts)
         try:
             state.save(str(tmp))
             self.reflector.new_round()
@@ -195,7 +209,7 @@ class FastChannel:
                 reflection_lm=self.reflector,
                 reflection_minibatch_size=cfg.minibatch,
                 candidate_selection_strategy="pareto",
-                max_metric_calls=cfg.budget,
+                max_metric_calls=max(cfg.budget - rescore_rollouts, 0),
                 # A reflector that keeps failing ends the round; the population is kept.
                 stop_callbacks=[lambda _state: self.reflector.exhausted],
                 run_dir=str(tmp),
@@ -206,10 +220,9 @@ class FastChannel:
                 display_progress_bar=False,
                 raise_on_exception=True,
             )
-            population, front_size = top_k_front(result, cfg.population)
-            metrics["fast/best_val"] = max(result.val_aggregate_scores)
-            accepted = result.num_candidates - len(candidates)
-            metrics["fast/accepted"] = float(accepted)
+        except BudgetSpent:
+            # GEPA saved its state at the start of the iteration that ran out: every earlier acceptance is kept.
+            result = GEPAResult.from_state(GEPAState.load(str(tmp)))
         except Exception as exc:  # noqa: BLE001 - a failed round keeps the re-scored population; the run goes on
             self.round_errors += 1
             error = one_line(f"round failed: {type(exc).__name__}: {exc}")
@@ -219,7 +232,13 @@ class FastChannel:
             metrics["fast/best_val"] = max(scores) / max(len(valset), 1)
             metrics["fast/accepted"] = 0.0
         finally:
+            adapter.limit = None
             shutil.rmtree(tmp, ignore_errors=True)
+        if result is not None:
+            population, front_size = top_k_front(result, cfg.population)
+            metrics["fast/best_val"] = max(result.val_aggregate_scores)
+            accepted = result.num_candidates - len(candidates)
+            metrics["fast/accepted"] = float(accepted)
         self.population = population
         self.best[task.name] = population[0]
         self.rounds += 1
