@@ -42,6 +42,16 @@ Calculate 4 - 1.
 
 ## Feedback
 Correct: '3'.
+
+# Example 3
+## Inputs
+Calculate 5 + -4.
+
+## Generated Outputs
+5 + -4 = 11
+
+## Feedback
+Answer '11' is wrong. Expected answer: 1
 ```
 
 Provide the new instructions within ``` blocks."""
@@ -127,7 +137,9 @@ def test_feedback_reflector_mines_rules_and_worked_examples_from_failures():
     assert text.startswith("Solve the problem.")
     assert "Put the final answer alone inside <answer></answer> tags" in text  # the format rule feedback stated
     assert "Input: Calculate 2 + 3.\nAnswer: 5" in text  # the failure, with the expected answer
+    assert "Input: Calculate 5 + -4.\nAnswer: 1" in text
     assert "4 - 1" not in text  # a success teaches nothing new
+    assert "is wrong" not in text  # verdicts are not rules
     again = FeedbackReflector()(GEPA_PROMPT.replace("Solve the problem.", text))
     assert again.count("Calculate 2 + 3.") == 1  # examples are not added twice
 

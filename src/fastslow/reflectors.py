@@ -42,7 +42,8 @@ def _setting(cfg: Any, name: str, default: Any) -> Any:
 # ---- feedback: no language model ------------------------------------------------------------------
 _BLOCK = re.compile(r"```(.*?)```", re.DOTALL)
 _EXPECTED = re.compile(r"[Ee]xpected(?: answer)?:?\s*(.+?)\s*$")
-_RULE = re.compile(r"((?:Put|Give|Answer|Reply|Use|Write|Format)[^.\n]*(?:\.|$))")
+# Imperative format rules ("Put the final answer ...", "Answer with ..."); verdicts ("Answer '8' is wrong") are not.
+_RULE = re.compile(r"^((?:Put|Give|Reply|Use|Write|Format|Answer (?:with|only|in))\b[^.\n]*(?:\.|$))", re.MULTILINE)
 _RECORD = re.compile(r"^#+ Example \d+\s*$", re.MULTILINE)
 
 
