@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from conftest import small_config
 
 from fastslow.loop import train
@@ -16,6 +17,7 @@ def test_timing_json_has_per_phase_totals_and_per_step_lists(tiny_model, tmp_pat
     assert sum(steps["sampling_s"]) + sum(steps["update_s"]) <= sum(steps["slow_step_s"]) + 1e-6
 
 
+@pytest.mark.slow  # builds the report (plots)
 def test_summary_and_report_show_fast_channel_health(tiny_model, tmp_path):
     from fastslow.report import build_report
 
