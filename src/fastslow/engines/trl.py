@@ -1,0 +1,435 @@
+"""Engine ``trl``: the slow channel on TRL's ``GRPOTrainer`` (CISPO) under accelerate, one loop step at a time.
+
+We never call ``GRPOTrainer.train()``: the fastslow loop keeps control of steps, stages and the fast channel.
+The trainer supplies what it is good at at scale:
+
+- its model, wrapped by accelerate (DDP, DeepSpeed, FSDP), its optimizer and learning-rate schedule;
+- its loss (``compute_loss`` with ``loss_type="cispo"``) and reference log-probs (adapter disabled under LoRA);
+- its generation path (``unwrap_model_for_generation``; vLLM through TRL's own switch).
+
+A slow step on B problems x G rollouts keeps each problem's G rows contiguous (one ``num_generations``
+group, whatever mix of K population prompts it holds), so TRL's advantage normalisation is one per
+problem. With W processes each rank holds B/W whole groups; the sampler shards (prompt, problem) pairs
+by whole groups, samples its shard and gathers everything, so every rank sees the same :class:`Scored`
+and trains on its own rows. The GEPA round runs on the main process through the same model (never a
+second copy) and its population is broadcast (:class:`MainProcessFast`).
+
+Verified on CPU (one process, and two processes through torchrun/gloo). DeepSpeed ZeRO-3, FSDP2 and
+vLLM are wired through TRL's own switches but were not run here (no GPU): see README "Scale-out".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastslow.config import Config, ConfigError
+from fastslow.policy import Batch, Policy, _pad_cat
+from fastslow.rollout import Scored
+from fastslow.slow import Rollouts
+from fastslow.tasks import Problem, Task, safe_verify
+
+INSTALL_HINT = "engine 'trl' needs TRL and accelerate: pip install 'fastslow[scale]'"
+
+
+class EngineUnavailable(RuntimeError):
+    """The environment lacks what an engine needs (a user error: one line, exit 2)."""
+
+
+def require_trl() -> None:
+    """Raise :class:`EngineUnavailable` (one line saying what to install) when TRL or accelerate is missing."""
+    try:
+        import accelerate  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError as exc:
+        raise EngineUnavailable(f"{INSTALL_HINT} ({exc.name} is not installed)") from None
+
+
+def world_size_from_env() -> int:
+    """Processes of this run, as torchrun / accelerate launch announce them (1 when started directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def grpo_kwargs(cfg: Config, *, world_size: int) -> dict[str, Any]:
+    """The one mapping of a fastslow config onto ``trl.GRPOConfig`` keyword arguments (see ``ScaleConfig``).
+
+    Raises :class:`ConfigError` when the batch cannot be split into whole groups per process.
+    """
+    s, sc = cfg.slow, cfg.scale
+    if s.batch_problems % world_size:
+        raise ConfigError(
+            f"field 'slow.batch_problems': {s.batch_problems} problems cannot be split over {world_size} processes "
+            "(each process trains whole groups): use a multiple of the process count"
+        )
+    rows_per_rank = s.batch_problems // world_size * s.group_size
+    cuda = cfg.model.device != "cpu" and torch.cuda.is_available()
+    kw: dict[str, Any] = {
+        "output_dir": str(Path(cfg.out) / "trl"),
+        "loss_type": s.loss,
+        "epsilon_high": s.tau if s.loss == "cispo" else s.clip_eps,
+        "epsilon": s.clip_eps,
+        "beta": s.kl_coef,
+        "num_generations": s.group_size,
+        "per_device_train_batch_size": rows_per_rank,
+        "steps_per_generation": 1,
+        "gradient_accumulation_steps": 1,
+        "num_iterations": s.updates_per_batch,
+        "scale_rewards": "group",
+        "learning_rate": s.lr,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": s.warmup_steps,
+        "adam_beta1": s.betas[0],
+        "adam_beta2": s.betas[1],
+        "weight_decay": s.weight_decay,
+        "max_grad_norm": s.max_grad_norm or 0.0,
+        "max_completion_length": s.max_new_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "bf16": cfg.model.dtype == "bfloat16" and cuda,
+        "fp16": cfg.model.dtype == "float16" and cuda,
+        "use_cpu": not cuda,
+        "gradient_checkpointing": sc.gradient_checkpointing,
+        "use_vllm": sc.vllm != "off",
+        "seed": cfg.seed,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "log_completions": False,
+        "disable_dropout": True,
+    }
+    if sc.vllm != "off":
+        kw["vllm_mode"] = sc.vllm
+        if sc.vllm == "colocate":
+            kw["vllm_gpu_memory_utilization"] = sc.vllm_gpu_memory_utilization
+            kw["vllm_tensor_parallel_size"] = sc.vllm_tensor_parallel_size
+        else:
+            kw["vllm_server_host"] = sc.vllm_server_host
+            kw["vllm_server_port"] = sc.vllm_server_port
+    return kw
+
+
+def lora_config(cfg: Config):
+    """``model.lora`` as a ``peft.LoraConfig`` (TRL's ``peft_config``), or None."""
+    if cfg.model.lora is None:
+        return None
+    from peft import LoraConfig
+
+    lo = cfg.model.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def trl_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards [N, G] -> advantages [N*G] as TRL computes them with ``scale_rewards="group"``.
+
+    The group statistics come from TRL's own ``nanstd`` so a TRL change shows up here, not silently.
+    """
+    from trl.trainer.utils import nanstd
+
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = nanstd(rewards, dim=1, keepdim=True)
+    return ((rewards - mean) / (std + 1e-4)).flatten()
+
+
+def _no_reward(prompts, completions, **kwargs) -> list[float]:  # pragma: no cover - never called
+    """GRPOTrainer wants a reward function; ours are the tasks' verifiers, applied by the sampler."""
+    raise RuntimeError("fastslow scores rollouts itself")
+
+
+class TrlPolicy(Policy):
+    """A :class:`Policy` over the trainer's own model: sampling goes through the trainer's generation path."""
+
+    def __init__(self, trainer, tokenizer, base_model=None) -> None:
+        super().__init__(trainer.model, tokenizer, trainer.accelerator.device, base_model=base_model)
+        self.trainer = trainer
+
+    def generate(self, prompts: Sequence[str], *, temperature: float, top_p: float = 1.0, max_new_tokens: int,
+                 seed: int, use_base: bool = False, max_batch: int = 256) -> Batch:
+        """As :meth:`Policy.generate`; under DeepSpeed ZeRO-3 TRL gathers the sharded weights for the call.
+
+        With vLLM on, TRL samples at the trainer's temperature (``slow.temperature``), greedy evaluation
+        included: vLLM's sampling parameters belong to TRL (not verified here, no GPU).
+        """
+        tr = self.trainer
+        if tr.use_vllm and not use_base:
+            return self._generate_vllm(prompts, seed=seed)
+        from trl.models import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(tr.model_wrapped, tr.accelerator,
+                                         gather_deepspeed3_params=tr.args.ds3_gather_for_generation):
+            return super().generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                    seed=seed, use_base=use_base, max_batch=max_batch)
+
+    def _generate_vllm(self, prompts: Sequence[str], *, seed: int) -> Batch:  # pragma: no cover - needs a GPU
+        torch.manual_seed(seed)
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        completion_ids, _ = self.trainer._generate_single_turn(ids, None, {}, 1)
+        return self._batch_from_ids(ids, completion_ids)
+
+    def _batch_from_ids(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> Batch:
+        pad = self.tokenizer.pad_token_id
+        rows = [(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long)) for p in prompt_ids]
+        pids, pmask = _pad_cat([r[0] for r in rows], [r[1] for r in rows], pad, left=True)
+        crows = [(torch.tensor([c or [pad]]), torch.tensor([[1] * len(c) or [0]])) for c in completion_ids]
+        cids, cmask = _pad_cat([r[0] for r in crows], [r[1] for r in crows], pad, left=False)
+        texts = self.tokenizer.batch_decode(cids.masked_fill(cmask == 0, pad), skip_special_tokens=True)
+        dev = self.device
+        return Batch(pids.to(dev), pmask.to(dev), cids.to(dev), cmask.to(dev), texts)
+
+
+class TrlSlowChannel:
+    """The slow channel over GRPOTrainer: TRL's advantages, loss, backward (DDP all-reduce), clip, step."""
+
+    def __init__(self, engine: TrlEngine) -> None:
+        self.engine = engine
+        self.trainer = engine.trainer
+        self.nonfinite_streak = 0
+        self.skipped_updates = 0
+
+    def state_dict(self) -> dict:
+        tr = self.trainer
+        return {"optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict(),
+                "global_step": tr.state.global_step, "nonfinite_streak": self.nonfinite_streak,
+                "skipped_updates": self.skipped_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        tr = self.trainer
+        tr.optimizer.load_state_dict(state["optimizer"])
+        tr.lr_scheduler.load_state_dict(state["scheduler"])
+        tr.state.global_step = state["global_step"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self.skipped_updates = state["skipped_updates"]
+
+    def step(self, rollouts: Rollouts, *, measure_k3: bool = False) -> dict[str, float]:
+        """One update on ``rollouts`` (all ranks' rows, in group order); this rank trains its own groups."""
+        eng, tr = self.engine, self.trainer
+        n, g = rollouts.rewards.shape
+        per_rank = n // eng.world_size
+        rows = torch.arange(eng.rank * per_rank * g, (eng.rank + 1) * per_rank * g)
+        batch = rollouts.batch.select(rows)
+        flat = rollouts.rewards.std(dim=1, unbiased=False) <= 1e-8
+        metrics = {
+            "slow/reward_mean": float(rollouts.rewards.mean()),
+            "slow/zero_var_groups": float(flat.sum()),
+            "slow/completion_len": float(rollouts.batch.completion_mask.sum(1).float().mean()),
+        }
+        dev = eng.device
+        mask = batch.completion_mask.to(dev)
+        inputs: dict[str, Any] = {
+            "prompt_ids": batch.prompt_ids.to(dev), "prompt_mask": batch.prompt_mask.to(dev),
+            "completion_ids": batch.completion_ids.to(dev), "completion_mask": mask,
+            "advantages": trl_advantages(rollouts.rewards)[rows].to(dev),
+            # TRL normalises its cispo loss by the tokens of the whole (all-rank) batch
+            "num_items_in_batch": rollouts.batch.completion_mask.sum().to(dev),
+        }
+        with torch.no_grad():
+            if tr.beta != 0.0 or measure_k3:
+                inputs["ref_per_token_logps"] = self._logps(inputs, reference=True)
+            if tr.num_iterations > 1:
+                inputs["old_per_token_logps"] = self._logps(inputs, reference=False)
+        tr.model_wrapped.train()
+        for _ in range(tr.num_iterations):
+            loss = tr.compute_loss(tr.model_wrapped, inputs)
+            tr.accelerator.backward(loss)
+            params = [p for p in tr.model.parameters() if p.requires_grad]
+            grad_norm = tr.accelerator.clip_grad_norm_(params, tr.args.max_grad_norm or math.inf)
+            if not torch.isfinite(torch.as_tensor(grad_norm)):
+                # The all-reduced norm is the same on every rank, so every rank skips together.
+                tr.optimizer.zero_grad(set_to_none=True)
+                self.skipped_updates += 1
+                self.nonfinite_streak += 1
+                metrics["slow/nonfinite_skipped"] = float(self.skipped_updates)
+                break
+            self.nonfinite_streak = 0
+            tr.optimizer.step()
+            tr.lr_scheduler.step()
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.state.global_step += 1
+            eng.policy.version += 1
+        logged = tr._metrics["train"]
+        metrics.update({
+            "slow/loss": float(tr.accelerator.reduce(loss.detach(), reduction="mean")),
+            "slow/grad_norm": float(grad_norm),
+            "slow/lr": tr.lr_scheduler.get_last_lr()[0],
+            "slow/entropy": logged["entropy"][-1] if logged.get("entropy") else float("nan"),
+            "slow/clip_frac": logged["cispo_clip_ratio"][-1] if logged.get("cispo_clip_ratio") else 0.0,
+        })
+        if "kl" in logged and logged["kl"]:
+            metrics["drift/k3_train"] = logged["kl"][-1]
+        logged.clear()  # TRL appends per call and only flushes in its own log(); we report per step
+        return metrics
+
+    def _logps(self, inputs: dict[str, Any], *, reference: bool) -> torch.Tensor:
+        tr = self.trainer
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        keep = inputs["completion_ids"].size(1)
+        model, ctx = tr.model_wrapped, contextlib.nullcontext()
+        if reference and tr.ref_model is not None:
+            model = tr.ref_model
+        elif reference:  # LoRA: the base is the adapter-disabled model, as in TRL
+            from trl.trainer.utils import use_adapter
+
+            unwrapped = tr.accelerator.unwrap_model(tr.model)
+            ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with ctx:
+            logps, _, _ = tr._get_per_token_logps_and_entropies(model, ids, attn, keep, batch_size=len(ids))
+        return logps
+
+
+class MainProcessFast:
+    """A fast channel whose rounds run on the main process only; the population is broadcast to every rank.
+
+    Each rank calls :meth:`run_round` at the same loop step (a collective); ranks other than the main
+    wait for the main's state. The round's return value is broadcast with it.
+    """
+
+    def __init__(self, inner, engine: TrlEngine) -> None:
+        self.inner, self.engine = inner, engine
+
+    @property
+    def population(self) -> list[str]:
+        return self.inner.population
+
+    @property
+    def best(self) -> dict[str, str]:
+        return self.inner.best
+
+    def __getattr__(self, name: str):  # last_error and the like, for loops that still read attributes
+        return getattr(self.inner, name)
+
+    def run_round(self, task: Task, workdir: Path | None = None):
+        result = self.inner.run_round(task, workdir=workdir) if self.engine.is_main else None
+        if self.engine.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            payload = [self.inner.state_dict() if self.engine.is_main else None, result,
+                       {k: getattr(self.inner, k, None) for k in ("last_error", "last_round_rollouts",
+                                                                   "last_verifier_errors")}]
+            broadcast_object_list(payload, from_process=0)
+            state, result, extra = payload
+            if not self.engine.is_main:
+                self.inner.load_state_dict(state)
+                for k, v in extra.items():
+                    setattr(self.inner, k, v)
+        return result
+
+    def prompts_for_group(self, task: Task, group_size: int) -> list[str]:
+        return self.inner.prompts_for_group(task, group_size)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+class TrlEngine:
+    """GRPOTrainer built from a fastslow config, prepared by accelerate, driven one loop step at a time.
+
+    ``policy`` (a :class:`TrlPolicy` over the trainer's model), ``slow`` (:class:`TrlSlowChannel`) and
+    :meth:`sample` are what the loop uses; ``is_main``/``world_size``/``rank`` guard file writes and shards.
+    ``weights`` (a checkpoint's ``model/`` dir) replaces the trained part after the trainer is built, so the
+    reference stays the base model.
+    """
+
+    name = "trl"
+
+    def __init__(self, cfg: Config, *, weights: str | Path | None = None) -> None:
+        require_trl()
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        from trl import GRPOConfig, GRPOTrainer
+
+        from fastslow.policy import resolve_model_path
+
+        hf_logging.disable_progress_bar()
+        self.cfg = cfg
+        self.args = GRPOConfig(**grpo_kwargs(cfg, world_size=world_size_from_env()))
+        path = resolve_model_path(cfg.model.path)
+        if not Path(path).exists() and (Path(path).is_absolute() or path.startswith(".")):
+            raise FileNotFoundError(f"model path not found: {path}")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype))
+        # A placeholder row: GRPOTrainer wants a dataset, our loop supplies the problems.
+        self.trainer = tr = GRPOTrainer(
+            model=model, reward_funcs=[_no_reward], args=self.args, processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"prompt": ["-"]}), peft_config=lora_config(cfg),
+        )
+        tokenizer.padding_side = "left"
+        if weights is not None:
+            self._load_weights(Path(weights))
+        tr.create_optimizer_and_scheduler(num_training_steps=max(cfg.total_steps * self.args.num_iterations, 1))
+        tr.model_wrapped, tr.optimizer, tr.lr_scheduler = tr.accelerator.prepare(tr.model, tr.optimizer,
+                                                                                 tr.lr_scheduler)
+        tr.current_gradient_accumulation_steps = 1
+        acc = tr.accelerator
+        self.world_size, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
+        self.device = acc.device
+        base = None
+        if cfg.model.lora is None:  # full fine-tuning: TRL's reference when it has one, else a frozen copy
+            base = tr.ref_model if tr.ref_model is not None else copy.deepcopy(tr.model).eval().requires_grad_(False)
+        self.policy = TrlPolicy(tr, tokenizer, base_model=base)
+        self.slow = TrlSlowChannel(self)
+
+    def _load_weights(self, weights: Path) -> None:
+        model = self.trainer.model
+        if self.cfg.model.lora is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(weights / "adapter_model.safetensors")))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model.load_state_dict(AutoModelForCausalLM.from_pretrained(str(weights)).state_dict())
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved settings (what ``--dry-run`` prints)."""
+        keys = sorted(grpo_kwargs(self.cfg, world_size=self.world_size))
+        return {"engine": self.name, "world_size": self.world_size, "vllm": self.cfg.scale.vllm,
+                "grpo_config": {k: getattr(self.args, k) for k in keys}}
+
+    def sample(self, task: Task, pairs: Sequence[tuple[str, Problem]], *, temperature: float, max_new_tokens: int,
+               seed: int, top_p: float = 1.0, verify_timeout_s: float | None = None) -> Scored:
+        """The :class:`~fastslow.channels.Sampler` of this engine: a collective over all ranks.
+
+        Rank r samples and scores its contiguous share of ``pairs`` (whole groups when ``len(pairs)`` is
+        B x G with W | B); the shares are gathered so every rank returns the same :class:`Scored`.
+        Each share is seeded by (seed, rank) so a run is deterministic for a fixed process count.
+        """
+        w, r = self.world_size, self.rank
+        share = math.ceil(len(pairs) / w)
+        mine = list(pairs[r * share:(r + 1) * share])
+        comp, prompt_ids, verdicts, errors, batch = [], [], [], 0, None
+        if mine:
+            pol = self.policy
+            prompts = [pol.format(system, problem.prompt) for system, problem in mine]
+            batch = pol.generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                 seed=seed + r)
+            for (_, problem), text in zip(mine, batch.texts, strict=True):
+                verdict, errored = safe_verify(task, problem, text, timeout_s=verify_timeout_s)
+                verdicts.append(verdict)
+                errors += errored
+            prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.prompt_ids.cpu(), batch.prompt_mask.cpu())]
+            comp = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+        if w > 1 or batch is None:
+            from accelerate.utils import gather_object
+
+            shares = gather_object([(prompt_ids, comp, verdicts, errors)]) if w > 1 else [([], [], [], 0)]
+            prompt_ids = [x for s in shares for x in s[0]]
+            comp = [x for s in shares for x in s[1]]
+            verdicts = [x for s in shares for x in s[2]]
+            errors = sum(s[3] for s in shares)
+            return Scored(self.policy._batch_from_ids(prompt_ids, comp), verdicts, errors)
+        return Scored(batch, verdicts, errors)
