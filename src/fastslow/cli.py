@@ -29,10 +29,11 @@ console = Console(stderr=True)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fastslow.checkpoint import CheckpointError
     from fastslow.config import ConfigError
+    from fastslow.engines.trl import EngineUnavailable
     from fastslow.loop import RunDirError
     from fastslow.tasks import TaskError
 
-    return (ConfigError, RunDirError, TaskError, CheckpointError, FileNotFoundError)
+    return (ConfigError, RunDirError, TaskError, CheckpointError, FileNotFoundError, EngineUnavailable)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -92,6 +93,8 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: key=value (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last good checkpoint.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite a run already in OUT.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Validate (tasks, reflector, engine settings), print the resolved "
+                                                "settings as JSON, train nothing.")] = False,
 ) -> None:
     """Run one config: rl, gepa or fst on a task or a stream."""
     from fastslow.config import load_config
@@ -100,6 +103,12 @@ def run(
     overrides = list(set_ or []) + ([f"out={out}"] if out else [])
     try:
         cfg = load_config(config, overrides)
+        if dry_run:
+            from fastslow.launch import dry_run as resolve
+            from fastslow.launch import format_dry_run
+
+            typer.echo(format_dry_run(resolve(cfg)))
+            return
         summary = run_config(cfg, resume=resume, force=force)
     except _user_errors() as exc:
         fail(_one_line(exc))
@@ -107,6 +116,43 @@ def run(
         fail(_one_line(exc), code=1)
     final = {t: round(v["reward"], 4) for t, v in summary["final"].items()}
     console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="YAML config with engine: trl.")],
+    nproc: Annotated[int | None, typer.Option(help="Processes per node (default: the config's scale.nproc).")] = None,
+    accelerate_config: Annotated[str | None, typer.Option(
+        help="accelerate config (configs/accelerate/{ddp,zero3,fsdp2}.yaml); GPUs only.")] = None,
+    nnodes: Annotated[int, typer.Option(help="Nodes (machines) of the run.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank (0 = the main node).")] = 0,
+    main_address: Annotated[str, typer.Option(help="Main node's address (multi-node).")] = "127.0.0.1",
+    main_port: Annotated[int, typer.Option(help="Main node's port (multi-node).")] = 29500,
+) -> None:
+    """Run CONFIG (engine trl) on several processes: accelerate launch on GPUs, torchrun (gloo) on CPUs.
+
+    Options after CONFIG that launch does not know (--out, --set, --resume, --force) go to `fastslow run`.
+    """
+    from fastslow.config import load_config
+    from fastslow.launch import launch as start
+    from fastslow.launch import launch_command
+
+    run_args = list(ctx.args)
+    try:
+        sets = [run_args[i + 1] for i, a in enumerate(run_args[:-1]) if a == "--set"]
+        cfg = load_config(config, sets)
+        if cfg.engine != "trl":
+            fail(f"launch runs engine 'trl'; {config} has engine '{cfg.engine}' (set engine: trl or --set engine=trl)")
+        from fastslow.engines.trl import require_trl
+
+        require_trl()
+        cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
+                             accelerate_config=accelerate_config or cfg.scale.accelerate_config, nnodes=nnodes,
+                             node_rank=node_rank, main_address=main_address, main_port=main_port)
+    except _user_errors() as exc:
+        fail(_one_line(exc))
+    raise typer.Exit(start(cmd, log=lambda m: console.print(m, highlight=False, soft_wrap=True)))
 
 
 @app.command("eval")

@@ -22,6 +22,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -81,7 +82,11 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
-        _prepare_run_dir(self.out, resume=resume, force=force, clear=False)  # refuse early, write nothing yet
+        # Engine 'trl' (several processes under torchrun/accelerate): only the main process writes the run dir.
+        self.engine = _make_engine(cfg, resume=resume)
+        self.is_main = self.engine.is_main if self.engine else True
+        if self.is_main:
+            _prepare_run_dir(self.out, resume=resume, force=force, clear=False)  # refuse early, write nothing yet
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -91,28 +96,39 @@ class Trainer:
             if stage.task not in self.tasks:
                 self.tasks[stage.task] = load_task(stage.task)
         ckpt = latest_good_checkpoint(self.ckpt_root, warn=log) if resume else None
-        self.policy = Policy.load(cfg.model, weights=ckpt / "model" if ckpt else None)
+        if self.engine is not None:
+            self.engine.load(ckpt / "model" if ckpt else None)
+            self.policy = self.engine.policy
+        else:
+            self.policy = Policy.load(cfg.model, weights=ckpt / "model" if ckpt else None)
         if not slow_on(cfg.method):
             self.policy.model.requires_grad_(False)
-        self.slow = SlowLearner(self.policy, cfg.slow) if slow_on(cfg.method) else None
+        self.slow = None
+        if slow_on(cfg.method):
+            self.slow = self.engine.slow if self.engine else SlowLearner(self.policy, cfg.slow)
         self.fast = None
         if fast_on(cfg.method):
             self.fast = FastChannel(self.policy, cfg.fast, make_reflector(cfg.fast.reflector), seed=cfg.seed,
                                     max_new_tokens=cfg.slow.max_new_tokens, verify_timeout_s=cfg.verify_timeout_s)
+            if self.engine is not None:
+                self.fast = self.engine.fast_channel(self.fast)
         probes = []
         for task in self.tasks.values():
             for problem in list(task.problems("eval"))[: cfg.drift.probe_size]:
                 probes.append(self.policy.format(task.seed_prompt, problem.prompt))
         self.drift = DriftMeter(self.policy, probes, cfg.drift, seed=cfg.seed)
         # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
-        _prepare_run_dir(self.out, resume=resume, force=force)
+        if self.is_main:
+            _prepare_run_dir(self.out, resume=resume, force=force)
         self.state = LoopState()
         self.timing: dict[str, list[float]] = {"step_s": [], "round_s": [], "slow_step_s": [], "eval_s": []}
         if ckpt is not None:
             self._restore(ckpt)
             log(f"resumed from {ckpt} (step {self.state.step})")
-        else:
+        elif self.is_main:
             self.metrics_path.write_text("")
+        if not self.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))
 
@@ -148,7 +164,7 @@ class Trainer:
                 row.update(self._drift())
             if done % cfg.eval.every == 0 or done == stage_end:
                 row.update(self._evaluate(step=done))
-            if done == stage_end:
+            if done == stage_end and self.is_main:
                 st.matrix.append([st.last_eval[name]["reward"] for name in self._stream_task_names()])
             row["slow/verifier_errors"] = float(st.verifier_errors)
             self._log_row(done, row)
@@ -158,8 +174,9 @@ class Trainer:
             if done % cfg.checkpoint_every == 0 or done == stage_end:
                 self._checkpoint()
         summary = self._summary()
-        write_json_atomic(self.out / "summary.json", summary)
-        write_json_atomic(self.out / "timing.json", self._timing_summary())
+        if self.is_main:
+            write_json_atomic(self.out / "summary.json", summary)
+            write_json_atomic(self.out / "timing.json", self._timing_summary())
         return summary
 
     def _slow_step(self, task: Task, step: int) -> dict[str, float]:
@@ -170,8 +187,9 @@ class Trainer:
         g = cfg.slow.group_size
         contexts = self.fast.prompts_for_group(task, g) if self.fast else [task.seed_prompt] * g
         pairs = [(ctx, p) for p in problems for ctx in contexts]
-        scored = rollout(
-            self.policy, task, pairs, temperature=cfg.slow.temperature, top_p=cfg.slow.top_p,
+        sample = partial(rollout, self.policy) if self.engine is None else self.engine.sample
+        scored = sample(
+            task, pairs, temperature=cfg.slow.temperature, top_p=cfg.slow.top_p,
             max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "rollout", step),
             verify_timeout_s=cfg.verify_timeout_s,
         )
@@ -190,6 +208,8 @@ class Trainer:
 
     # ---- measurements -------------------------------------------------------------------------
     def _drift(self) -> dict[str, float]:
+        if not self.is_main:  # measured once, by the main process
+            return {}
         self.state.last_drift = self.drift.measure()
         return dict(self.state.last_drift)
 
@@ -200,7 +220,7 @@ class Trainer:
         """Every task of the stream, greedy (by default) on its eval split, with seed and best prompt."""
         t0 = time.perf_counter()
         cfg, row = self.cfg, {}
-        for task in self.tasks.values():
+        for task in self.tasks.values() if self.is_main else ():  # measured once, by the main process
             problems = list(task.problems("eval"))[: cfg.eval.n]
             result = {}
             best = self.fast.best.get(task.name, task.seed_prompt) if self.fast else task.seed_prompt
@@ -231,6 +251,8 @@ class Trainer:
 
     def _log_row(self, step: int, metrics: dict[str, float]) -> None:
         st = self.state
+        if not self.is_main:
+            return
         row = {"step": step, "rollouts": st.rollouts, "fast_rollouts": st.fast_rollouts, **metrics}
         with self.metrics_path.open("a") as f:
             # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
@@ -241,6 +263,8 @@ class Trainer:
     def _checkpoint(self) -> None:
         st = self.state
         st.policy_version = self.policy.version
+        if not self.is_main:
+            return
 
         def write(tmp: Path) -> None:
             self.policy.save(tmp / "model")
@@ -265,8 +289,9 @@ class Trainer:
             self.fast.load_state_dict(state["fast"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         # Rows written after this checkpoint belong to the lost future: cut them.
-        with self.metrics_path.open("r+b") as f:
-            f.truncate(self.state.metrics_bytes)
+        if self.is_main:
+            with self.metrics_path.open("r+b") as f:
+                f.truncate(self.state.metrics_bytes)
 
     def _summary(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -289,6 +314,8 @@ class Trainer:
             "prompts": self.fast.population if self.fast else [],
             "best_prompts": self.fast.best if self.fast else {},
             "verifier_errors": st.verifier_errors,
+            "engine": cfg.engine,
+            "world_size": self.engine.world_size if self.engine else 1,
         }
 
     def _timing_summary(self) -> dict:
@@ -303,6 +330,15 @@ class Trainer:
             "rounds": len(self.timing["round_s"]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+
+
+def _make_engine(cfg: Config, *, resume: bool):
+    """The scale engine of ``cfg.engine`` (None for the native engine, which the loop builds itself)."""
+    if cfg.engine == "native":
+        return None
+    from fastslow.engines.trl import TrlEngine
+
+    return TrlEngine(cfg, build=False)
 
 
 def _prepare_run_dir(out: Path, *, resume: bool, force: bool, clear: bool = True) -> None:

@@ -57,9 +57,10 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def grpo_kwargs(cfg: Config, *, world_size: int) -> dict[str, Any]:
+def grpo_kwargs(cfg: Config, *, world_size: int, cuda: bool | None = None) -> dict[str, Any]:
     """The one mapping of a fastslow config onto ``trl.GRPOConfig`` keyword arguments (see ``ScaleConfig``).
 
+    ``cuda`` None: the device ``model.device`` resolves to on this machine.
     Raises :class:`ConfigError` when the batch cannot be split into whole groups per process.
     """
     s, sc = cfg.slow, cfg.scale
@@ -69,7 +70,8 @@ def grpo_kwargs(cfg: Config, *, world_size: int) -> dict[str, Any]:
             "(each process trains whole groups): use a multiple of the process count"
         )
     rows_per_rank = s.batch_problems // world_size * s.group_size
-    cuda = cfg.model.device != "cpu" and torch.cuda.is_available()
+    if cuda is None:
+        cuda = cfg.model.device != "cpu" and torch.cuda.is_available()
     kw: dict[str, Any] = {
         "output_dir": str(Path(cfg.out) / "trl"),
         "loss_type": s.loss,
@@ -274,6 +276,8 @@ class TrlSlowChannel:
         model, ctx = tr.model_wrapped, contextlib.nullcontext()
         if reference and tr.ref_model is not None:
             model = tr.ref_model
+        elif reference and self.engine.cfg.model.lora is None:  # beta 0 (k3 measured only): our frozen copy
+            model = self.engine.policy.base_model
         elif reference:  # LoRA: the base is the adapter-disabled model, as in TRL
             from trl.trainer.utils import use_adapter
 
@@ -342,18 +346,30 @@ class TrlEngine:
 
     name = "trl"
 
-    def __init__(self, cfg: Config, *, weights: str | Path | None = None) -> None:
+    def __init__(self, cfg: Config, *, weights: str | Path | None = None, build: bool = True) -> None:
         require_trl()
+        from trl import GRPOConfig
+
+        self.cfg = cfg
+        self.args = GRPOConfig(**grpo_kwargs(cfg, world_size=world_size_from_env()))
+        # GRPOConfig set up the process group (torchrun's environment): rank and size are known from here on.
+        self.world_size, self.rank = self.args.world_size, self.args.process_index
+        self.is_main = self.rank == 0
+        self.trainer = None
+        if build:
+            self.load(weights)
+
+    def load(self, weights: str | Path | None = None) -> None:
+        """Build the model, the trainer, its optimizer and schedule; ``weights`` replaces the trained part."""
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOTrainer
 
         from fastslow.policy import resolve_model_path
 
         hf_logging.disable_progress_bar()
-        self.cfg = cfg
-        self.args = GRPOConfig(**grpo_kwargs(cfg, world_size=world_size_from_env()))
+        cfg = self.cfg
         path = resolve_model_path(cfg.model.path)
         if not Path(path).exists() and (Path(path).is_absolute() or path.startswith(".")):
             raise FileNotFoundError(f"model path not found: {path}")
@@ -373,9 +389,7 @@ class TrlEngine:
         tr.model_wrapped, tr.optimizer, tr.lr_scheduler = tr.accelerator.prepare(tr.model, tr.optimizer,
                                                                                  tr.lr_scheduler)
         tr.current_gradient_accumulation_steps = 1
-        acc = tr.accelerator
-        self.world_size, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
-        self.device = acc.device
+        self.device = tr.accelerator.device
         base = None
         if cfg.model.lora is None:  # full fine-tuning: TRL's reference when it has one, else a frozen copy
             base = tr.ref_model if tr.ref_model is not None else copy.deepcopy(tr.model).eval().requires_grad_(False)
@@ -393,6 +407,10 @@ class TrlEngine:
             from transformers import AutoModelForCausalLM
 
             model.load_state_dict(AutoModelForCausalLM.from_pretrained(str(weights)).state_dict())
+
+    def fast_channel(self, inner) -> MainProcessFast:
+        """``inner`` (the loop's fast channel over :attr:`policy`) with rounds on the main process, broadcast."""
+        return MainProcessFast(inner, self)
 
     def describe(self) -> dict[str, Any]:
         """The resolved settings (what ``--dry-run`` prints)."""
