@@ -8,6 +8,7 @@ engine ``trl``; the main process writes the run directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -80,13 +81,18 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     size = world_size or cfg.scale.nproc
     cuda = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
     kw = grpo_kwargs(cfg, world_size=size, cuda=cuda)
+    check = dict(kw)
+    if cuda and not torch.cuda.is_available():  # validating a GPU config here: TRL refuses bf16 without a GPU
+        check.update(bf16=False, fp16=False, use_cpu=True)
     try:
-        GRPOConfig(**kw)  # TRL's own checks of the mapped arguments (built for one process here)
+        GRPOConfig(**check)  # TRL's own checks of the mapped arguments (built for one process here)
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"engine 'trl': GRPOConfig refuses the settings: {' '.join(str(exc).split())}") from None
     out.update({
         "world_size": size,
         "vllm": cfg.scale.vllm,
+        # vLLM is not a fastslow dependency (GPU wheels): say whether this machine could start it
+        "vllm_installed": importlib.util.find_spec("vllm") is not None,
         "accelerate_config": cfg.scale.accelerate_config,
         "rows_per_step": cfg.slow.batch_problems * cfg.slow.group_size,
         "grpo_config": {k: kw[k] for k in sorted(kw)},
