@@ -1,0 +1,149 @@
+"""Engine trl: TRL's GRPOTrainer behind the loop's seams (mapping, parity with native, run dir, two processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VowelTask, small_config
+
+from fastslow.config import ConfigError, load_config
+
+pytest.importorskip("trl")
+
+from fastslow.engines.trl import EngineUnavailable, TrlEngine, grpo_kwargs, require_trl  # noqa: E402
+from fastslow.launch import dry_run, launch_command  # noqa: E402
+from fastslow.loop import Trainer  # noqa: E402
+from fastslow.policy import Policy  # noqa: E402
+from fastslow.slow import Rollouts, SlowLearner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mapping_carries_every_slow_field():
+    cfg = load_config(None, [
+        "stages=[{task: 'conftest:vowel_task', steps: 1}]", "slow.tau=3.5", "slow.kl_coef=0.002", "slow.group_size=6",
+        "fast.population=3",
+        "slow.batch_problems=4", "slow.lr=0.0003", "slow.warmup_steps=7", "slow.betas=[0.8, 0.95]",
+        "slow.weight_decay=0.01", "slow.max_grad_norm=0.5", "slow.max_new_tokens=33", "slow.temperature=0.7",
+        "slow.top_p=0.9", "slow.updates_per_batch=2", "scale.vllm=server", "scale.vllm_server_port=9001",
+    ])
+    kw = grpo_kwargs(cfg, world_size=2, cuda=False)
+    assert kw["loss_type"] == "cispo" and kw["epsilon_high"] == 3.5 and kw["beta"] == 0.002
+    assert kw["num_generations"] == 6 and kw["per_device_train_batch_size"] == 2 * 6  # 4 problems over 2 ranks
+    assert (kw["learning_rate"], kw["warmup_steps"], kw["adam_beta1"], kw["adam_beta2"]) == (0.0003, 7, 0.8, 0.95)
+    assert (kw["weight_decay"], kw["max_grad_norm"], kw["max_completion_length"]) == (0.01, 0.5, 33)
+    assert (kw["temperature"], kw["top_p"], kw["num_iterations"]) == (0.7, 0.9, 2)
+    assert kw["use_vllm"] and kw["vllm_mode"] == "server" and kw["vllm_server_port"] == 9001
+    with pytest.raises(ConfigError, match="batch_problems"):
+        grpo_kwargs(cfg, world_size=3)
+
+
+def test_missing_trl_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)
+    with pytest.raises(EngineUnavailable, match=r"pip install 'fastslow\[scale\]'"):
+        require_trl()
+
+
+def test_launch_uses_torchrun_on_cpu_and_accelerate_on_gpus():
+    cpu = launch_command(Path("c.yaml"), ["--out", "x"], nproc=2, gpu=False)
+    assert cpu[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"] and cpu[4] == "2"
+    assert cpu[-5:] == ["fastslow.cli", "run", "c.yaml", "--out", "x"] and "--standalone" in cpu
+    gpu = launch_command(Path("c.yaml"), [], nproc=8, nnodes=2, node_rank=1, main_address="10.0.0.1",
+                         accelerate_config="configs/accelerate/zero3.yaml", gpu=True)
+    assert "accelerate.commands.launch" in gpu and gpu[gpu.index("--num_processes") + 1] == "16"
+    assert gpu[gpu.index("--machine_rank") + 1] == "1" and gpu[gpu.index("--config_file") + 1].endswith("zero3.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["qwen3-8b.yaml", "qwen3-0.6b-1gpu.yaml"])
+def test_gpu_configs_dry_run_without_a_gpu(config):
+    out = subprocess.run([sys.executable, "-m", "fastslow.cli", "run", str(ROOT / "configs" / config), "--dry-run"],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OPENAI_API_KEY": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout)
+    assert info["engine"] == "trl" and info["grpo_config"]["loss_type"] == "cispo"
+    cfg = load_config(ROOT / "configs" / config)
+    assert info["world_size"] == cfg.scale.nproc
+    assert info["grpo_config"]["per_device_train_batch_size"] * info["world_size"] == info["rows_per_step"]
+    assert info["grpo_config"]["bf16"] is True  # resolved for the config's device, not this machine's
+
+
+def test_dry_run_rejects_a_batch_that_does_not_split(tiny_model, tmp_path):
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["engine=trl"])
+    with pytest.raises(ConfigError, match="batch_problems"):
+        dry_run(cfg, world_size=3)
+    assert not (tmp_path / "r").exists()
+
+
+def _fixed_rollouts(policy: Policy, task: VowelTask, groups: int, g: int) -> Rollouts:
+    """Equal-length completions (no eos): TRL's token-mean then equals our per-group mean (see ScaleConfig)."""
+    problems = [p for p in task.problems("train")[:groups] for _ in range(g)]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdeiou xyz") for _ in range(6)) for _ in problems]
+    prompts = [policy.format(task.seed_prompt, p.prompt) for p in problems]
+    rewards = torch.tensor([task.verify(p, t).reward for p, t in zip(problems, texts)]).view(groups, g)
+    return Rollouts(policy.make_batch(prompts, texts, add_eos=False), rewards)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_first_update_parity_with_native(tiny_model, tmp_path, lora):
+    extra = ["method=rl", "slow.warmup_steps=0", "slow.group_size=8"] + (["model.lora={r: 4}"] if lora else [])
+    cfg = small_config(tiny_model, tmp_path / "r", extra=extra)
+    engine = TrlEngine(cfg)
+    native = Policy.load(cfg.model)
+    if lora:  # the same adapter initialisation on both sides
+        native.model.load_state_dict(engine.policy.model.state_dict())
+    rollouts = _fixed_rollouts(native, VowelTask("vowel"), groups=4, g=8)
+    learner = SlowLearner(native, cfg.slow)
+    before_n = {n: p.detach().clone() for n, p in native.trainable_parameters()}
+    before_t = {n: p.detach().clone() for n, p in engine.policy.trainable_parameters()}
+    assert sorted(before_n) == sorted(before_t)
+    learner.step(rollouts)
+    engine.slow.step(rollouts)
+    moved_n = torch.cat([(p.detach() - before_n[n]).flatten() for n, p in native.trainable_parameters()])
+    moved_t = torch.cat([(p.detach() - before_t[n]).flatten() for n, p in engine.policy.trainable_parameters()])
+    assert moved_t.norm() > 0
+    assert torch.nn.functional.cosine_similarity(moved_n, moved_t, dim=0) > 0.99
+
+
+@pytest.mark.slow
+def test_one_process_run_dir_contract(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    summary = Trainer(small_config(tiny_model, out, extra=["engine=trl", "model.lora={r: 4}"])).run()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(5))
+    assert all(r["rollouts"] == r["step"] * 16 for r in rows)
+    assert any("slow/loss" in r for r in rows) and any("fast/front_size" in r for r in rows)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["engine"] == "trl" and saved["world_size"] == 1 and saved["steps"] == 4
+    assert saved["prompts"] == summary["prompts"] and saved["drift"]["weight_l2"] > 0
+    assert (out / "checkpoints" / "step_000004" / "model" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_weights_and_population(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "trl_worker.py"), str(tiny_model), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    w0, w1 = (torch.load(f"{out}.rank{r}.pt") for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    base = Policy.load(small_config(tiny_model, tmp_path / "b").model).model.state_dict()
+    assert any(not torch.equal(w0[k], base[k]) for k in w0)  # they trained, and trained alike
+    p0, p1 = (json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1))
+    assert p0["world_size"] == 2 and p0["population"] == p1["population"] and p0["best"] == p1["best"]
+    # Rank 1 never runs a round itself: without the broadcast its population would be empty.
+    assert p1["population"] and p1["best"] == {"vowel": p1["population"][0]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
