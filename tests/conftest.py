@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny random-init Llama with a character tokenizer, and a tiny task, made here."""
+"""Shared fixtures: a tiny random-init Llama with a character tokenizer, tiny tasks, and test helpers."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -12,6 +13,29 @@ from fastslow.tasks import Problem, Verdict
 from fastslow.tiny import make_tiny_model
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A run with ``threads:`` sets torch's global thread count: put it back after every test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """The metric rows of a run directory, parsed."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
+    """A CLI result that failed the promised way: exit ``code``, one line, no traceback, naming ``fragments``."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
 
 class EchoTask:
     """Answer = the input reversed; reward = fraction of positions right (partial credit)."""

@@ -26,25 +26,27 @@ R = [
     [0.9, 0.9, 0.3],
     [0.6, 0.4, 0.7],
 ]
-BASE = [0.1, 0.2, 0.1]
+STAGES = ["a", "b", "c"]
+BASE = {"a": 0.1, "b": 0.2, "c": 0.1}
 
 
 def test_continual_metrics_by_hand():
-    m = continual_metrics(R, BASE)
+    m = continual_metrics(R, STAGES, BASE)
     assert m["acc"] == pytest.approx((0.6 + 0.4 + 0.7) / 3)
     assert m["bwt"] == pytest.approx(((0.6 - 0.8) + (0.4 - 0.9)) / 2)  # -0.35
-    assert m["forgetting_per_task"] == pytest.approx([0.9 - 0.6, 0.9 - 0.4])
+    assert m["per_task"]["a"]["forgetting"] == pytest.approx(0.9 - 0.6)
+    assert m["per_task"]["b"]["forgetting"] == pytest.approx(0.9 - 0.4)
+    assert m["per_task"]["c"]["forgetting"] is None  # trained in the last stage: nothing to forget yet
     assert m["forgetting"] == pytest.approx(0.4)
     assert m["fwt"] == pytest.approx(((0.1 - 0.2) + (0.3 - 0.1)) / 2)  # 0.05
 
 
 def test_continual_metrics_without_base_and_single_stage():
-    assert continual_metrics(R, None)["fwt"] is None
-    one = continual_metrics([[0.5, 0.2]], [0.1, 0.1])
-    assert one["acc"] == pytest.approx(0.35)
+    assert continual_metrics(R, STAGES, None)["fwt"] is None
+    one = continual_metrics([[0.5]], ["a"], {"a": 0.1})
+    assert one["acc"] == pytest.approx(0.5)
     assert one["bwt"] is None and one["fwt"] is None and one["forgetting"] is None
-    assert one["forgetting_per_task"] == []
-    assert continual_metrics([], None)["acc"] is None
+    assert continual_metrics([], [], None)["acc"] is None
 
 
 def test_stage_spans_and_normalisation():

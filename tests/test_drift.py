@@ -1,9 +1,8 @@
-import json
 import math
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import read_rows, small_config
 
 from fastslow.drift import exact_kl
 from fastslow.loop import train
@@ -23,7 +22,7 @@ def test_exact_kl_matches_brute_force_on_two_token_vocabulary():
 
 def test_kl_is_zero_at_step_zero_and_positive_after_updates(tiny_model, tmp_path):
     train(small_config(tiny_model, tmp_path / "run", method="rl", steps=4))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(tmp_path / "run")
     first, last = rows[0], rows[-1]
     assert first["step"] == 0
     assert first["drift/kl_rev"] == 0.0 and first["drift/kl_fwd"] == 0.0 and first["drift/weight_l2"] == 0.0

@@ -56,12 +56,13 @@ def test_a_hanging_verifier_times_out():
 
     class Slow(EchoTask):
         def verify(self, problem, completion):
-            time.sleep(5)
+            time.sleep(120)
 
     task = Slow("slow")
     t0 = time.perf_counter()
     verdict, errored = safe_verify(task, task.problems("train")[0], "x", timeout_s=0.2)
-    assert errored and "TimeoutError" in verdict.feedback and time.perf_counter() - t0 < 2
+    # the call came back long before the verifier would have (a margin no loaded machine eats)
+    assert errored and "TimeoutError" in verdict.feedback and time.perf_counter() - t0 < 60
 
 
 def test_run_goes_on_when_the_verifier_raises(tiny_model, tmp_path):

@@ -19,7 +19,7 @@ cfg = small_config(model, out, steps=3, extra=["engine=trl", "fast.every=2", "ev
                                               "checkpoint_every=3"])
 trainer = Trainer(cfg)
 trainer.run()
-rank = trainer.engine.rank
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 weights = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
 torch.save(weights, f"{out}.rank{rank}.pt")
 with open(f"{out}.rank{rank}.json", "w") as f:

@@ -311,14 +311,12 @@ def matrix_columns(summary: dict) -> list[str]:
 def _cl_of(run: Run) -> dict:
     """CL metrics recomputed from the matrix (base rewards in column order), else the summary's."""
     matrix = run.summary.get("matrix")
-    if matrix:
+    stage_tasks = [str(st.get("task")) for st in run.summary.get("stages") or []]
+    if matrix and stage_tasks:
         base_map = run.summary.get("base_rewards")
-        columns = matrix_columns(run.summary)
-        base = None
-        if isinstance(base_map, dict) and columns and all(base_map.get(t) is not None for t in columns):
-            base = [float(base_map[t]) for t in columns]
+        base = base_map if isinstance(base_map, dict) and base_map else None
         try:
-            return continual_metrics(matrix, base)
+            return continual_metrics(matrix, stage_tasks, base)
         except (TypeError, ValueError, IndexError):
             pass
     return dict(run.summary.get("cl") or {})

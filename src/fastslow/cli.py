@@ -168,7 +168,7 @@ def eval_(
     """Score a model on a task's eval split; prints JSON {task, reward, n}."""
     from fastslow.config import ModelConfig
     from fastslow.policy import Policy
-    from fastslow.rollout import rollout
+    from fastslow.rollout import PolicySampler, score_prompt
     from fastslow.tasks import load_task
 
     try:
@@ -176,11 +176,10 @@ def eval_(
         policy = Policy.load(ModelConfig(path=_model_dir(model)))
     except _user_errors() + (OSError, ValueError) as exc:
         fail(_one_line(exc))
-    problems = list(t.problems("eval"))[:n]
     system = t.seed_prompt if prompt is None else prompt
-    scored = rollout(policy, t, [(system, p) for p in problems], temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed)
-    typer.echo(json.dumps({"task": t.name, "reward": scored.mean_reward, "n": len(problems)}))
+    scored = score_prompt(PolicySampler(policy), t, system, n, temperature=temperature,
+                          max_new_tokens=max_new_tokens, seed=seed)
+    typer.echo(json.dumps({"task": t.name, "reward": scored.mean_reward, "n": len(scored.verdicts)}))
 
 
 def _model_dir(model: str) -> str:

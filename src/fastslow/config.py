@@ -41,8 +41,11 @@ class ModelConfig(_Strict):
 
 
 class StageConfig(_Strict):
-    task: str = Field(description="Task spec: micro/<name>, jsonl:<path> or <module>:<attr>.")
+    task: str = Field(description="Task spec: micro/<name>, jsonl:<path>, rg:<dataset>, ... or <module>:<attr>.")
     steps: int = Field(gt=0, description="Loop steps spent on this task before the stream moves on.")
+    name: str | None = Field(
+        None, min_length=1, description="Task name in metric keys (default: the task's own). Unique per task spec."
+    )
 
 
 class SlowConfig(_Strict):
@@ -68,7 +71,10 @@ class SlowConfig(_Strict):
 class FastConfig(_Strict):
     """Fast channel: GEPA over a population of system prompts."""
 
-    every: int = Field(10, gt=0, description="T: a GEPA round every T loop steps (and at step 0).")
+    every: int = Field(
+        10, gt=0,
+        description="T: a GEPA round at each stage's first step and every T steps from it (steps start, start+T, ...).",
+    )
     population: int = Field(4, gt=0, description="K: prompts kept (top-K of the Pareto front); must divide G.")
     budget: int = Field(120, gt=0, description="Metric calls (rollouts) per GEPA round, re-scoring excluded.")
     val_size: int = Field(16, gt=0, description="Pareto (validation) problems per round, drawn from train.")
@@ -80,6 +86,9 @@ class FastConfig(_Strict):
     )
     reflection_retries: int = Field(2, ge=0, description="Retries of a failing reflection call.")
     reflection_timeout_s: float = Field(120.0, gt=0, description="Wall-clock limit of one reflection call.")
+    max_consecutive_reflection_failures: int = Field(
+        3, gt=0, description="A round ends (keeping its population) after this many failed reflection calls in a row."
+    )
     temperature: float = Field(0.0, ge=0, description="Sampling temperature when GEPA scores a prompt (0=greedy).")
 
 
@@ -133,9 +142,9 @@ class Config(_Strict):
     """One run. ``stages`` is the task stream; a single-task run is a stream of one stage."""
 
     method: Method = Field("fst", description="rl: slow only; gepa: fast only (frozen weights); fst: both.")
-    engine: Literal["native", "trl"] = Field(
-        "native", description="native: one process, HF generate + our CISPO step; trl: TRL's GRPOTrainer under "
-        "accelerate (pip install 'fastslow[scale]'; `fastslow launch` for several processes)."
+    engine: str = Field(
+        "native", description="native (one process, the reference) or a registered engine: trl (TRL's GRPOTrainer "
+        "under accelerate; pip install 'fastslow[scale]'; `fastslow launch` for several processes)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
     stages: list[StageConfig] = Field(min_length=1, description="Task stream: list of {task, steps}.")
@@ -154,6 +163,15 @@ class Config(_Strict):
     out: str = Field("runs/run", description="Run directory.")
 
     @model_validator(mode="after")
+    def _stream_is_consistent(self) -> Config:
+        by_name: dict[str, str] = {}
+        for stage in self.stages:
+            if stage.name is not None:
+                other = by_name.setdefault(stage.name, stage.task)
+                if other != stage.task:
+                    raise ValueError(f"stages {other!r} and {stage.task!r} are both named {stage.name!r}")
+        return self._population_divides_group()
+
     def _population_divides_group(self) -> Config:
         if self.method == "fst" and self.slow.group_size % self.fast.population:
             raise ValueError(

@@ -29,6 +29,7 @@ def exact_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the distribution over the last (vocabulary) dimension, in nats."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 

@@ -9,7 +9,9 @@ Every T loop steps :meth:`FastChannel.run_round` runs a light GEPA round:
 3. keep the top-K of the Pareto front (ranked by mean validation score) as the new population.
 
 The slow channel then mixes the population inside every problem's group (G/K rollouts per prompt).
-The only coupling to gepa internals is :func:`seeded_state` (``gepa.core.state``), hence the pin.
+Rollouts go through the engine's :class:`~fastslow.channels.Sampler`, so GEPA scores prompts with the
+weights the slow channel trains, never a second copy. The only coupling to gepa internals is
+:func:`seeded_state` (``gepa.core.state``), hence the pin.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +28,19 @@ from gepa import EvaluationBatch
 from gepa.core.state import GEPAState, ValsetEvaluation
 from gepa.gepa_utils import find_dominator_programs
 
+from fastslow.channels import Round, Sampler
 from fastslow.config import FastConfig
-from fastslow.policy import Policy
 from fastslow.reflect import GuardedReflector, ReflectionLM
-from fastslow.rollout import rollout
 from fastslow.tasks import Problem, Task
-from fastslow.util import derive_seed, redact
+from fastslow.util import derive_seed, one_line
 
 COMPONENT = "system_prompt"
 
 
 class FastAdapter:
-    """GEPA adapter over the policy: a candidate is ``{"system_prompt": text}``, scored by the verifier.
+    """GEPA adapter over the sampler: a candidate is ``{"system_prompt": text}``, scored by the verifier.
 
-    Evaluations are memoised by (policy version, prompt, problem id): GEPA 0.1.4 re-evaluates the seed
+    Evaluations are memoised by (weights version, prompt, problem id): GEPA 0.1.4 re-evaluates the seed
     on resume, and re-scoring already evaluated each candidate; neither should cost rollouts twice.
     ``generated`` counts the rollouts actually sampled.
     """
@@ -46,34 +48,31 @@ class FastAdapter:
     propose_new_texts = None  # GEPA's own reflective proposer, with our reflection model
 
     def __init__(
-        self, policy: Policy, task: Task, *, temperature: float, max_new_tokens: int, seed: int,
-        verify_timeout_s: float | None = None,
+        self, sample: Sampler, task: Task, *, version: Callable[[], int], temperature: float, max_new_tokens: int,
+        seed: int,
     ) -> None:
-        self.policy, self.task = policy, task
+        self.sample, self.task, self.version = sample, task, version
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
-        self.verify_timeout_s = verify_timeout_s
         self.generated = 0
         self.verifier_errors = 0
         self._memo: dict[tuple[int, str, str], tuple[str, float, str]] = {}
 
     def evaluate(self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False):
-        text = candidate[COMPONENT]
-        todo = [p for p in batch if (self.policy.version, text, p.id) not in self._memo]
+        text, version = candidate[COMPONENT], self.version()
+        todo = [p for p in batch if (version, text, p.id) not in self._memo]
         if todo:
-            scored = rollout(
-                self.policy,
+            scored = self.sample(
                 self.task,
                 [(text, p) for p in todo],
                 temperature=self.temperature,
                 max_new_tokens=self.max_new_tokens,
-                seed=derive_seed(self.seed, self.policy.version, text, *(p.id for p in todo)),
-                verify_timeout_s=self.verify_timeout_s,
+                seed=derive_seed(self.seed, version, text, *(p.id for p in todo)),
             )
             self.generated += len(todo)
             self.verifier_errors += scored.verifier_errors
             for p, out, v in zip(todo, scored.batch.texts, scored.verdicts, strict=True):
-                self._memo[(self.policy.version, text, p.id)] = (out, v.reward, v.feedback)
-        results = [self._memo[(self.policy.version, text, p.id)] for p in batch]
+                self._memo[(version, text, p.id)] = (out, v.reward, v.feedback)
+        results = [self._memo[(version, text, p.id)] for p in batch]
         trajectories = None
         if capture_traces:
             trajectories = [
@@ -128,20 +127,21 @@ def top_k_front(result: Any, k: int) -> tuple[list[str], int]:
 
 
 class FastChannel:
-    """The population, the best prompt per task, and the round driver."""
+    """The population, the best prompt per task, and the round driver (the native :class:`channels.FastChannel`).
 
-    def __init__(self, policy: Policy, cfg: FastConfig, reflector: ReflectionLM, *, seed: int,
-                 max_new_tokens: int, verify_timeout_s: float | None = None) -> None:
-        self.policy, self.cfg, self.seed = policy, cfg, seed
-        self.max_new_tokens, self.verify_timeout_s = max_new_tokens, verify_timeout_s
-        self.reflector = GuardedReflector(reflector, retries=cfg.reflection_retries, timeout_s=cfg.reflection_timeout_s)
+    ``version()`` is the weights' version: evaluations are reused only while it is unchanged.
+    """
+
+    def __init__(self, sample: Sampler, cfg: FastConfig, reflector: ReflectionLM, *, seed: int,
+                 max_new_tokens: int, version: Callable[[], int]) -> None:
+        self.sample, self.cfg, self.seed, self.version = sample, cfg, seed, version
+        self.max_new_tokens = max_new_tokens
+        self.reflector = GuardedReflector(reflector, retries=cfg.reflection_retries, timeout_s=cfg.reflection_timeout_s,
+                                          max_consecutive_failures=cfg.max_consecutive_reflection_failures)
         self.population: list[str] = []
         self.best: dict[str, str] = {}
         self.rounds = 0
         self.round_errors = 0
-        self.last_error: str | None = None
-        self.last_round_rollouts = 0  # rollouts the last round sampled (re-scoring included)
-        self.last_verifier_errors = 0
 
     def state_dict(self) -> dict:
         return {
@@ -165,26 +165,27 @@ class FastChannel:
         slots = [population[i % len(population)] for i in range(k)]
         return [slots[i * k // group_size] for i in range(group_size)]
 
-    def run_round(self, task: Task, workdir: Path | None = None) -> dict[str, float]:
-        """One light GEPA round on ``task`` with the current weights. Returns ``fast/*`` metrics."""
+    def run_round(self, task: Task, workdir: Path | None = None) -> Round:
+        """One light GEPA round on ``task`` with the current weights (see the module docstring)."""
         cfg = self.cfg
         round_seed = derive_seed(self.seed, "gepa-round", self.rounds)
         train = list(task.problems("train"))
         valset = random.Random(round_seed).sample(train, min(cfg.val_size, len(train)))
         adapter = FastAdapter(
-            self.policy, task, temperature=cfg.temperature, max_new_tokens=self.max_new_tokens,
-            seed=round_seed, verify_timeout_s=self.verify_timeout_s,
+            self.sample, task, version=self.version, temperature=cfg.temperature,
+            max_new_tokens=self.max_new_tokens, seed=round_seed,
         )
         candidates = list(dict.fromkeys([task.seed_prompt, *self.population]))
         state = seeded_state(candidates, adapter, valset)
         rescore_rollouts = adapter.generated
         calls_before, errors_before = self.reflector.calls, self.reflector.errors
-        self.last_error = None  # this round's fault, one redacted line, for the run log
+        error: str | None = None  # this round's fault, one redacted line, for the run log
+        accepted = 0
         tmp = Path(tempfile.mkdtemp(prefix="gepa-", dir=workdir))
         metrics: dict[str, float] = {}
         try:
             state.save(str(tmp))
-            self.reflector.consecutive_failures = 0
+            self.reflector.new_round()
             result = gepa.optimize(
                 seed_candidate={COMPONENT: candidates[0]},
                 trainset=train,
@@ -195,7 +196,7 @@ class FastChannel:
                 candidate_selection_strategy="pareto",
                 max_metric_calls=cfg.budget,
                 # A reflector that keeps failing ends the round; the population is kept.
-                stop_callbacks=[lambda _state: self.reflector.consecutive_failures >= 3],
+                stop_callbacks=[lambda _state: self.reflector.exhausted],
                 run_dir=str(tmp),
                 logger=_QuietLogger(),
                 seed=round_seed % (2**31),
@@ -206,10 +207,11 @@ class FastChannel:
             )
             population, front_size = top_k_front(result, cfg.population)
             metrics["fast/best_val"] = max(result.val_aggregate_scores)
-            metrics["fast/accepted"] = float(result.num_candidates - len(candidates))
+            accepted = result.num_candidates - len(candidates)
+            metrics["fast/accepted"] = float(accepted)
         except Exception as exc:  # noqa: BLE001 - a failed round keeps the re-scored population; the run goes on
             self.round_errors += 1
-            self.last_error = redact(" ".join(f"round failed: {type(exc).__name__}: {exc}".split()))[:300]
+            error = one_line(f"round failed: {type(exc).__name__}: {exc}")
             scores = [sum(state.prog_candidate_val_subscores[i].values()) for i in range(len(candidates))]
             order = sorted(range(len(candidates)), key=lambda i: -scores[i])
             population, front_size = [candidates[i] for i in order][: cfg.population], len(candidates)
@@ -233,9 +235,9 @@ class FastChannel:
                 "fast/new_reflection_errors": float(self.reflector.errors - errors_before),
             }
         )
-        self.last_round_rollouts = adapter.generated
-        self.last_verifier_errors = adapter.verifier_errors
-        if self.last_error is None and self.reflector.errors > errors_before:
-            new = self.reflector.errors - errors_before
-            self.last_error = f"{new} reflection errors, last: {self.reflector.last_error}"
-        return metrics
+        new_errors = self.reflector.errors - errors_before
+        if error is None and new_errors:
+            error = f"{new_errors} reflection errors, last: {self.reflector.last_error}"
+        return Round(metrics=metrics, rollouts=adapter.generated, verifier_errors=adapter.verifier_errors,
+                     accepted=accepted, reflection_calls=self.reflector.calls - calls_before,
+                     reflection_errors=new_errors, error=error)

@@ -1,13 +1,16 @@
 """The training loop of every method, and the run directory it writes.
 
     for step in 0 .. total-1:                       (stages of the stream run back to back)
-        task = stage(step).task
-        fast on and step hits T  ->  GEPA round on the current weights -> population
+        task = stage(step).task                     (stage: start <= step < end, see stream.stage_at)
+        fast on and (step - stage start) % T == 0 ->  GEPA round on the current weights -> population
         slow on                  ->  B problems x G rollouts (prompts mixed per group) -> RL update
-        every E steps            ->  drift meter; evaluation of every task (seed prompt and best prompt)
-        stage end                ->  row of the accuracy matrix
+        every E_drift steps      ->  drift meter (and the slow step's k3 estimate on the same steps)
+        every E_eval steps       ->  evaluation of every task (seed prompt and best prompt)
+        stage end                ->  evaluation + a row of the accuracy matrix
         every N steps            ->  atomic checkpoint
 
+The loop only talks to the engine's seams (:mod:`fastslow.channels`): ``engine.sample``, ``engine.slow``,
+``engine.fast``; any engine registered in :mod:`fastslow.engines` runs this same loop.
 Metric rows carry ``step`` = loop steps completed (row 0 is the base, before anything ran).
 Every random draw is seeded from (seed, what, step), so a resumed run replays exactly.
 """
@@ -22,21 +25,18 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 
 from fastslow.checkpoint import latest_good_checkpoint, save_checkpoint, write_json_atomic
-from fastslow.config import Config
+from fastslow.config import Config, ConfigError
 from fastslow.drift import DriftMeter
-from fastslow.fast import FastChannel
-from fastslow.policy import Policy
-from fastslow.reflect import make_reflector
-from fastslow.rollout import rollout
-from fastslow.slow import Rollouts, SlowLearner
-from fastslow.stream import continual_metrics, stage_spans
+from fastslow.engines import build_engine
+from fastslow.rollout import score_prompt
+from fastslow.slow import Rollouts
+from fastslow.stream import continual_metrics, stage_at, stage_spans, stream_columns
 from fastslow.tasks import Task, load_task
 from fastslow.util import derive_seed, redact
 
@@ -58,19 +58,14 @@ class LoopState:
     fast_rollouts: int = 0
     policy_version: int = 0
     verifier_errors: int = 0
+    accepted_total: int = 0  # candidates GEPA accepted, all rounds
+    reflection_calls: int = 0
+    reflection_errors: int = 0
     matrix: list[list[float]] = field(default_factory=list)
     base_rewards: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     last_drift: dict[str, float] = field(default_factory=dict)
     metrics_bytes: int = 0
-
-
-def slow_on(method: str) -> bool:
-    return method in ("rl", "fst")
-
-
-def fast_on(method: str) -> bool:
-    return method in ("gepa", "fst")
 
 
 class Trainer:
@@ -82,55 +77,34 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
-        # Engine 'trl' (several processes under torchrun/accelerate): only the main process writes the run dir.
-        self.engine = _make_engine(cfg, resume=resume)
-        self.is_main = self.engine.is_main if self.engine else True
-        if self.is_main:
-            _prepare_run_dir(self.out, resume=resume, force=force, clear=False)  # refuse early, write nothing yet
+        _prepare_run_dir(self.out, resume=resume, force=force, clear=False)  # refuse early, write nothing yet
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.spans = stage_spans([s.model_dump() for s in cfg.stages])  # (first step, end step) per stage
-        self.tasks: dict[str, Task] = {}
-        for stage in cfg.stages:
-            if stage.task not in self.tasks:
-                self.tasks[stage.task] = load_task(stage.task)
+        self.spans = stage_spans([s.model_dump() for s in cfg.stages])  # [first step, end step) per stage
+        self.tasks, self.stage_tasks = load_stream(cfg)  # tasks by unique name; the task name of each stage
         ckpt = latest_good_checkpoint(self.ckpt_root, warn=log) if resume else None
-        if self.engine is not None:
-            self.engine.load(ckpt / "model" if ckpt else None)
-            self.policy = self.engine.policy
-        else:
-            self.policy = Policy.load(cfg.model, weights=ckpt / "model" if ckpt else None)
-        if not slow_on(cfg.method):
-            self.policy.model.requires_grad_(False)
-        self.slow = None
-        if slow_on(cfg.method):
-            self.slow = self.engine.slow if self.engine else SlowLearner(self.policy, cfg.slow)
-        self.fast = None
-        if fast_on(cfg.method):
-            self.fast = FastChannel(self.policy, cfg.fast, make_reflector(cfg.fast.reflector), seed=cfg.seed,
-                                    max_new_tokens=cfg.slow.max_new_tokens, verify_timeout_s=cfg.verify_timeout_s)
-            if self.engine is not None:
-                self.fast = self.engine.fast_channel(self.fast)
+        self.engine = build_engine(cfg, ckpt / "model" if ckpt else None)
+        self.policy, self.slow, self.fast = self.engine.policy, self.engine.slow, self.engine.fast
         probes = []
         for task in self.tasks.values():
             for problem in list(task.problems("eval"))[: cfg.drift.probe_size]:
                 probes.append(self.policy.format(task.seed_prompt, problem.prompt))
         self.drift = DriftMeter(self.policy, probes, cfg.drift, seed=cfg.seed)
         # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
-        if self.is_main:
-            _prepare_run_dir(self.out, resume=resume, force=force)
+        _prepare_run_dir(self.out, resume=resume, force=force)
         self.state = LoopState()
         self.timing: dict[str, list[float]] = {"step_s": [], "round_s": [], "slow_step_s": [], "eval_s": []}
+        self.main = self.engine.is_main  # only the main process writes the run dir
         if ckpt is not None:
             self._restore(ckpt)
             log(f"resumed from {ckpt} (step {self.state.step})")
-        elif self.is_main:
+        elif self.main:
             self.metrics_path.write_text("")
-        if not self.is_main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+            (self.out / "config.yaml").write_text(redact(config_text))
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -143,16 +117,21 @@ class Trainer:
         while st.step < total:
             t0 = time.perf_counter()
             step = st.step
-            stage_idx, stage_start, stage_end = self._stage(step)
-            task = self.tasks[cfg.stages[stage_idx].task]
+            stage_idx = stage_at(step, self.spans)
+            stage_start, stage_end = self.spans[stage_idx]
+            task = self.tasks[self.stage_tasks[stage_idx]]
             row: dict[str, float] = {}
             if self.fast is not None and (step - stage_start) % cfg.fast.every == 0:
                 t_round = time.perf_counter()
-                row.update(self.fast.run_round(task, workdir=self.out))
-                if self.fast.last_error:  # a faulty reflector or round is survived, never silently
-                    self.log(f"step {step}: fast channel kept its population: {self.fast.last_error}")
-                st.fast_rollouts += self.fast.last_round_rollouts
-                st.verifier_errors += self.fast.last_verifier_errors
+                rnd = self.fast.run_round(task, workdir=self.out)
+                row.update(rnd.metrics)
+                if rnd.error:  # a faulty reflector or round is survived, never silently
+                    self.log(f"step {step}: fast channel kept its population: {rnd.error}")
+                st.fast_rollouts += rnd.rollouts
+                st.verifier_errors += rnd.verifier_errors
+                st.accepted_total += rnd.accepted
+                st.reflection_calls += rnd.reflection_calls
+                st.reflection_errors += rnd.reflection_errors
                 self.timing["round_s"].append(time.perf_counter() - t_round)
             if self.slow is not None:
                 t_slow = time.perf_counter()
@@ -160,12 +139,12 @@ class Trainer:
                 self.timing["slow_step_s"].append(time.perf_counter() - t_slow)
             st.step = step + 1
             done = st.step
-            if done % cfg.drift.every == 0 or done == total:
+            if self._drift_due(done):
                 row.update(self._drift())
             if done % cfg.eval.every == 0 or done == stage_end:
                 row.update(self._evaluate(step=done))
-            if done == stage_end and self.is_main:
-                st.matrix.append([st.last_eval[name]["reward"] for name in self._stream_task_names()])
+            if done == stage_end:
+                st.matrix.append([st.last_eval[name]["reward"] for name in stream_columns(self.stage_tasks)])
             row["slow/verifier_errors"] = float(st.verifier_errors)
             self._log_row(done, row)
             self.timing["step_s"].append(time.perf_counter() - t0)
@@ -174,7 +153,7 @@ class Trainer:
             if done % cfg.checkpoint_every == 0 or done == stage_end:
                 self._checkpoint()
         summary = self._summary()
-        if self.is_main:
+        if self.main:
             write_json_atomic(self.out / "summary.json", summary)
             write_json_atomic(self.out / "timing.json", self._timing_summary())
         return summary
@@ -187,17 +166,15 @@ class Trainer:
         g = cfg.slow.group_size
         contexts = self.fast.prompts_for_group(task, g) if self.fast else [task.seed_prompt] * g
         pairs = [(ctx, p) for p in problems for ctx in contexts]
-        sample = partial(rollout, self.policy) if self.engine is None else self.engine.sample
-        scored = sample(
+        scored = self.engine.sample(
             task, pairs, temperature=cfg.slow.temperature, top_p=cfg.slow.top_p,
             max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "rollout", step),
-            verify_timeout_s=cfg.verify_timeout_s,
         )
         st.rollouts += len(pairs)
         st.verifier_errors += scored.verifier_errors
         rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(len(problems), g)
-        measure_k3 = (step + 1) % cfg.drift.every == 0
-        metrics = self.slow.step(Rollouts(scored.batch, rewards), measure_k3=measure_k3)
+        # k3 on the training rollouts is logged on exactly the rows the drift meter measures.
+        metrics = self.slow.step(Rollouts(scored.batch, rewards), measure_k3=self._drift_due(step + 1))
         if self.slow.nonfinite_streak >= MAX_NONFINITE_STREAK:
             raise TrainingError(
                 f"loss or gradient non-finite for {self.slow.nonfinite_streak} consecutive steps at step {step}; "
@@ -207,31 +184,28 @@ class Trainer:
         return metrics
 
     # ---- measurements -------------------------------------------------------------------------
+    def _drift_due(self, done: int) -> bool:
+        """Drift is measured after ``done`` loop steps every ``drift.every`` steps and at the very end."""
+        return done % self.cfg.drift.every == 0 or done == self.cfg.total_steps
+
     def _drift(self) -> dict[str, float]:
-        if not self.is_main:  # measured once, by the main process
-            return {}
         self.state.last_drift = self.drift.measure()
         return dict(self.state.last_drift)
-
-    def _stream_task_names(self) -> list[str]:
-        return [task.name for task in self.tasks.values()]
 
     def _evaluate(self, step: int) -> dict[str, float]:
         """Every task of the stream, greedy (by default) on its eval split, with seed and best prompt."""
         t0 = time.perf_counter()
         cfg, row = self.cfg, {}
-        for task in self.tasks.values() if self.is_main else ():  # measured once, by the main process
-            problems = list(task.problems("eval"))[: cfg.eval.n]
+        for task in self.tasks.values():
             result = {}
             best = self.fast.best.get(task.name, task.seed_prompt) if self.fast else task.seed_prompt
             for key, prompt in (("reward_seed_prompt", task.seed_prompt), ("reward", best)):
                 if key == "reward" and prompt == task.seed_prompt:
                     result[key] = result["reward_seed_prompt"]
                     continue
-                scored = rollout(
-                    self.policy, task, [(prompt, p) for p in problems], temperature=cfg.eval.temperature,
+                scored = score_prompt(
+                    self.engine.sample, task, prompt, cfg.eval.n, temperature=cfg.eval.temperature,
                     max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
-                    verify_timeout_s=cfg.verify_timeout_s,
                 )
                 self.state.verifier_errors += scored.verifier_errors
                 result[key] = scored.mean_reward
@@ -242,18 +216,11 @@ class Trainer:
         return row
 
     # ---- bookkeeping --------------------------------------------------------------------------
-    def _stage(self, step: int) -> tuple[int, int, int]:
-        """(stage index, first step, end step) of the stage that loop step ``step`` (0-based) trains."""
-        for i, (start, end) in enumerate(self.spans):
-            if start <= step < end:
-                return i, start, end
-        raise IndexError(step)
-
     def _log_row(self, step: int, metrics: dict[str, float]) -> None:
         st = self.state
-        if not self.is_main:
-            return
         row = {"step": step, "rollouts": st.rollouts, "fast_rollouts": st.fast_rollouts, **metrics}
+        if not self.main:
+            return
         with self.metrics_path.open("a") as f:
             # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -263,8 +230,6 @@ class Trainer:
     def _checkpoint(self) -> None:
         st = self.state
         st.policy_version = self.policy.version
-        if not self.is_main:
-            return
 
         def write(tmp: Path) -> None:
             self.policy.save(tmp / "model")
@@ -277,7 +242,8 @@ class Trainer:
             }
             (tmp / "state.json").write_text(json.dumps(state))
 
-        save_checkpoint(self.ckpt_root, st.step, write, keep=self.cfg.keep_checkpoints)
+        if self.main:
+            save_checkpoint(self.ckpt_root, st.step, write, keep=self.cfg.keep_checkpoints)
 
     def _restore(self, ckpt: Path) -> None:
         state = json.loads((ckpt / "state.json").read_text())
@@ -289,14 +255,13 @@ class Trainer:
             self.fast.load_state_dict(state["fast"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         # Rows written after this checkpoint belong to the lost future: cut them.
-        if self.is_main:
+        if self.main:
             with self.metrics_path.open("r+b") as f:
                 f.truncate(self.state.metrics_bytes)
 
     def _summary(self) -> dict:
         cfg, st = self.cfg, self.state
-        names = self._stream_task_names()
-        base = [st.base_rewards.get(n) for n in names]
+        names = stream_columns(self.stage_tasks)
         return {
             "method": cfg.method,
             "seed": cfg.seed,
@@ -304,18 +269,22 @@ class Trainer:
             "steps": st.step,
             "rollouts": st.rollouts,
             "fast_rollouts": st.fast_rollouts,
-            "stages": [{"task": self.tasks[s.task].name, "steps": s.steps} for s in cfg.stages],
+            "engine": self.engine.name,
+            "world_size": self.engine.world_size,
+            "stages": [{"task": name, "spec": stage.task, "steps": stage.steps}
+                       for name, stage in zip(self.stage_tasks, cfg.stages)],
             "tasks": names,
             "final": st.last_eval,
             "base_rewards": st.base_rewards,
             "drift": {k.removeprefix("drift/"): v for k, v in st.last_drift.items()},
             "matrix": st.matrix,
-            "cl": continual_metrics(st.matrix, None if None in base else base) if st.matrix else None,
+            "cl": continual_metrics(st.matrix, self.stage_tasks[: len(st.matrix)], st.base_rewards or None)
+            if st.matrix else None,
             "prompts": self.fast.population if self.fast else [],
             "best_prompts": self.fast.best if self.fast else {},
+            "fast": {"accepted_total": st.accepted_total, "reflection_calls": st.reflection_calls,
+                     "reflection_errors": st.reflection_errors} if self.fast else None,
             "verifier_errors": st.verifier_errors,
-            "engine": cfg.engine,
-            "world_size": self.engine.world_size if self.engine else 1,
         }
 
     def _timing_summary(self) -> dict:
@@ -332,13 +301,30 @@ class Trainer:
         }
 
 
-def _make_engine(cfg: Config, *, resume: bool):
-    """The scale engine of ``cfg.engine`` (None for the native engine, which the loop builds itself)."""
-    if cfg.engine == "native":
-        return None
-    from fastslow.engines.trl import TrlEngine
+def load_stream(cfg: Config) -> tuple[dict[str, Task], list[str]]:
+    """The stream's tasks by unique name (in order of first appearance) and the task name of each stage.
 
-    return TrlEngine(cfg, build=False)
+    A stage's ``name:`` renames its task. The same spec in several stages is one task (a revisit); two
+    different specs that end up with one name are a config error naming both.
+    """
+    tasks: dict[str, Task] = {}
+    spec_of: dict[str, str] = {}
+    stage_tasks: list[str] = []
+    loaded: dict[tuple[str, str | None], Task] = {}
+    for stage in cfg.stages:
+        key = (stage.task, stage.name)
+        if key not in loaded:
+            loaded[key] = load_task(stage.task, name=stage.name)
+        task = loaded[key]
+        first = spec_of.setdefault(task.name, stage.task)
+        if first != stage.task:
+            raise ConfigError(
+                f"field 'stages': tasks {first!r} and {stage.task!r} are both named {task.name!r}: "
+                "give one of the stages a distinct 'name:'"
+            )
+        tasks.setdefault(task.name, task)
+        stage_tasks.append(task.name)
+    return tasks, stage_tasks
 
 
 def _prepare_run_dir(out: Path, *, resume: bool, force: bool, clear: bool = True) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from fastslow.checkpoint import run_weights
 from fastslow.config import Config, ModelConfig, StageConfig
 from fastslow.policy import Policy
-from fastslow.rollout import rollout
+from fastslow.rollout import PolicySampler, score_prompt
 from fastslow.tasks import Task
 from fastslow.util import derive_seed
 
@@ -59,12 +59,9 @@ def plasticity_probe(start: str | Path, task: str, steps: int, template: Config,
     return {"start": str(start), "final": curve[-1][1], "auc": area_under_curve(curve), "curve": curve}
 
 
-def _mean_reward(policy: Policy, task: Task, prompt: str, n: int, max_new_tokens: int, seed: int,
-                 use_base: bool) -> float:
-    problems = list(task.problems("eval"))[:n]
-    scored = rollout(policy, task, [(prompt, p) for p in problems], temperature=0.0, use_base=use_base,
-                     max_new_tokens=max_new_tokens, seed=derive_seed(seed, "attribution", task.name))
-    return scored.mean_reward
+def _mean_reward(sample: PolicySampler, task: Task, prompt: str, n: int, max_new_tokens: int, seed: int) -> float:
+    return score_prompt(sample, task, prompt, n, max_new_tokens=max_new_tokens,
+                        seed=derive_seed(seed, "attribution", task.name)).mean_reward
 
 
 def channel_attribution(run_dir: str | Path, base: ModelConfig, tasks: dict[str, Task], *, n: int = 64,
@@ -74,16 +71,16 @@ def channel_attribution(run_dir: str | Path, base: ModelConfig, tasks: dict[str,
     best = summary.get("best_prompts", {})
     # One load: the trained policy carries its base (frozen copy, or the adapter disabled for LoRA).
     policy = Policy.load(base, weights=run_weights(run_dir))
+    samplers = {"base": PolicySampler(policy, use_base=True), "trained": PolicySampler(policy)}
     out: dict[str, dict[str, float]] = {}
     for name, task in tasks.items():
         evolved = best.get(name, task.seed_prompt)
         cell = {}
-        for weights in ("base", "trained"):
-            use_base = weights == "base"
-            cell[f"{weights}_seed"] = _mean_reward(policy, task, task.seed_prompt, n, max_new_tokens, seed, use_base)
+        for weights, sample in samplers.items():
+            cell[f"{weights}_seed"] = _mean_reward(sample, task, task.seed_prompt, n, max_new_tokens, seed)
             cell[f"{weights}_evolved"] = (
                 cell[f"{weights}_seed"] if evolved == task.seed_prompt
-                else _mean_reward(policy, task, evolved, n, max_new_tokens, seed, use_base)
+                else _mean_reward(sample, task, evolved, n, max_new_tokens, seed)
             )
         out[name] = cell
     return out

@@ -83,16 +83,27 @@ class GuardedReflector:
     """Wraps a reflection model: timeout per call, bounded retries, garbage rejected, faults counted.
 
     After ``retries`` failures a call raises :class:`ReflectionError`; GEPA then skips that proposal.
-    ``consecutive_failures`` lets the round driver end a round whose reflector keeps failing.
+    After ``max_consecutive_failures`` failed calls in a row the guard is ``exhausted``: the round driver
+    ends the round (the population is kept) and :meth:`new_round` starts counting again.
     ``last_error`` is the latest fault as one redacted line (for the run log); error text never carries keys.
     """
 
-    def __init__(self, lm: ReflectionLM, *, retries: int = 2, timeout_s: float = 120.0) -> None:
+    def __init__(self, lm: ReflectionLM, *, retries: int = 2, timeout_s: float = 120.0,
+                 max_consecutive_failures: int = 3) -> None:
         self.lm, self.retries, self.timeout_s = lm, retries, timeout_s
+        self.max_consecutive_failures = max_consecutive_failures
         self.calls = 0
         self.errors = 0
         self.consecutive_failures = 0
         self.last_error: str | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        """True once ``max_consecutive_failures`` calls in a row have failed (until :meth:`new_round`)."""
+        return self.consecutive_failures >= self.max_consecutive_failures
+
+    def new_round(self) -> None:
+        self.consecutive_failures = 0
 
     def __call__(self, prompt: Any) -> str:
         self.calls += 1

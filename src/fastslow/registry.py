@@ -27,6 +27,7 @@ ReflectorFactory = Callable[[str, Any], Any]  # (rest of the spec, FastConfig or
 _models: dict[str, tuple[ModelResolver, str]] = {}
 _tasks: dict[str, tuple[TaskFactory, str]] = {}
 _reflectors: dict[str, tuple[ReflectorFactory, str]] = {}
+_engines: dict[str, tuple[Callable, str]] = {}
 _loaded = False
 
 
@@ -47,6 +48,11 @@ def register_task(key: str, factory: TaskFactory, help: str = "") -> None:
 def register_reflector(key: str, factory: ReflectorFactory, help: str = "") -> None:
     """``fast.reflector`` spec: ``key`` ending in ':' is a prefix, otherwise an exact name."""
     _reflectors[key] = (factory, help)
+
+
+def register_engine(name: str, factory: Callable, help: str = "") -> None:
+    """``engine: <name>``: ``factory(cfg, weights) -> fastslow.engines.Engine``."""
+    _engines[name] = (factory, help)
 
 
 def load_plugins() -> None:
@@ -94,6 +100,11 @@ def reflector_factory(spec: str) -> tuple[ReflectorFactory, str] | None:
     return _match(_reflectors, spec)
 
 
+def engine_factory(name: str) -> Callable | None:
+    load_plugins()
+    return _engines[name][0] if name in _engines else None
+
+
 def listing() -> dict[str, dict[str, str]]:
     """Everything registered, with its help line (for ``--help`` texts and error messages)."""
     load_plugins()
@@ -101,9 +112,10 @@ def listing() -> dict[str, dict[str, str]]:
         "models": {k: h for k, (_, h) in _models.items()},
         "tasks": {k: h for k, (_, h) in _tasks.items()},
         "reflectors": {k: h for k, (_, h) in _reflectors.items()},
+        "engines": {k: h for k, (_, h) in _engines.items()},
     }
 
 
 def known(kind: str) -> str:
-    """Comma-separated registered keys of ``kind`` ('models', 'tasks', 'reflectors'), for error messages."""
+    """Comma-separated registered keys of ``kind`` ('models', 'tasks', 'reflectors', 'engines')."""
     return ", ".join(f"{k}<...>" if k.endswith(("/", ":")) else k for k in listing()[kind])

@@ -503,6 +503,14 @@ def _tables_html(runs: dict[str, Run], cmp: dict) -> str:
         ["method", "ACC", "BWT", "FWT", "forgetting"],
         [[html.escape(lab)] + [_fmt(d["cl"].get(k)) for k in ("acc", "bwt", "fwt", "forgetting")]
          for lab, d in info.items()]))
+    per_task_rows = [
+        [html.escape(lab), html.escape(name), str(t.get("first")), str(t.get("last"))]
+        + [_fmt(t.get(k)) for k in ("final", "bwt", "forgetting", "fwt")]
+        for lab, d in info.items() for name, t in ((d["cl"] or {}).get("per_task") or {}).items()
+    ]
+    if per_task_rows:
+        parts.append("<h4>Per task (stages counted from 0; empty = no term)</h4>" + _table(
+            ["method", "task", "first stage", "last stage", "final", "BWT", "forgetting", "FWT"], per_task_rows))
     drift_keys = ("kl_rev", "kl_fwd", "weight_l2", "entropy")
     parts.append("<h3>Final drift</h3>" + _table(
         ["method", "KL(pi||base)", "KL(base||pi)", "weight L2", "entropy"],

@@ -1,12 +1,20 @@
-"""Rollouts: sample completions for (context, problem) pairs and score them with the task's verifier."""
+"""Rollouts: sample completions for (context, problem) pairs and score them with the task's verifier.
+
+:func:`rollout` is the native sampler; :class:`PolicySampler` binds it to a policy (the :class:`Sampler`
+seam of :mod:`fastslow.channels`); :func:`score_prompt` is the one evaluation used everywhere.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastslow.policy import Batch, Policy
 from fastslow.tasks import Problem, Task, Verdict, safe_verify
+
+if TYPE_CHECKING:
+    from fastslow.channels import Sampler
 
 
 @dataclass
@@ -47,3 +55,27 @@ def rollout(
         verdicts.append(verdict)
         errors += errored
     return Scored(batch, verdicts, errors)
+
+
+class PolicySampler:
+    """The native :class:`fastslow.channels.Sampler`: ``policy.generate`` (or its base view) + the verifier."""
+
+    def __init__(self, policy: Policy, *, use_base: bool = False, verify_timeout_s: float | None = None) -> None:
+        self.policy, self.use_base, self.verify_timeout_s = policy, use_base, verify_timeout_s
+
+    def __call__(self, task: Task, pairs: Sequence[tuple[str, Problem]], *, temperature: float, max_new_tokens: int,
+                 seed: int, top_p: float = 1.0) -> Scored:
+        return rollout(self.policy, task, pairs, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                       seed=seed, use_base=self.use_base, verify_timeout_s=self.verify_timeout_s)
+
+
+def score_prompt(sample: Sampler, task: Task, prompt: str, n: int, *, max_new_tokens: int, seed: int,
+                 temperature: float = 0.0) -> Scored:
+    """Score ``prompt`` on the first ``n`` eval problems of ``task`` with the weights behind ``sample``.
+
+    The evaluation of the loop, the probes, ``world check`` and ``fastslow eval``: greedy unless
+    ``temperature`` > 0, the same problems for every prompt and every call.
+    """
+    problems = list(task.problems("eval"))[:n]
+    return sample(task, [(prompt, p) for p in problems], temperature=temperature, max_new_tokens=max_new_tokens,
+                  seed=seed)

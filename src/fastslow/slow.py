@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fastslow.config import SlowConfig
+from fastslow.drift import entropy
 from fastslow.policy import Batch, Policy
 
 
@@ -85,9 +86,8 @@ def policy_loss(
 
 
 def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
-    logp = torch.log_softmax(logits.detach(), dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    return float((ent * mask).sum() / mask.sum().clamp(min=1))
+    """Mean policy entropy over the completion tokens in ``mask``."""
+    return float((entropy(logits.detach()) * mask).sum() / mask.sum().clamp(min=1))
 
 
 @dataclass
@@ -124,8 +124,16 @@ class SlowLearner:
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.skipped_updates = state.get("skipped_updates", 0)
 
+    @torch.no_grad()
+    def _k3(self, batch: Batch) -> float:
+        """Mean per-token k3 estimate of KL(pi || base) on ``batch`` (samples from pi)."""
+        logp = Policy.token_logprobs(self.policy.completion_logits(batch), batch.completion_ids)
+        base_logp = Policy.token_logprobs(self.policy.completion_logits(batch, use_base=True), batch.completion_ids)
+        mask = batch.completion_mask.float()
+        return float((k3(logp, base_logp) * mask).sum() / mask.sum().clamp(min=1))
+
     def step(self, ro: Rollouts, *, measure_k3: bool = False) -> dict[str, float]:
-        """One RL step on ``ro``. Returns ``slow/*`` metrics (and ``drift/k3_train`` if asked)."""
+        """One RL step on ``ro``. Returns ``slow/*`` metrics, and ``drift/k3_train`` exactly when ``measure_k3``."""
         cfg, policy = self.cfg, self.policy
         n, g = ro.rewards.shape
         adv, keep = group_advantages(ro.rewards)
@@ -137,6 +145,8 @@ class SlowLearner:
         rows = torch.arange(n * g).view(n, g)[keep].flatten()
         if len(rows) == 0:  # nothing to learn from: every group was flat
             metrics.update({"slow/loss": 0.0, "slow/clip_frac": 0.0, "slow/grad_norm": 0.0})
+            if measure_k3:  # still measured, so k3 rows line up with the drift meter's
+                metrics["drift/k3_train"] = self._k3(ro.batch)
             return metrics
         batch = ro.batch.select(rows)
         advantages = adv[keep].flatten().to(policy.device)
@@ -168,7 +178,7 @@ class SlowLearner:
             )
             if update == 0:
                 metrics["slow/entropy"] = token_entropy(logits, mask)
-                if "k3" in stats:
+                if measure_k3:
                     metrics["drift/k3_train"] = stats["k3"]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

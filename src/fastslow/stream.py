@@ -1,10 +1,14 @@
-"""Task streams: continual-learning metrics over the accuracy matrix, and per-stage curve normalisation.
+"""Task streams: the stage schedule, the accuracy matrix's continual-learning metrics, per-stage normalisation.
 
-The first section (metrics) is pure and has no dependency on the engine; stage scheduling lives below it.
+A stream is a list of stages ``{task, steps}`` run back to back; a task may appear in several stages.
+The accuracy matrix has one row per stage (every task evaluated at the stage's end) and one column per
+unique task in order of first appearance; the base model's rewards are the row before stage 0.
+Everything here is pure (no model, no engine).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 # ---------------------------------------------------------------------------------------------------------
@@ -16,43 +20,64 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def continual_metrics(matrix: Sequence[Sequence[float]], base: Sequence[float] | None = None) -> dict:
-    """ACC, BWT, FWT and max-based forgetting from the accuracy matrix, as defined in DESIGN.md.
+def stream_columns(stage_tasks: Sequence[str]) -> list[str]:
+    """Columns of the accuracy matrix: the unique tasks of the stream in order of first appearance."""
+    return list(dict.fromkeys(stage_tasks))
 
-    `matrix[i][j]` is the reward on task j after stage i (rows = stages, column j = the task of stage j).
-    `base[j]` is the base model's reward on task j; without it FWT is None. With 0-based indices and
-    L = T-1 the last stage:
-      ACC = mean_j R[L][j];  BWT = mean_{j<L} (R[L][j] - R[j][j]);
-      forgetting_j = max_{l<L} R[l][j] - R[L][j], averaged over j<L;
-      FWT = mean_{1<=j<=L} (R[j-1][j] - b_j).
-    Metrics without any term (e.g. BWT with a single stage) are None rather than a misleading 0.
-    Returns {"acc", "bwt", "fwt", "forgetting", "forgetting_per_task"}.
+
+def continual_metrics(
+    matrix: Sequence[Sequence[float]], stage_tasks: Sequence[str], base: Mapping[str, float] | None = None
+) -> dict:
+    """ACC, BWT, forgetting and FWT of a task stream, as defined in DESIGN.md.
+
+    ``matrix[s][j]``: reward on task j (a column of :func:`stream_columns`) evaluated at the end of stage s;
+    ``stage_tasks[s]``: the task stage s trains (a stream may revisit a task, so stages != columns);
+    ``base[name]``: the base model's reward (the row before stage 0); without it FWT is None.
+    With L the final stage, first_j / last_j the first / last stage training task j, J = {j : last_j < L}:
+
+        ACC          = mean_j R[L][j]
+        BWT          = mean_{j in J} (R[L][j] - R[last_j][j])
+        forgetting_j = max_{first_j <= s < L} R[s][j] - R[L][j]   for j in J;  forgetting = their mean
+        FWT          = mean_{j : first_j > 0} (R[first_j - 1][j] - base_j)
+
+    A metric with no terms is None (never a misleading 0). ``per_task[name]`` holds each task's terms
+    (``first``, ``last``, ``final``, ``bwt``, ``forgetting``, ``fwt``; None where the task has no term).
     """
+    columns = stream_columns(stage_tasks)
     rows = [list(map(float, r)) for r in matrix]
-    if not rows or not rows[-1]:
-        return {"acc": None, "bwt": None, "fwt": None, "forgetting": None, "forgetting_per_task": []}
-    last = len(rows) - 1
-    final = rows[last]
-    ncols = len(final)
-    # Only tasks that own a stage before the last one can be forgotten / transferred to.
-    earlier = range(min(last, ncols))
-    bwt = _mean([final[j] - rows[j][j] for j in earlier])
-    per_task = [max(rows[k][j] for k in range(last)) - final[j] for j in earlier]
-    fwt = None
-    if base is not None:
-        terms = [rows[j - 1][j] - float(base[j]) for j in range(1, min(last + 1, ncols, len(base)))]
-        fwt = _mean(terms)
+    empty = {"acc": None, "bwt": None, "fwt": None, "forgetting": None, "per_task": {}}
+    if not rows:
+        return empty
+    if len(rows) != len(stage_tasks) or any(len(r) != len(columns) for r in rows):
+        raise ValueError(
+            f"accuracy matrix is {len(rows)}x{len(rows[0])} but the stream has {len(stage_tasks)} stages "
+            f"and {len(columns)} unique tasks"
+        )
+    last_stage = len(rows) - 1
+    per_task: dict[str, dict] = {}
+    for j, name in enumerate(columns):
+        trained = [s for s, t in enumerate(stage_tasks) if t == name]
+        first, last = trained[0], trained[-1]
+        final = rows[last_stage][j]
+        term: dict = {"first": first, "last": last, "final": final, "bwt": None, "forgetting": None, "fwt": None}
+        if last < last_stage:
+            term["bwt"] = final - rows[last][j]
+            term["forgetting"] = max(rows[s][j] for s in range(first, last_stage)) - final
+        if first > 0 and base is not None and base.get(name) is not None:
+            term["fwt"] = rows[first - 1][j] - float(base[name])
+        per_task[name] = term
+    pick = lambda key: [t[key] for t in per_task.values() if t[key] is not None]  # noqa: E731
     return {
-        "acc": _mean(final),
-        "bwt": bwt,
-        "fwt": fwt,
-        "forgetting": _mean(per_task),
-        "forgetting_per_task": per_task,
+        "acc": _mean(rows[last_stage]),
+        "bwt": _mean(pick("bwt")),
+        "fwt": _mean(pick("fwt")) if base is not None else None,
+        "forgetting": _mean(pick("forgetting")),
+        "per_task": per_task,
     }
 
 
 def stage_spans(stages: Sequence[Mapping]) -> list[tuple[int, int]]:
-    """Step spans (start, end] of each stage from `[{task, steps}, ...]`; stage 0 also owns step 0."""
+    """Step spans ``[start, end)`` of each stage from ``[{task, steps}, ...]``, in 0-based loop steps."""
     spans, start = [], 0
     for st in stages:
         end = start + int(st.get("steps", 0))
@@ -61,12 +86,20 @@ def stage_spans(stages: Sequence[Mapping]) -> list[tuple[int, int]]:
     return spans
 
 
-def stage_of(step: float, spans: Sequence[tuple[int, int]]) -> int | None:
-    """Index of the stage a step belongs to: the eval at a stage's last step counts for that stage."""
+def stage_at(step: int, spans: Sequence[tuple[int, int]]) -> int | None:
+    """The one boundary rule: the stage that trains 0-based loop step ``step`` (``start <= step < end``)."""
     for i, (start, end) in enumerate(spans):
-        if start < step <= end or (i == 0 and step == start):
+        if start <= step < end:
             return i
     return None
+
+
+def stage_of(step: float, spans: Sequence[tuple[int, int]]) -> int | None:
+    """Stage of a metrics row: row ``step`` = loop steps completed, so it belongs to the stage that trained
+    step ``step - 1`` (the eval at a stage's last step counts for that stage); row 0 belongs to stage 0."""
+    if step == 0:
+        return 0 if spans else None
+    return stage_at(int(math.ceil(step)) - 1, spans)
 
 
 Curve = list[tuple[float, float]]
@@ -100,8 +133,3 @@ def normalise_stage_curves(
                 norm.append((step, reward / peak if peak is not None and peak > 0 else None))
             out[method][task] = norm
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Task streams (stage scheduling)
-# ---------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from fastslow.policy import Batch, Policy, _pad_cat
 from fastslow.rollout import Scored
 from fastslow.slow import Rollouts
 from fastslow.tasks import Problem, Task, safe_verify
+
+if TYPE_CHECKING:
+    from fastslow.engines import Engine
 
 INSTALL_HINT = "engine 'trl' needs TRL and accelerate: pip install 'fastslow[scale]'"
 
@@ -289,10 +292,11 @@ class TrlSlowChannel:
 
 
 class MainProcessFast:
-    """A fast channel whose rounds run on the main process only; the population is broadcast to every rank.
+    """A fast channel whose rounds run on the main process only; its state is broadcast to every rank.
 
-    Each rank calls :meth:`run_round` at the same loop step (a collective); ranks other than the main
-    wait for the main's state. The round's return value is broadcast with it.
+    Every rank calls :meth:`run_round` at the same loop step (a collective); the other ranks wait for the
+    main's population and :class:`~fastslow.channels.Round`. The inner channel samples through a
+    non-collective sampler over the same model (the trainer's), never a second copy.
     """
 
     def __init__(self, inner, engine: TrlEngine) -> None:
@@ -306,23 +310,11 @@ class MainProcessFast:
     def best(self) -> dict[str, str]:
         return self.inner.best
 
-    def __getattr__(self, name: str):  # last_error and the like, for loops that still read attributes
-        return getattr(self.inner, name)
-
     def run_round(self, task: Task, workdir: Path | None = None):
         result = self.inner.run_round(task, workdir=workdir) if self.engine.is_main else None
-        if self.engine.world_size > 1:
-            from accelerate.utils import broadcast_object_list
-
-            payload = [self.inner.state_dict() if self.engine.is_main else None, result,
-                       {k: getattr(self.inner, k, None) for k in ("last_error", "last_round_rollouts",
-                                                                   "last_verifier_errors")}]
-            broadcast_object_list(payload, from_process=0)
-            state, result, extra = payload
-            if not self.engine.is_main:
-                self.inner.load_state_dict(state)
-                for k, v in extra.items():
-                    setattr(self.inner, k, v)
+        state, result = self.engine.broadcast((self.inner.state_dict(), result))
+        if not self.engine.is_main:
+            self.inner.load_state_dict(state)
         return result
 
     def prompts_for_group(self, task: Task, group_size: int) -> list[str]:
@@ -333,6 +325,18 @@ class MainProcessFast:
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
+
+
+class TrlSampler:
+    """The engine's :class:`~fastslow.channels.Sampler`: a collective over all ranks (see :meth:`TrlEngine.sample`)."""
+
+    def __init__(self, engine: TrlEngine, verify_timeout_s: float | None = None) -> None:
+        self.engine, self.verify_timeout_s = engine, verify_timeout_s
+
+    def __call__(self, task: Task, pairs: Sequence[tuple[str, Problem]], *, temperature: float, max_new_tokens: int,
+                 seed: int, top_p: float = 1.0) -> Scored:
+        return self.engine.sample(task, pairs, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                                  top_p=top_p, verify_timeout_s=self.verify_timeout_s)
 
 
 class TrlEngine:
@@ -408,9 +412,15 @@ class TrlEngine:
 
             model.load_state_dict(AutoModelForCausalLM.from_pretrained(str(weights)).state_dict())
 
-    def fast_channel(self, inner) -> MainProcessFast:
-        """``inner`` (the loop's fast channel over :attr:`policy`) with rounds on the main process, broadcast."""
-        return MainProcessFast(inner, self)
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (identity in one process)."""
+        if self.world_size == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
 
     def describe(self) -> dict[str, Any]:
         """The resolved settings (what ``--dry-run`` prints)."""
@@ -451,3 +461,25 @@ class TrlEngine:
             errors = sum(s[3] for s in shares)
             return Scored(self.policy._batch_from_ids(prompt_ids, comp), verdicts, errors)
         return Scored(batch, verdicts, errors)
+
+
+def build(cfg: Config, weights: Path | None) -> Engine:
+    """The ``trl`` engine of :mod:`fastslow.engines` (registered there as ``engine: trl``)."""
+    from fastslow.engines import Engine, fast_on, slow_on
+    from fastslow.fast import FastChannel
+    from fastslow.reflect import make_reflector
+    from fastslow.rollout import PolicySampler
+
+    eng = TrlEngine(cfg, weights=weights)
+    policy = eng.policy
+    if not slow_on(cfg.method):
+        policy.model.requires_grad_(False)
+    fast = None
+    if fast_on(cfg.method):
+        # GEPA runs on the main process alone: its sampler must not be the collective one.
+        local = PolicySampler(policy, verify_timeout_s=cfg.verify_timeout_s)
+        inner = FastChannel(local, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
+                            max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
+        fast = MainProcessFast(inner, eng)
+    return Engine("trl", policy, TrlSampler(eng, cfg.verify_timeout_s), eng.slow if slow_on(cfg.method) else None,
+                  fast, world_size=eng.world_size, is_main=eng.is_main, broadcast=eng.broadcast)
