@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,46 @@ def test_two_processes_agree_on_weights_and_population(tiny_model, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_metrics(tiny_model, tmp_path):
+    cfg = tmp_path / "trl.yaml"
+    cfg.write_text(f"""method: fst
+engine: trl
+model: {{path: '{tiny_model}', lora: {{r: 4}}}}
+stages: [{{task: 'conftest:vowel_task', steps: 4}}]
+slow: {{batch_problems: 4, group_size: 4, max_new_tokens: 8, lr: 0.01, warmup_steps: 2, kl_coef: 0.01}}
+fast: {{every: 2, population: 2, budget: 8, val_size: 4, reflector: 'conftest:canned_reflector'}}
+drift: {{every: 2, probe_size: 4, max_new_tokens: 8}}
+eval: {{every: 2, n: 8}}
+checkpoint_every: 2
+threads: 1
+seed: 3
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+
+    def start(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fastslow.cli", "run", str(cfg), "--out", str(out), *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert start(whole).wait(timeout=600) == 0
+    proc = start(cut)
+    deadline = time.monotonic() + 600
+    while not ((cut / "checkpoints").is_dir() and _rows(cut) >= 3) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _rows(cut) < 5  # killed before the end
+    resumed = start(cut, "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+    assert (cut / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    assert json.loads((cut / "summary.json").read_text())["prompts"] == json.loads(
+        (whole / "summary.json").read_text())["prompts"]
+
+
+def _rows(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
