@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench bench-quick lint install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/claims.py
+
+# The drift-plasticity study at small budgets (<= 15 min on 2 quiet CPU cores); writes benchmarks/results/.
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/claims.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

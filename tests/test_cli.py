@@ -74,6 +74,7 @@ def test_smoke_config_runs_from_the_command_line(tiny_model, tmp_path):
     assert summary["method"] == "fst" and summary["steps"] == 6 and summary["fast_rollouts"] > 0
 
 
+@pytest.mark.slow
 def test_probe_plasticity_from_a_run_and_from_the_base(tiny_model, tmp_path):
     from conftest import small_config
 

@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from fastslow.demo import METHODS, run_demo
 
 
+@pytest.mark.slow
 def test_demo_pipeline_writes_runs_probes_attribution_and_report(tmp_path):
     result = run_demo(tmp_path, stage_steps=2, probe_steps=2, eval_n=8, log=lambda m: None)
     for method in METHODS:

@@ -131,6 +131,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(list_checkpoints(out / "checkpoints")[-1] / "model" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tiny_model, tmp_path):
     cfg = _config(tmp_path, tiny_model)
     full, killed = tmp_path / "full", tmp_path / "killed"

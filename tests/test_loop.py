@@ -22,6 +22,7 @@ def _weights(run):
     return load_file(last / "model" / "model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fst", "rl"])
 def test_resume_equals_uninterrupted(tiny_model, tmp_path, method):
     full = tmp_path / "full"
@@ -45,6 +46,7 @@ def test_resume_equals_uninterrupted(tiny_model, tmp_path, method):
     assert sa == sb
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_other_seed_differs(tiny_model, tmp_path):
     train(small_config(tiny_model, tmp_path / "a", method="rl", steps=2))
     train(small_config(tiny_model, tmp_path / "b", method="rl", steps=2))

@@ -80,6 +80,7 @@ def demo_dir(tmp_path: Path) -> Path:
     return demo
 
 
+@pytest.mark.slow
 def test_full_report(demo_dir: Path, tmp_path: Path):
     out = tmp_path / "out"
     path = build_report([demo_dir], out)

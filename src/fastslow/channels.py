@@ -68,6 +68,10 @@ class SlowChannel(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def observe_drift(self, kl_rev: float | None) -> None:
+        """The drift meter's exact reverse KL after each measurement (drives ``slow.kl_target``)."""
+        ...
+
 
 @runtime_checkable
 class FastChannel(Protocol):

@@ -274,11 +274,13 @@ def world_check(
     model: Annotated[str | None, typer.Option(help="Model dir (default: the shipped micro base).")] = None,
     n: Annotated[int, typer.Option(help="Eval problems per task.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    rl_steps: Annotated[int, typer.Option(help="Also run RL from the seed prompt for this many steps on "
+                                                "weight-dominant tasks (0: skip; 300 checks the property).")] = 0,
 ) -> None:
-    """Per task: base reward with the seed prompt, with the rule text, and with the reflector's proposal."""
+    """Per task: regime, base reward with the seed prompt, the rule text and the reflector's proposal; properties."""
     from fastslow.world import check_world
 
-    typer.echo(json.dumps(check_world(model, n=n, seed=seed), indent=2))
+    typer.echo(json.dumps(check_world(model, n=n, seed=seed, rl_steps=rl_steps), indent=2))
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m fastslow.cli`

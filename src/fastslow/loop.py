@@ -190,6 +190,8 @@ class Trainer:
 
     def _drift(self) -> dict[str, float]:
         self.state.last_drift = self.drift.measure()
+        if self.slow is not None:  # the drift budget (slow.kl_target) steers on the exact reverse KL
+            self.slow.observe_drift(self.state.last_drift.get("drift/kl_rev"))
         return dict(self.state.last_drift)
 
     def _evaluate(self, step: int) -> dict[str, float]:

@@ -149,6 +149,60 @@ def plot_drift_frontier(runs: dict[str, Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_frontier(frontier: dict, regime: str, path: Path) -> Path | None:
+    """The drift-plasticity frontier of one regime (``frontier.json`` of benchmarks/claims.py): final
+    KL(pi||base) and KL(base||pi) against plasticity AUC and against forgetting, one point per run."""
+    pts = [p for p in frontier.get("points") or [] if p.get("regime") == regime]
+    if not pts:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    series = sorted({p["series"] for p in pts})
+    markers = {"rl": "o", "fst": "^"}
+    for row, y in enumerate(("plasticity_auc", "forgetting")):
+        for col, kl in enumerate(("kl_rev", "kl_fwd")):
+            ax = axes[row][col]
+            for i, ser in enumerate(series):
+                for method, marker in markers.items():
+                    xy = [(p[kl], p[y]) for p in pts if p["series"] == ser and p["method"] == method
+                          and p.get(kl) is not None and p.get(y) is not None]
+                    if xy:
+                        ax.scatter([a for a, _ in xy], [b for _, b in xy], marker=marker, s=28,
+                                   color=_FALLBACK_COLORS[i % len(_FALLBACK_COLORS)],
+                                   label=f"{method} {ser}" if row == col == 0 else None)
+            rho = (frontier.get("spearman") or {}).get(f"{regime}/{kl}~{y}") or {}
+            tag = "" if rho.get("rho") is None else f"  rho={rho['rho']:.2f}"
+            ax.set_xscale("symlog", linthresh=1e-3)
+            ax.set_xlabel({"kl_rev": "final KL(pi || base)", "kl_fwd": "final KL(base || pi)"}[kl])
+            ax.set_ylabel(y.replace("_", " "))
+            ax.set_title(f"{kl} vs {y}{tag}", fontsize=9)
+            ax.grid(alpha=0.3)
+    fig.legend(fontsize=7, loc="upper center", ncol=5)
+    fig.suptitle(f"Drift-plasticity frontier, {regime}-dominant stream (one point per run)", fontsize=10, y=0.0)
+    return _save(fig, path)
+
+
+def _bench_html(claims: dict | None, frontier: dict | None, plots: Path) -> list[str]:
+    """The study's verdict table and frontier plots (benchmarks/claims.py), when its results are present."""
+    out: list[str] = []
+    if claims and claims.get("verdicts"):
+        rows = [[html.escape(v["claim"]), html.escape(v["regime"]), f"<b>{html.escape(v['verdict'])}</b>",
+                 html.escape(v["evidence"])] for v in claims["verdicts"]]
+        out.append(_section(f"Paper claims over seeds {claims.get('seeds')}",
+                            _table(["claim", "regime", "verdict", "evidence"], rows, text_cols=4)))
+    if frontier and frontier.get("points"):
+        body = []
+        for regime in sorted({p["regime"] for p in frontier["points"]}):
+            png = plot_frontier(frontier, regime, plots / f"frontier_{regime}.png")
+            if png:
+                body.append(_img(png, f"drift-plasticity frontier ({regime})"))
+        rows = [[html.escape(k), _fmt(v.get("rho"), 2),
+                 "n/a" if not v.get("ci") else f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]", str(v.get("n"))]
+                for k, v in (frontier.get("spearman") or {}).items()]
+        body.append(_table(["regime / pair", "Spearman rho", "95% CI", "points"], rows))
+        out.append(_section("Drift-plasticity frontier", "".join(body)))
+    return out
+
+
 def plot_stream(runs: dict[str, Run], path: Path) -> Path | None:
     stages = next((r.summary.get("stages") for r in runs.values() if r.summary.get("stages")), None)
     if not stages:
@@ -586,6 +640,7 @@ def build_report(dirs: Sequence[Path], out: Path) -> Path:
     sec.append(_section("Channel attribution (2x2)", _attribution_html(attr) if attr
                         else _note("No attribution.json found.")))
     sec.append(_tables_html(runs, cmp))
+    sec += _bench_html(_load_json(extras, "claims.json"), _load_json(extras, "frontier.json"), plots)
     sec.append(_prompts_html(runs))
 
     listing = ", ".join(html.escape(str(d)) for d in run_dirs) or "none"

@@ -6,7 +6,8 @@ One step, for B problems with G rollouts each (the G rollouts of a problem may u
     rho_t = pi_theta(y_t) / pi_old(y_t)
     CISPO: l_t = - sg(min(rho_t, tau)) * A_i * log pi_theta(y_t)      (ratio truncated above, no masking)
     GRPO : l_t = - min(rho_t * A_i, clip(rho_t, 1-eps, 1+eps) * A_i)
-    (+ kl_coef * k3(pi_theta, pi_base) per token, when kl_coef > 0)
+    (+ kl_coef * k3(pi_theta, pi_base) per token, when kl_coef > 0; with kl_target the coefficient
+     is adapted after each drift measurement by KLController, a drift budget)
     loss  = mean over kept groups of (token-mean of l_t within the group)     "per-prompt" averaging
 
 Groups whose rewards are all equal carry no signal and are dropped (counted, not refilled).
@@ -98,6 +99,30 @@ class Rollouts:
     rewards: torch.Tensor  # [N, G]
 
 
+class KLController:
+    """Adaptive KL coefficient holding a drift budget (proportional control in log space).
+
+    After each drift measurement: ``log beta += gain * clip(log(kl / target), -MAX_ERR, MAX_ERR)``.
+    Like the adaptive KL controller of RLHF (Ziegler et al. 2019, clipped error, multiplicative update),
+    but driven by the drift meter's exact reverse KL rather than a sampled estimate. The clip bounds
+    one update to a factor of exp(gain * MAX_ERR), so one noisy measurement cannot swing beta far.
+    """
+
+    MAX_ERR = 1.0
+    MIN_COEF, MAX_COEF = 1e-4, 1e3
+
+    def __init__(self, target: float, gain: float, init: float) -> None:
+        self.target, self.gain = target, gain
+        self.coef = min(max(init, self.MIN_COEF), self.MAX_COEF)
+
+    def update(self, kl: float) -> float:
+        """Feed one measured KL (nats/token); returns the new coefficient."""
+        error = math.log(max(kl, 1e-8) / self.target)
+        error = min(max(error, -self.MAX_ERR), self.MAX_ERR)
+        self.coef = min(max(self.coef * math.exp(self.gain * error), self.MIN_COEF), self.MAX_COEF)
+        return self.coef
+
+
 class SlowLearner:
     """AdamW with linear warm-up over the trainable parameters, and the RL update."""
 
@@ -109,9 +134,23 @@ class SlowLearner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.nonfinite_streak = 0
         self.skipped_updates = 0
+        self.kl_controller = (
+            KLController(cfg.kl_target, cfg.kl_target_gain, cfg.kl_coef or 0.01) if cfg.kl_target else None
+        )
+
+    @property
+    def kl_coef(self) -> float:
+        """The KL penalty coefficient in force: the controller's under a drift budget, else ``cfg.kl_coef``."""
+        return self.kl_controller.coef if self.kl_controller else self.cfg.kl_coef
+
+    def observe_drift(self, kl_rev: float | None) -> None:
+        """Hand the drift meter's reverse KL to the drift budget's controller (no-op without ``kl_target``)."""
+        if self.kl_controller is not None and kl_rev is not None:
+            self.kl_controller.update(kl_rev)
 
     def state_dict(self) -> dict:
         return {
+            "kl_coef": self.kl_coef,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "nonfinite_streak": self.nonfinite_streak,
@@ -123,6 +162,8 @@ class SlowLearner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.skipped_updates = state.get("skipped_updates", 0)
+        if self.kl_controller is not None and "kl_coef" in state:
+            self.kl_controller.coef = state["kl_coef"]
 
     @torch.no_grad()
     def _k3(self, batch: Batch) -> float:
@@ -140,6 +181,7 @@ class SlowLearner:
         metrics: dict[str, float] = {
             "slow/reward_mean": float(ro.rewards.mean()),
             "slow/zero_var_groups": float((~keep).sum()),
+            "slow/kl_coef": self.kl_coef,
             "slow/completion_len": float(ro.batch.completion_mask.sum(1).float().mean()),
         }
         rows = torch.arange(n * g).view(n, g)[keep].flatten()
@@ -153,7 +195,8 @@ class SlowLearner:
         group = torch.arange(n).unsqueeze(1).expand(n, g)[keep].flatten()
         mask = batch.completion_mask
         base_logp = None
-        if cfg.kl_coef > 0 or measure_k3:
+        kl_coef = self.kl_coef
+        if kl_coef > 0 or measure_k3:
             base_logp = Policy.token_logprobs(policy.completion_logits(batch, use_base=True), batch.completion_ids)
         old_logp = None
         if cfg.updates_per_batch > 1:
@@ -173,7 +216,7 @@ class SlowLearner:
                 loss=cfg.loss,
                 tau=cfg.tau,
                 clip_eps=cfg.clip_eps,
-                kl_coef=cfg.kl_coef,
+                kl_coef=kl_coef,
                 base_logp=base_logp,
             )
             if update == 0:

@@ -3,7 +3,8 @@
 - :mod:`fastslow.world.language`: string transforms x answer formats, with English paraphrases.
 - :mod:`fastslow.world.build`: character tokenizer + a 0.49 M-parameter Llama pretrained on
   ``context + input -> output`` chats; ``build_base`` rebuilds it, ``base/`` ships it.
-- :mod:`fastslow.world.tasks`: ``micro_task(name)``, ``MICRO_TASKS``, ``STREAM``, ``HELDOUT``.
+- :mod:`fastslow.world.tasks`: ``micro_task(name)``, ``MICRO_TASKS``, ``STREAM``, ``HELDOUT`` (prompt-dominant)
+  and ``WEIGHT_TASKS``, ``WEIGHT_STREAM``, ``WEIGHT_HELDOUT`` (weight-dominant).
 - :mod:`fastslow.world.reflector`: ``MicroReflector``, a deterministic GEPA ``reflection_lm``.
 - :mod:`fastslow.world.check`: ``check_world``, the properties the design asks of this world.
 
@@ -30,11 +31,12 @@ def build_base(out_dir: Path, seed: int = 0, steps: int | None = None) -> dict:
     return _build(Path(out_dir), seed=seed, steps=steps)
 
 
-def check_world(model_path: str | None = None, n: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Per-task rewards with the seed prompt, the rule text and the reflector's proposal."""
+def check_world(model_path: str | None = None, n: int = 200, seed: int = 0, rl_steps: int = 0) -> dict[str, Any]:
+    """Per-task regime, rewards with the seed prompt, the rule text and the reflector's proposal, and the
+    regime's baseline properties (``rl_steps`` > 0: with an RL baseline run on weight-dominant tasks)."""
     from fastslow.world.check import check_world as _check
 
-    return _check(model_path=model_path, n=n, seed=seed)
+    return _check(model_path=model_path, n=n, seed=seed, rl_steps=rl_steps)
 
 
 def _register() -> None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastslow.tasks import Problem, Split, TaskError, Verdict
-from fastslow.world.language import ALPHABET, FORMATS, SEED_PROMPT, TRANSFORMS, apply_rule, rule_text, split_format
+from fastslow.world.language import ALPHABET, FORMATS, SEED_PROMPT, TRANSFORMS, rule_text, split_format
 
 N_TRAIN, N_EVAL = 2000, 300
 FORMAT_WEIGHT = 0.3  # the rest of the reward is content: the share of characters in the right place
@@ -32,12 +32,19 @@ class MicroTask:
     min_len: int = 7
     max_len: int = 12
     seed_prompt: str = SEED_PROMPT
+    format_weight: float = FORMAT_WEIGHT
+    regime: str = "prompt"  # "prompt": the rule text carries the task; "weight": it can only partly
+    _stated: str | None = None  # weight regime: the language's closest transform (what text can say)
     _cache: dict[str, list[Problem]] = field(default_factory=dict, repr=False)
 
     @property
     def rule_text(self) -> str:
-        """The context that states this task's rule (for ``world check`` only; never shown to the reflector)."""
-        return rule_text(self._transform, self._format)
+        """The best context the language can write for this task (for ``world check`` only; never shown to
+        the reflector): the full rule, or for a weight-dominant task its stated part."""
+        return rule_text(self._stated or self._transform, self._format)
+
+    def _content(self, text: str) -> str:
+        return _content_fn(self._transform)(text)
 
     def problems(self, split: Split) -> Sequence[Problem]:
         if split not in ("train", "eval"):
@@ -59,7 +66,7 @@ class MicroTask:
                 if text in seen:
                     continue  # eval and train never share an input
                 seen.add(text)
-                answer = apply_rule(self._transform, self._format, text)
+                answer = FORMATS[self._format].wrap(self._content(text))
                 items.append(Problem(id=f"{self.name}-{split}-{len(items)}", prompt=text, answer=answer))
             splits[split] = items
         return splits
@@ -68,14 +75,14 @@ class MicroTask:
         """Reward = format part + content part (share of characters right); feedback like a grader's."""
         out = completion.strip()
         fmt = FORMATS[self._format]
-        expected_content = TRANSFORMS[self._transform].apply(problem.prompt)
+        expected_content = self._content(problem.prompt)
         content = fmt.unwrap(out)
         format_ok = content is not None
         if content is None:
             content = split_format(out)[1]  # judge the content even under the wrong wrapper
         right = sum(a == b for a, b in zip(content, expected_content, strict=False))
         content_score = right / max(len(content), len(expected_content), 1)
-        reward = FORMAT_WEIGHT * format_ok + (1 - FORMAT_WEIGHT) * content_score
+        reward = self.format_weight * format_ok + (1 - self.format_weight) * content_score
         lines = [f"Your answer: {out}", f"Expected answer: {problem.answer}"]
         if format_ok and content == expected_content:
             lines.append("Correct.")
@@ -106,9 +113,48 @@ STREAM: list[str] = ["flip", "caesar", "order"]
 HELDOUT: str = "consonants"
 
 
+def _back_shift(s: str) -> str:
+    return "".join(ALPHABET[(ALPHABET.index(c) - 1) % 26] for c in s)
+
+
+# Weight-dominant family: contents the instruction language has no sentence for (compositions of two
+# rules, a fixed letter mapping). Text can state the format and at most one part; the rest must be
+# learnt in weights. Graded mostly on content (format share WEIGHT_FORMAT_WEIGHT).
+_HIDDEN: dict[str, Callable[[str], str]] = {
+    "reverse_shift": lambda s: TRANSFORMS["shift"].apply(s[::-1]),
+    "shift2": lambda s: TRANSFORMS["shift"].apply(TRANSFORMS["shift"].apply(s)),
+    "back_shift": _back_shift,
+    "sort_desc": lambda s: "".join(sorted(s, reverse=True)),
+    "upper_reverse": lambda s: s[::-1].upper(),
+    "swap_pairs": lambda s: "".join(s[i + 1] + s[i] if i + 1 < len(s) else s[i] for i in range(0, len(s), 2)),
+}
+WEIGHT_FORMAT_WEIGHT = 0.15
+# name -> (hidden content, format, the transform sentence the language can state about it)
+_WEIGHT_SPECS: dict[str, tuple[str, str, str]] = {
+    "mirror": ("reverse_shift", "square", "reverse"),
+    "leap": ("shift2", "angle", "shift"),
+    "back": ("back_shift", "dot", "shift"),
+    "descend": ("sort_desc", "star", "sort"),
+    "yell": ("upper_reverse", "dot", "reverse"),
+    "swap": ("swap_pairs", "angle", "rotate"),
+}
+WEIGHT_TASKS: list[str] = list(_WEIGHT_SPECS)
+WEIGHT_STREAM: list[str] = ["mirror", "leap", "back"]
+WEIGHT_HELDOUT: str = "descend"
+ALL_TASKS: list[str] = MICRO_TASKS + WEIGHT_TASKS
+
+
+def _content_fn(name: str) -> Callable[[str], str]:
+    return TRANSFORMS[name].apply if name in TRANSFORMS else _HIDDEN[name]
+
+
 def micro_task(name: str) -> MicroTask:
-    """The micro task ``name`` (one of :data:`MICRO_TASKS`)."""
-    if name not in _SPECS:
-        raise TaskError(f"unknown micro task {name!r}; known: {', '.join(MICRO_TASKS)}")
-    transform, fmt = _SPECS[name]
-    return MicroTask(name=name, _transform=transform, _format=fmt)
+    """The micro task ``name`` (one of :data:`MICRO_TASKS` or :data:`WEIGHT_TASKS`)."""
+    if name in _SPECS:
+        transform, fmt = _SPECS[name]
+        return MicroTask(name=name, _transform=transform, _format=fmt)
+    if name in _WEIGHT_SPECS:
+        hidden, fmt, stated = _WEIGHT_SPECS[name]
+        return MicroTask(name=name, _transform=hidden, _format=fmt, min_len=3, max_len=6,
+                         format_weight=WEIGHT_FORMAT_WEIGHT, regime="weight", _stated=stated)
+    raise TaskError(f"unknown micro task {name!r}; known: {', '.join(MICRO_TASKS + WEIGHT_TASKS)}")
