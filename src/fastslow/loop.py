@@ -91,11 +91,12 @@ class Trainer:
             for problem in list(task.problems("eval"))[: cfg.drift.probe_size]:
                 probes.append(self.policy.format(task.seed_prompt, problem.prompt))
         self.drift = DriftMeter(self.policy, probes, cfg.drift, seed=cfg.seed)
+        self.main = self.engine.is_main  # only the main process writes the run dir
         # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
-        _prepare_run_dir(self.out, resume=resume, force=force)
+        if self.main:  # other ranks would race the main's first writes (and see "already holds a run")
+            _prepare_run_dir(self.out, resume=resume, force=force)
         self.state = LoopState()
         self.timing: dict[str, list[float]] = {"step_s": [], "round_s": [], "slow_step_s": [], "eval_s": []}
-        self.main = self.engine.is_main  # only the main process writes the run dir
         if ckpt is not None:
             self._restore(ckpt)
             log(f"resumed from {ckpt} (step {self.state.step})")

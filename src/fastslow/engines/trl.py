@@ -33,7 +33,7 @@ import torch
 from fastslow.config import Config, ConfigError
 from fastslow.policy import Batch, Policy, _pad_cat
 from fastslow.rollout import Scored
-from fastslow.slow import Rollouts
+from fastslow.slow import KLController, Rollouts
 from fastslow.tasks import Problem, Task, safe_verify
 
 if TYPE_CHECKING:
@@ -197,12 +197,23 @@ class TrlSlowChannel:
         self.trainer = engine.trainer
         self.nonfinite_streak = 0
         self.skipped_updates = 0
+        slow = engine.cfg.slow
+        # A drift budget (slow.kl_target) steers TRL's beta, which compute_loss reads at every call.
+        self.kl_controller = (KLController(slow.kl_target, slow.kl_target_gain, slow.kl_coef or 0.01)
+                              if slow.kl_target else None)
+        if self.kl_controller is not None:
+            self.trainer.beta = self.kl_controller.coef
+
+    def observe_drift(self, kl_rev: float | None) -> None:
+        """The drift meter's reverse KL (measured alike on every rank) updates beta under ``slow.kl_target``."""
+        if self.kl_controller is not None and kl_rev is not None:
+            self.trainer.beta = self.kl_controller.update(kl_rev)
 
     def state_dict(self) -> dict:
         tr = self.trainer
         return {"optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict(),
                 "global_step": tr.state.global_step, "nonfinite_streak": self.nonfinite_streak,
-                "skipped_updates": self.skipped_updates}
+                "skipped_updates": self.skipped_updates, "kl_coef": tr.beta}
 
     def load_state_dict(self, state: dict) -> None:
         tr = self.trainer
@@ -211,6 +222,8 @@ class TrlSlowChannel:
         tr.state.global_step = state["global_step"]
         self.nonfinite_streak = state["nonfinite_streak"]
         self.skipped_updates = state["skipped_updates"]
+        if self.kl_controller is not None:
+            self.kl_controller.coef = self.trainer.beta = state["kl_coef"]
 
     def step(self, rollouts: Rollouts, *, measure_k3: bool = False) -> dict[str, float]:
         """One update on ``rollouts`` (all ranks' rows, in group order); this rank trains its own groups."""
@@ -221,6 +234,7 @@ class TrlSlowChannel:
         batch = rollouts.batch.select(rows)
         flat = rollouts.rewards.std(dim=1, unbiased=False) <= 1e-8
         metrics = {
+            "slow/kl_coef": float(tr.beta),
             "slow/reward_mean": float(rollouts.rewards.mean()),
             "slow/zero_var_groups": float(flat.sum()),
             "slow/completion_len": float(rollouts.batch.completion_mask.sum(1).float().mean()),
