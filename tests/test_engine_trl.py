@@ -195,3 +195,15 @@ seed: 3
 def _rows(out: Path) -> int:
     path = out / "metrics.jsonl"
     return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_launch_refuses_the_native_engine_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from fastslow.cli import app
+
+    cfg = tmp_path / "native.yaml"
+    cfg.write_text("stages: [{task: 'conftest:vowel_task', steps: 1}]\n")
+    result = CliRunner().invoke(app, ["launch", "--nproc", "2", str(cfg), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "engine 'trl'" in result.output
+    assert not (tmp_path / "r").exists()

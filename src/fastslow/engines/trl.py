@@ -404,6 +404,10 @@ class TrlEngine:
         if weights is not None:
             self._load_weights(Path(weights))
         tr.create_optimizer_and_scheduler(num_training_steps=max(cfg.total_steps * self.args.num_iterations, 1))
+        plugin = tr.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+            # No dataloader goes through prepare() (the loop supplies the problems): tell DeepSpeed the batch.
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.args.per_device_train_batch_size
         tr.model_wrapped, tr.optimizer, tr.lr_scheduler = tr.accelerator.prepare(tr.model, tr.optimizer,
                                                                                  tr.lr_scheduler)
         tr.current_gradient_accumulation_steps = 1
