@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=2)
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=None, help="Merge the result into this JSON file (keyed by model).")
+    ap.add_argument("--out", type=Path, default=None, help="Merge the result into this JSON file (keyed by --label).")
+    ap.add_argument("--label", default=None, help="Key of this result in --out (default: the model's name).")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -89,7 +90,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         table = json.loads(args.out.read_text()) if args.out.exists() else {}
-        table[Path(args.model).name if os.sep in args.model else args.model] = result
+        table[args.label or Path(args.model).name] = result
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(table, indent=2) + "\n")
 

@@ -207,3 +207,18 @@ def test_launch_refuses_the_native_engine_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["launch", "--nproc", "2", str(cfg), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "engine 'trl'" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_resumed_weights_replace_the_trained_part_but_not_the_base(tiny_model, tmp_path):
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["method=rl"])
+    first = TrlEngine(cfg)
+    original = {n: p.detach().clone() for n, p in first.policy.trainable_parameters()}
+    with torch.no_grad():
+        for _, p in first.policy.trainable_parameters():
+            p.add_(0.5)
+    first.policy.save(tmp_path / "model")
+    resumed = TrlEngine(cfg, weights=tmp_path / "model")
+    trained = dict(resumed.policy.trainable_parameters())
+    base = resumed.policy.base_parameters()
+    assert all(torch.allclose(trained[n], original[n] + 0.5) for n in original)
+    assert all(torch.equal(base[n], original[n]) for n in original)

@@ -401,7 +401,10 @@ class TrlEngine:
             train_dataset=Dataset.from_dict({"prompt": ["-"]}), peft_config=lora_config(cfg),
         )
         tokenizer.padding_side = "left"
-        if weights is not None:
+        base = None
+        if cfg.model.lora is None:  # full fine-tuning: TRL's reference when it has one, else a frozen copy
+            base = tr.ref_model if tr.ref_model is not None else copy.deepcopy(tr.model).eval().requires_grad_(False)
+        if weights is not None:  # after the base is taken: the base stays the model's own weights on resume
             self._load_weights(Path(weights))
         tr.create_optimizer_and_scheduler(num_training_steps=max(cfg.total_steps * self.args.num_iterations, 1))
         plugin = tr.accelerator.state.deepspeed_plugin
@@ -412,9 +415,6 @@ class TrlEngine:
                                                                                  tr.lr_scheduler)
         tr.current_gradient_accumulation_steps = 1
         self.device = tr.accelerator.device
-        base = None
-        if cfg.model.lora is None:  # full fine-tuning: TRL's reference when it has one, else a frozen copy
-            base = tr.ref_model if tr.ref_model is not None else copy.deepcopy(tr.model).eval().requires_grad_(False)
         self.policy = TrlPolicy(tr, tokenizer, base_model=base)
         self.slow = TrlSlowChannel(self)
 
