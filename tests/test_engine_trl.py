@@ -64,14 +64,22 @@ def test_launch_uses_torchrun_on_cpu_and_accelerate_on_gpus():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["qwen3-8b.yaml", "qwen3-0.6b-1gpu.yaml"])
-def test_gpu_configs_dry_run_without_a_gpu(config):
-    out = subprocess.run([sys.executable, "-m", "fastslow.cli", "run", str(ROOT / "configs" / config), "--dry-run"],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OPENAI_API_KEY": ""})
+def test_8_gpu_config_dry_runs_from_the_cli_without_a_gpu():
+    cmd = [sys.executable, "-m", "fastslow.cli", "run", str(ROOT / "configs" / "qwen3-8b.yaml"), "--dry-run"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OPENAI_API_KEY": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout)
-    assert info["engine"] == "trl" and info["grpo_config"]["loss_type"] == "cispo"
+    assert info["engine"] == "trl" and info["world_size"] == 8 and info["vllm"] == "colocate"
+    assert info["grpo_config"]["per_device_train_batch_size"] == 4 * 8  # 32 problems over 8 GPUs, G = 8
+    assert info["accelerate_config"].endswith("zero3.yaml")
+
+
+@pytest.mark.parametrize("config", ["qwen3-8b.yaml", "qwen3-0.6b-1gpu.yaml"])
+def test_gpu_configs_resolve_without_a_gpu(config, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "")
     cfg = load_config(ROOT / "configs" / config)
+    info = dry_run(cfg)
+    assert info["engine"] == "trl" and info["grpo_config"]["loss_type"] == "cispo"
     assert info["world_size"] == cfg.scale.nproc
     assert info["grpo_config"]["per_device_train_batch_size"] * info["world_size"] == info["rows_per_step"]
     assert info["grpo_config"]["bf16"] is True  # resolved for the config's device, not this machine's
