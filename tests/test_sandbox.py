@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from fastslow.tasks import load_task
 from fastslow.tasks.codeio import CodeIOTask, expected_outputs
-from fastslow.tasks.sandbox import network_isolation, run_untrusted
+from fastslow.tasks.sandbox import isolation, network_isolation, run_untrusted
 
 
 def test_a_normal_program_reads_stdin_and_prints():
@@ -24,18 +25,29 @@ def test_a_crash_inside_the_code_is_a_normal_result():
     assert r.stdout == "before\n" and "ZeroDivisionError" in r.stderr and 'snippet.py", line 2' in r.stderr
 
 
-def test_an_infinite_loop_times_out_and_its_children_die(tmp_path):
-    marker = tmp_path / "alive"
-    child = f"import time, pathlib\nwhile True:\n    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(0.05)\n"
+def _running(marker: str) -> list[int]:
+    """Host pids of processes whose command line holds ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_an_infinite_loop_times_out_and_its_children_die():
+    marker = f"alive-{uuid.uuid4().hex}"
+    child = f"import time\n{marker!r}\nwhile True:\n    time.sleep(0.05)\n"
     code = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {child!r}])\nwhile True:\n    pass\n"
     t0 = time.perf_counter()
     r = run_untrusted(code, timeout_s=1, cpu_s=10)
     assert r.timed_out and r.returncode is None and "timed out" in r.error
     assert time.perf_counter() - t0 < 4
-    assert marker.exists()  # the grandchild did run
-    marker.unlink()
     time.sleep(0.3)
-    assert not marker.exists()  # the grandchild was killed with the process group
+    assert _running(marker) == []  # the grandchild was killed too
 
 
 def test_cpu_limit_stops_a_busy_loop_before_the_wall_clock():
@@ -57,12 +69,18 @@ def test_the_network_is_unreachable():
     assert network_isolation() in ("namespace", "preamble")
 
 
-def test_without_namespaces_the_preamble_disables_sockets(monkeypatch):
+def test_without_isolation_untrusted_code_is_refused_unless_unsafe_is_allowed(monkeypatch):
     import fastslow.tasks.sandbox as sandbox
 
-    monkeypatch.setattr(sandbox, "_unshare_works", lambda: False)
-    r = run_untrusted("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\nprint('connected')")
+    monkeypatch.setattr(sandbox, "isolation", lambda: "none")
+    monkeypatch.delenv("FASTSLOW_ALLOW_UNSAFE_EXEC", raising=False)
+    refused = run_untrusted("print('ran')")
+    assert refused.stdout == "" and "refusing to run untrusted code" in refused.error
+    assert "\n" not in refused.error and "allow_unsafe_execution" in refused.error
+    r = run_untrusted("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\nprint('connected')",
+                      allow_unsafe=True)
     assert r.returncode == 1 and "network access is disabled" in r.stderr and "connected" not in r.stdout
+    monkeypatch.setenv("FASTSLOW_ALLOW_UNSAFE_EXEC", "1")
     assert run_untrusted("print(input())", "still works").stdout == "still works\n"
 
 
@@ -101,6 +119,104 @@ def test_the_parent_never_crashes_on_bad_input():
     r = run_untrusted("print('x')", memory_mb=1)  # too little memory even to start: reported, not raised
     assert not r.ok and (r.error or r.returncode)
     assert run_untrusted("raise SystemExit(3)").returncode == 3
+
+
+# ---- hostile programs (issue 10, case 5): each must be contained where isolation works -------------------
+
+needs_isolation = pytest.mark.skipif(isolation() == "none", reason="no isolation mechanism on this machine")
+
+
+@pytest.fixture
+def victim_dir():
+    """A world-writable directory outside the sandbox's scratch (like another run's directory, or /dev/shm)."""
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path.cwd()
+    d = base / f"fastslow-victim-{uuid.uuid4().hex}"
+    d.mkdir()
+    d.chmod(0o777)
+    (d / "metrics.jsonl").write_text("precious\n")
+    (d / "metrics.jsonl").chmod(0o666)
+    (d / "root-only").write_text("secret-bytes\n")
+    (d / "root-only").chmod(0o600)
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+@needs_isolation
+def test_hostile_reading_a_root_only_file_is_contained(victim_dir):
+    code = (f"for p in ['/etc/shadow', {str(victim_dir / 'root-only')!r}]:\n"
+            "    try:\n        print(open(p).read()[:20])\n"
+            "    except OSError as e:\n        print('denied', e.errno)\n")
+    r = run_untrusted(code)
+    assert r.ok, r.stderr
+    assert "secret-bytes" not in r.stdout and "root:" not in r.stdout
+    assert r.stdout.count("denied") == 2
+
+
+@needs_isolation
+def test_hostile_writing_and_deleting_outside_scratch_is_contained(victim_dir):
+    target = victim_dir / "metrics.jsonl"
+    code = (
+        "import os\n"
+        f"for action in (lambda: open({str(target)!r}, 'a').write('x'), lambda: os.unlink({str(target)!r}),\n"
+        f"               lambda: open({str(victim_dir / 'new')!r}, 'w').write('x'),\n"
+        "               lambda: open('/var/tmp/fastslow-escape', 'w').write('x')):\n"
+        "    try:\n        action()\n        print('done')\n"
+        "    except OSError as e:\n        print('blocked', e.errno)\n"
+    )
+    r = run_untrusted(code)
+    assert r.ok, r.stderr
+    assert "done" not in r.stdout and r.stdout.count("blocked") == 4
+    assert target.read_text() == "precious\n" and sorted(p.name for p in victim_dir.iterdir()) == [
+        "metrics.jsonl", "root-only"]
+    assert not Path("/var/tmp/fastslow-escape").exists()
+
+
+@needs_isolation
+def test_hostile_fork_bomb_is_capped_and_every_process_dies():
+    marker = f"bomb-{uuid.uuid4().hex}"
+    code = (
+        "import os, sys, time\n"
+        f"sys.argv.append({marker!r})\n"
+        "n = 0\n"
+        "for _ in range(400):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
+        "    n += 1\n"
+        "print(n)\n"
+    )
+    r = run_untrusted(code, timeout_s=20, max_processes=16)
+    assert r.ok, r.stderr
+    assert int(r.stdout) < 16  # the process-count limit holds (as root too)
+    time.sleep(0.3)
+    assert _running(marker) == []  # none of them outlived the call
+
+
+@needs_isolation
+def test_hostile_setsid_survivor_does_not_outlive_the_call(victim_dir):
+    marker = f"survivor-{uuid.uuid4().hex}"
+    survivor = f"import time\n{marker!r}\ntime.sleep(1.5)\nopen({str(victim_dir / 'late')!r}, 'w').write('x')\n"
+    code = (f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {survivor!r}], start_new_session=True,"
+            " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\nprint('left')\n")
+    r = run_untrusted(code)
+    assert r.ok and r.stdout == "left\n", r.stderr
+    assert _running(marker) == []
+    time.sleep(2)
+    assert not (victim_dir / "late").exists()
+
+
+@needs_isolation
+def test_hostile_socket_has_no_network():
+    code = ("import socket\nfor addr in [('1.1.1.1', 53), ('127.0.0.1', 22)]:\n    try:\n"
+            "        socket.create_connection(addr, timeout=2)\n        print('connected')\n"
+            "    except OSError:\n        print('no network')\n")
+    r = run_untrusted(code, timeout_s=10)
+    assert r.ok and r.stdout.count("no network") == 2, r.stdout + r.stderr
 
 
 # ---- codeio --------------------------------------------------------------------------------------------

@@ -21,7 +21,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-FORMAT_VERSION = 1
+from fastslow.rundir import TEMP_INFIX
+
+# 2: state.json carries the run's config and the metrics prefix (row count, sha256); metrics.jsonl is copied in.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "MANIFEST.json"
 PREFIX = "step_"
 
@@ -54,7 +58,7 @@ def _fault_delay() -> None:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMP_INFIX}{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
@@ -73,7 +77,10 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], *
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2))
     _fsync_tree(tmp)
-    if final.exists():  # re-writing the same step (e.g. after a resume): replace it whole
+    if final.exists():  # re-writing the same step (e.g. after a resume): replace it whole, if it is ours
+        if checkpoint_format(final) not in READABLE_FORMATS:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{final} was written in a format this fastslow cannot read; it is kept")
         shutil.rmtree(final)
     os.replace(tmp, final)
     dir_fd = os.open(ckpt_root, os.O_RDONLY)
@@ -81,7 +88,8 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], *
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(ckpt_root)[:-keep]:
+    # Only checkpoints this version can read count and are pruned: another version's are never deleted.
+    for old in [p for p in list_checkpoints(ckpt_root) if checkpoint_format(p) in READABLE_FORMATS][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):  # leftovers of a killed writer
         shutil.rmtree(stale, ignore_errors=True)
@@ -95,6 +103,25 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def checkpoint_format(path: Path) -> object:
+    """The format number in ``path``'s manifest, or None when there is no readable manifest."""
+    try:
+        meta = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
+def foreign_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Sealed checkpoints of a format this fastslow cannot read (another version's): never to be touched."""
+    out = []
+    for path in list_checkpoints(ckpt_root):
+        fmt = checkpoint_format(path)
+        if fmt is not None and fmt not in READABLE_FORMATS:
+            out.append(path)
+    return out
+
+
 def verify_checkpoint(path: Path) -> str | None:
     """None if ``path`` is whole; otherwise why not (one line, naming the file at fault)."""
     manifest = path / MANIFEST
@@ -106,7 +133,7 @@ def verify_checkpoint(path: Path) -> str | None:
         return f"unreadable {MANIFEST}: {exc}"
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
         return f"{MANIFEST} is not a checkpoint manifest"
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in READABLE_FORMATS:
         return (
             f"unknown checkpoint format {meta.get('format')!r}: this fastslow reads format {FORMAT_VERSION} "
             "(written by another fastslow version?)"
@@ -128,6 +155,13 @@ def latest_good_checkpoint(ckpt_root: Path, warn: Callable[[str], None] = print)
     why: silently starting over would throw the run away.
     """
     rejected: list[str] = []
+    newest = list_checkpoints(ckpt_root)[-1:]
+    fmt = checkpoint_format(newest[0]) if newest else None
+    if isinstance(fmt, int) and fmt > FORMAT_VERSION:
+        raise CheckpointError(
+            f"the newest checkpoint {newest[0]} has format {fmt}, newer than this fastslow's ({FORMAT_VERSION}): "
+            "resume it with the fastslow that wrote it"
+        )
     for path in reversed(list_checkpoints(ckpt_root)):
         problem = verify_checkpoint(path)
         if problem is None:

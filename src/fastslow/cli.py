@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -26,23 +27,39 @@ probe_app = typer.Typer(no_args_is_help=True, help="Probes of trained runs.")
 app.add_typer(probe_app, name="probe")
 console = Console(stderr=True)
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from fastslow.checkpoint import CheckpointError
-    from fastslow.config import ConfigError
-    from fastslow.engines.trl import EngineUnavailable
-    from fastslow.loop import RunDirError
-    from fastslow.tasks import TaskError
-
-    return (ConfigError, RunDirError, TaskError, CheckpointError, FileNotFoundError, EngineUnavailable)
-
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from fastslow.util import one_line
+
+    console.print("[bold red]error:[/] ", end="")
+    console.print(one_line(message, 400), markup=False, highlight=False, soft_wrap=True)  # user text is not markup
     raise typer.Exit(code)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def guarded(command):
+    """Every error escaping ``command`` ends as one redacted line: exit 2 when it comes from the user's inputs,
+    environment or plug-in code, exit 1 for a training failure or (with a request to report it) a fastslow bug.
+    No traceback is printed: one could quote a key held in the user's exception."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from fastslow.errors import describe, exit_code
+        from fastslow.loop import TrainingError
+
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
+            import click
+
+            if isinstance(exc, click.ClickException):
+                raise
+            if isinstance(exc, TrainingError):
+                fail(str(exc), code=1)
+            fail(describe(exc), code=exit_code(exc))
+
+    return wrapper
 
 
 def progress_bar() -> Progress:
@@ -78,7 +95,10 @@ def run_config(
             bits.append(f"kl {row['drift/kl_rev']:.4f}")
         progress.update(bar, completed=done, info="  ".join(bits) or progress.tasks[bar].fields["info"])
 
-    trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step, log=lambda m: console.print(m))
+    from fastslow.util import redact
+
+    trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step,
+                      log=lambda m: console.print(redact(m), markup=False, highlight=False))
     progress.update(bar, completed=trainer.state.step)
     if own:
         with progress:
@@ -87,6 +107,7 @@ def run_config(
 
 
 @app.command()
+@guarded
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
     out: Annotated[str | None, typer.Option(help="Run directory (overrides the config's out).")] = None,
@@ -98,24 +119,19 @@ def run(
 ) -> None:
     """Run one config: rl, gepa or fst on a task or a stream."""
     from fastslow.config import load_config
-    from fastslow.loop import TrainingError
 
     overrides = list(set_ or []) + ([f"out={out}"] if out else [])
-    try:
-        cfg = load_config(config, overrides)
-        if dry_run:
-            from fastslow.launch import dry_run as resolve
-            from fastslow.launch import format_dry_run
+    cfg = load_config(config, overrides)
+    if dry_run:
+        from fastslow.launch import dry_run as resolve
+        from fastslow.launch import format_dry_run
 
-            typer.echo(format_dry_run(resolve(cfg)))
-            return
-        summary = run_config(cfg, resume=resume, force=force)
-    except _user_errors() as exc:
-        fail(_one_line(exc))
-    except TrainingError as exc:
-        fail(_one_line(exc), code=1)
+        typer.echo(format_dry_run(resolve(cfg)))
+        return
+    summary = run_config(cfg, resume=resume, force=force)
     final = {t: round(v["reward"], 4) for t, v in summary["final"].items()}
-    console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}")
+    console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}  "
+                  f"verifier errors {summary['verifier_errors']}/{summary.get('verifier_calls', 0)}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -139,43 +155,38 @@ def launch(
     from fastslow.launch import launch_command
 
     run_args = list(ctx.args)
-    try:
-        sets = [run_args[i + 1] for i, a in enumerate(run_args[:-1]) if a == "--set"]
-        cfg = load_config(config, sets)
-        if cfg.engine != "trl":
-            fail(f"launch runs engine 'trl'; {config} has engine '{cfg.engine}' (set engine: trl or --set engine=trl)")
-        from fastslow.engines.trl import require_trl
+    sets = [run_args[i + 1] for i, a in enumerate(run_args[:-1]) if a == "--set"]
+    cfg = load_config(config, sets)
+    if cfg.engine != "trl":
+        fail(f"launch runs engine 'trl'; {config} has engine '{cfg.engine}' (set engine: trl or --set engine=trl)")
+    from fastslow.engines.trl import require_trl
 
-        require_trl()
-        cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
-                             accelerate_config=accelerate_config or cfg.scale.accelerate_config, nnodes=nnodes,
-                             node_rank=node_rank, main_address=main_address, main_port=main_port)
-    except _user_errors() as exc:
-        fail(_one_line(exc))
+    require_trl()
+    cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
+                         accelerate_config=accelerate_config or cfg.scale.accelerate_config, nnodes=nnodes,
+                         node_rank=node_rank, main_address=main_address, main_port=main_port)
     raise typer.Exit(start(cmd, log=lambda m: console.print(m, highlight=False, soft_wrap=True)))
 
 
 @app.command("eval")
+@guarded
 def eval_(
     model: Annotated[str, typer.Option(help="Model dir or id; 'micro' = the micro base; or a run's checkpoint.")],
     task: Annotated[str, typer.Option(help="Task spec: micro/<name>, jsonl:<path>, <module>:<attr>.")],
     prompt: Annotated[str | None, typer.Option(help="System prompt (default: the task's seed prompt).")] = None,
-    n: Annotated[int, typer.Option(help="Eval problems.")] = 64,
+    n: Annotated[int, typer.Option(min=1, help="Eval problems.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 24,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Score a model on a task's eval split; prints JSON {task, reward, n}."""
     from fastslow.config import ModelConfig
-    from fastslow.policy import Policy
+    from fastslow.errors import load_policy
     from fastslow.rollout import PolicySampler, score_prompt
     from fastslow.tasks import load_task
 
-    try:
-        t = load_task(task)
-        policy = Policy.load(ModelConfig(path=_model_dir(model)))
-    except _user_errors() + (OSError, ValueError) as exc:
-        fail(_one_line(exc))
+    t = load_task(task)
+    policy = load_policy(ModelConfig(path=_model_dir(model)))
     system = t.seed_prompt if prompt is None else prompt
     scored = score_prompt(PolicySampler(policy), t, system, n, temperature=temperature,
                           max_new_tokens=max_new_tokens, seed=seed)
@@ -195,21 +206,25 @@ def _model_dir(model: str) -> str:
 
 
 @app.command()
+@guarded
 def report(
     dirs: Annotated[list[Path], typer.Argument(help="Run dirs, or a demo dir holding run dirs.")],
     out: Annotated[Path | None, typer.Option(help="Where report.html goes (default: the first dir).")] = None,
 ) -> None:
     """(Re)build report.html and the plots from run directories."""
-    from fastslow.report import build_report
+    from fastslow.report import build_report, discover
 
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         fail(f"not a directory: {', '.join(missing)}")
+    if not discover(list(dirs))[0]:
+        fail(f"no runs in {', '.join(map(str, dirs))} (a run dir holds summary.json or metrics.jsonl)")
     path = build_report(list(dirs), out or dirs[0])
     console.print(f"report: {path}")
 
 
 @app.command()
+@guarded
 def demo(
     out: Annotated[Path, typer.Option(help="Where the runs, probes and report go.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="A ~2 minute version (shorter stages and probes).")] = False,
@@ -228,6 +243,7 @@ def demo(
 
 
 @probe_app.command("plasticity")
+@guarded
 def probe_plasticity(
     from_: Annotated[str, typer.Option("--from", help="A run dir, a model dir, or 'base'.")],
     task: Annotated[str, typer.Option(help="Held-out task spec (e.g. micro/consonants).")],
@@ -241,23 +257,21 @@ def probe_plasticity(
     from fastslow.config import load_config
     from fastslow.probes import plasticity_probe
 
-    try:
-        overrides = [f"stages=[{{task: '{task}', steps: {steps}}}]", *(set_ or [])]
-        template = load_config(config, overrides)
-        starts = [("from", from_)] + ([("base", "base")] if compare_base and from_ != "base" else [])
-        results = {}
-        with progress_bar() as progress:
-            for arm, start in starts:
-                results[arm] = plasticity_probe(
-                    start, task, steps, template, out / arm,
-                    run=lambda cfg, _arm=arm, **kw: run_config(cfg, label=f"probe {_arm}", progress=progress, **kw),
-                )
-    except _user_errors() + (ValueError,) as exc:
-        fail(_one_line(exc))
+    overrides = [f"stages=[{{task: '{task}', steps: {steps}}}]", *(set_ or [])]
+    template = load_config(config, overrides)
+    starts = [("from", from_)] + ([("base", "base")] if compare_base and from_ != "base" else [])
+    results = {}
+    with progress_bar() as progress:
+        for arm, start in starts:
+            results[arm] = plasticity_probe(
+                start, task, steps, template, out / arm,
+                run=lambda cfg, _arm=arm, **kw: run_config(cfg, label=f"probe {_arm}", progress=progress, **kw),
+            )
     typer.echo(json.dumps({arm: {k: r[k] for k in ("start", "final", "auc")} for arm, r in results.items()}))
 
 
 @world_app.command("build")
+@guarded
 def world_build(
     out: Annotated[Path, typer.Option(help="Where to write the base model.")] = Path("runs/world-base"),
     seed: Annotated[int, typer.Option(help="Build seed (the shipped model uses 0).")] = 0,
@@ -270,6 +284,7 @@ def world_build(
 
 
 @world_app.command("check")
+@guarded
 def world_check(
     model: Annotated[str | None, typer.Option(help="Model dir (default: the shipped micro base).")] = None,
     n: Annotated[int, typer.Option(help="Eval problems per task.")] = 200,
@@ -284,7 +299,14 @@ def world_check(
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m fastslow.cli`
-    app()
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - outside any command (e.g. a plug-in failing at import): one line
+        from fastslow.errors import describe, exit_code
+
+        console.print("[bold red]error:[/] ", end="")
+        console.print(describe(exc), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exit_code(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,11 +7,14 @@ one-line message names the field.
 
 from __future__ import annotations
 
+import math
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Method = Literal["rl", "gepa", "fst"]
 
@@ -22,6 +25,25 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+MAX_QUOTE = 200  # an error quotes at most this many characters of the user's input
+MAX_CONFIG_NODES = 100_000  # YAML aliases can expand a 1 KB file into billions of nodes: refused beyond this
+
+
+def _quote(value: object) -> str:
+    """A short repr of user input for an error message (bounded however large or nested the value is)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = MAX_QUOTE
+    text = short.repr(value)
+    return text if len(text) <= MAX_QUOTE else text[: MAX_QUOTE - 3] + "..."
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number of seconds (got {value})")
+    return value
 
 
 class LoraConfig(_Strict):
@@ -37,7 +59,14 @@ class ModelConfig(_Strict):
     path: str = Field("micro", description="HF model id or local dir; 'micro' is the embedded micro-world base.")
     lora: LoraConfig | None = Field(None, description="Optional LoRA; null trains all weights.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:i]'.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda[:i]' or 'mps'.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not _DEVICE.fullmatch(device):
+            raise ValueError(f"unknown device {_quote(device)}: use auto, cpu, cuda, cuda:<i> or mps")
+        return device
 
 
 class StageConfig(_Strict):
@@ -95,6 +124,17 @@ class FastConfig(_Strict):
         3, gt=0, description="A round ends (keeping its population) after this many failed reflection calls in a row."
     )
     temperature: float = Field(0.0, ge=0, description="Sampling temperature when GEPA scores a prompt (0=greedy).")
+    max_reply_chars: int = Field(
+        50_000, gt=0, description="A reflection reply longer than this is a reflection error (never parsed)."
+    )
+    max_prompt_chars: int = Field(
+        8_000, gt=0, description="A proposed prompt longer than this is rejected (a reflection error)."
+    )
+
+    @field_validator("reflection_timeout_s")
+    @classmethod
+    def _finite_timeout(cls, value: float) -> float:
+        return _finite(value)
 
 
 class DriftConfig(_Strict):
@@ -158,14 +198,35 @@ class Config(_Strict):
     drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift meter settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
     scale: ScaleConfig = Field(default_factory=ScaleConfig, description="Settings of engine 'trl' (GRPOTrainer).")
-    seed: int = Field(0, description="Seed of everything; same seed on CPU = same metrics.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of everything; same seed on CPU = same metrics.")
     threads: int | None = Field(
         None, gt=0, description="CPU threads for torch (null: torch's default). Tiny models run faster on 1."
     )
     verify_timeout_s: float = Field(30.0, gt=0, description="Wall-clock limit of one verifier call (reward 0 after).")
+    verifier_error_window: int = Field(
+        256, gt=0, description="Verifier calls over which the share of verifier errors is watched."
+    )
+    max_verifier_error_share: float = Field(
+        0.5, ge=0, le=1,
+        description="A run whose verifier errors exceed this share of the last verifier_error_window calls stops "
+        "(exit 1, checkpoint kept): a verifier that always fails would otherwise train on all-zero rewards.",
+    )
+    allow_unsafe_execution: bool = Field(
+        False, description="Run untrusted code (e.g. a task's programs) with resource limits only where no "
+        "isolation mechanism (unshare namespaces, bubblewrap) works; false refuses it."
+    )
+    oversize_problems: Literal["error", "skip"] = Field(
+        "error", description="A problem whose prompt does not fit the model's context: 'error' (a config error "
+        "naming it) or 'skip' (left out, counted in summary.json)."
+    )
     checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every N loop steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
     out: str = Field("runs/run", description="Run directory.")
+
+    @field_validator("verify_timeout_s")
+    @classmethod
+    def _finite_verify_timeout(cls, value: float) -> float:
+        return _finite(value)
 
     @model_validator(mode="after")
     def _stream_is_consistent(self) -> Config:
@@ -231,7 +292,7 @@ def _first_error(err: ValidationError) -> str:
     if e["type"] == "missing":
         return f"missing field '{field}'"
     msg = e["msg"].removeprefix("Value error, ")
-    return f"field '{field}': {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" else "")
+    return f"field '{field}': {msg}" + (f" (got {_quote(e['input'])})" if e["type"] != "value_error" else "")
 
 
 def config_from_dict(data: dict) -> Config:
@@ -249,13 +310,100 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, ValueError) as exc:  # garbage bytes, NUL characters
+            raise ConfigError(f"{p} is not a YAML text file ({type(exc).__name__})") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {p}: {exc.strerror or type(exc).__name__}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"malformed YAML in {p}{where}: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of fields")
+        if _expanded_size(data) > MAX_CONFIG_NODES:
+            raise ConfigError(f"{p}: more than {MAX_CONFIG_NODES} values once YAML aliases are expanded")
     for assignment in overrides:
         apply_override(data, assignment)
     return config_from_dict(data)
+
+
+def _expanded_size(data: Any) -> int:
+    """Values in ``data`` with shared (aliased) parts counted every time they appear; memoized, so a
+    billion-laughs file is measured in a few steps instead of being walked."""
+    memo: dict[int, int] = {}
+
+    def size(node: Any, depth: int) -> int:
+        if depth > 100:  # recursive aliases: the size is unbounded
+            return MAX_CONFIG_NODES + 1
+        if id(node) in memo:
+            return memo[id(node)]
+        if isinstance(node, dict):
+            n = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            n = 1 + sum(size(v, depth + 1) for v in node)
+        else:
+            n = 1
+        memo[id(node)] = n = min(n, MAX_CONFIG_NODES + 1)
+        return n
+
+    return size(data, 0)
+
+
+# ---- resume: which config changes keep a run's meaning --------------------------------------------------
+# Safe to change when resuming (operational, or what the run does from now on). Everything else (method,
+# model, seed, loss, lr, batch sizes, ...) changes what the checkpoint's numbers mean and is refused.
+RESUME_SAFE = frozenset({
+    "out", "threads", "eval.every", "drift.every", "checkpoint_every", "keep_checkpoints", "verify_timeout_s",
+    "verifier_error_window", "max_verifier_error_share", "oversize_problems", "allow_unsafe_execution",
+    "fast.reflection_timeout_s",
+    "fast.reflection_retries", "fast.max_reply_chars", "fast.max_prompt_chars",
+})
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
+    """Compare a checkpoint's config with the one resuming it at loop step ``step``.
+
+    Returns the safe changes as ``{field: [old, new]}`` (to be logged); raises :class:`ConfigError` naming
+    every field whose change would mix two runs: anything outside :data:`RESUME_SAFE`, and stages the run
+    has already trained (before ``step``), the current stage's task, or a stream shorter than ``step``.
+    Stages after ``step`` may change: that is the future of the stream.
+    """
+    old_stages, new_stages = old.get("stages", []), new.get("stages", [])
+    flat_old = _flatten({k: v for k, v in old.items() if k != "stages"})
+    flat_new = _flatten({k: v for k, v in new.items() if k != "stages"})
+    refused = sorted(k for k in flat_old.keys() | flat_new.keys()
+                     if flat_old.get(k) != flat_new.get(k) and k not in RESUME_SAFE)
+    start = 0
+    for i, stage in enumerate(old_stages):
+        end = start + stage["steps"]
+        last = i == len(old_stages) - 1  # the last stage may be lengthened (or shortened to what is done)
+        if end <= step and not last:  # trained to its end: must be unchanged
+            if i >= len(new_stages) or new_stages[i] != stage:
+                refused.append(f"stages.{i}")
+        elif start <= step:  # the current stage: same task, long enough for what was already trained
+            if i >= len(new_stages) or new_stages[i]["task"] != stage["task"]:
+                refused.append(f"stages.{i}.task")
+        start = end
+    if sum(s["steps"] for s in new_stages) < step:
+        refused.append(f"stages (the checkpoint is at step {step})")
+    if refused:
+        shown = ", ".join(dict.fromkeys(refused))
+        raise ConfigError(
+            f"--resume with a config that changes what the run means: {shown[:MAX_QUOTE]} "
+            "(start a new run, or resume with the original values)"
+        )
+    changed = {k: [flat_old.get(k), flat_new.get(k)] for k in sorted(flat_old.keys() | flat_new.keys())
+               if flat_old.get(k) != flat_new.get(k)}
+    if old_stages != new_stages:
+        changed["stages"] = [old_stages, new_stages]
+    return changed

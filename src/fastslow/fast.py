@@ -137,7 +137,8 @@ class FastChannel:
         self.sample, self.cfg, self.seed, self.version = sample, cfg, seed, version
         self.max_new_tokens = max_new_tokens
         self.reflector = GuardedReflector(reflector, retries=cfg.reflection_retries, timeout_s=cfg.reflection_timeout_s,
-                                          max_consecutive_failures=cfg.max_consecutive_reflection_failures)
+                                          max_consecutive_failures=cfg.max_consecutive_reflection_failures,
+                                          max_reply_chars=cfg.max_reply_chars, max_prompt_chars=cfg.max_prompt_chars)
         self.population: list[str] = []
         self.best: dict[str, str] = {}
         self.rounds = 0
@@ -181,7 +182,7 @@ class FastChannel:
         calls_before, errors_before = self.reflector.calls, self.reflector.errors
         error: str | None = None  # this round's fault, one redacted line, for the run log
         accepted = 0
-        tmp = Path(tempfile.mkdtemp(prefix="gepa-", dir=workdir))
+        tmp = Path(tempfile.mkdtemp(prefix=".fastslow-gepa-", dir=workdir))
         metrics: dict[str, float] = {}
         try:
             state.save(str(tmp))

@@ -17,11 +17,12 @@ Every random draw is seeded from (seed, what, step), so a resumed run replays ex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,21 +31,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from fastslow.checkpoint import latest_good_checkpoint, save_checkpoint, write_json_atomic
-from fastslow.config import Config, ConfigError
+from fastslow.checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint, write_json_atomic
+from fastslow.checks import VerifierWindow, check_splits, fit_to_context, weights_finite
+from fastslow.config import Config, ConfigError, resume_changes
 from fastslow.drift import DriftMeter
-from fastslow.engines import build_engine
+from fastslow.engines import build_engine, launched_rank
+from fastslow.errors import build_checked
 from fastslow.rollout import score_prompt
+from fastslow.rundir import TEMP_INFIX, RunDirError, RunDirLock, check_run_dir, claim  # noqa: F401 - re-exported
 from fastslow.slow import Rollouts
 from fastslow.stream import continual_metrics, stage_at, stage_spans, stream_columns
 from fastslow.tasks import Task, load_task
 from fastslow.util import derive_seed, redact
 
 MAX_NONFINITE_STREAK = 5
-
-
-class RunDirError(RuntimeError):
-    """The run directory holds another run and neither resume nor force was asked for."""
 
 
 class TrainingError(RuntimeError):
@@ -66,6 +66,9 @@ class LoopState:
     last_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     last_drift: dict[str, float] = field(default_factory=dict)
     metrics_bytes: int = 0
+    metrics_rows: int = 0
+    metrics_sha256: str = ""  # of the first metrics_bytes of metrics.jsonl ("" in format-1 checkpoints)
+    verifier_calls: int = 0
 
 
 class Trainer:
@@ -77,15 +80,40 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
-        _prepare_run_dir(self.out, resume=resume, force=force, clear=False)  # refuse early, write nothing yet
+        check_run_dir(self.out, resume=True, force=False)  # a file or the user's folder: refused, nothing written
+        self.lock = RunDirLock(self.out)
+        # One process per run dir, held until run() ends (or the process dies); under torchrun/accelerate
+        # launch only rank 0 (the engine's main process) holds it.
+        if self.out.is_dir() and launched_rank() == 0:
+            self.lock.acquire()  # (a new dir is locked when it is created, once every input has loaded)
+        try:
+            check_run_dir(self.out, resume=resume, force=force)  # under the lock: a run there is not running
+            self._setup(resume=resume, force=force)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, *, resume: bool, force: bool) -> None:
+        cfg, log = self.cfg, self.log
+        if cfg.allow_unsafe_execution:  # read by the sandbox of untrusted code (fastslow.tasks.sandbox)
+            os.environ["FASTSLOW_ALLOW_UNSAFE_EXEC"] = "1"
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.spans = stage_spans([s.model_dump() for s in cfg.stages])  # [first step, end step) per stage
         self.tasks, self.stage_tasks = load_stream(cfg)  # tasks by unique name; the task name of each stage
+        for name, task in self.tasks.items():
+            check_splits(task, name)
         ckpt = latest_good_checkpoint(self.ckpt_root, warn=log) if resume else None
-        self.engine = build_engine(cfg, ckpt / "model" if ckpt else None)
+        self._resume_changes: dict = {}
+        if ckpt is not None:
+            saved = json.loads((ckpt / "state.json").read_text())
+            if saved.get("config") is not None:  # format-1 checkpoints carry no config
+                self._resume_changes = resume_changes(saved["config"], cfg.model_dump(mode="json"),
+                                                      saved["loop"]["step"])
+        self.engine = build_checked(build_engine, cfg, ckpt / "model" if ckpt else None)
         self.policy, self.slow, self.fast = self.engine.policy, self.engine.slow, self.engine.fast
+        self.oversize_skipped = self._fit_tasks_to_context()
         probes = []
         for task in self.tasks.values():
             for problem in list(task.problems("eval"))[: cfg.drift.probe_size]:
@@ -93,9 +121,13 @@ class Trainer:
         self.drift = DriftMeter(self.policy, probes, cfg.drift, seed=cfg.seed)
         self.main = self.engine.is_main  # only the main process writes the run dir
         # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
-        if self.main:  # other ranks would race the main's first writes (and see "already holds a run")
-            _prepare_run_dir(self.out, resume=resume, force=force)
+        if self.main:  # one process writes the run dir; the other ranks neither lock nor claim it
+            if not self.lock.held:
+                self.lock.acquire()
+            claim(self.out, resume=resume, force=force)
         self.state = LoopState()
+        self.verifier_window = VerifierWindow(cfg.verifier_error_window, cfg.max_verifier_error_share)
+        self._metrics_hash = hashlib.sha256()
         self.timing: dict[str, list[float]] = {"step_s": [], "round_s": [], "slow_step_s": [], "eval_s": []}
         if ckpt is not None:
             self._restore(ckpt)
@@ -109,6 +141,12 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict:
         cfg, st = self.cfg, self.state
         total = cfg.total_steps
         if st.step == 0 and st.metrics_bytes == 0:
@@ -129,7 +167,7 @@ class Trainer:
                 if rnd.error:  # a faulty reflector or round is survived, never silently
                     self.log(f"step {step}: fast channel kept its population: {rnd.error}")
                 st.fast_rollouts += rnd.rollouts
-                st.verifier_errors += rnd.verifier_errors
+                self._verified(rnd.verifier_errors, rnd.rollouts)
                 st.accepted_total += rnd.accepted
                 st.reflection_calls += rnd.reflection_calls
                 st.reflection_errors += rnd.reflection_errors
@@ -172,7 +210,7 @@ class Trainer:
             max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "rollout", step),
         )
         st.rollouts += len(pairs)
-        st.verifier_errors += scored.verifier_errors
+        self._verified(scored.verifier_errors, len(pairs))
         rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(len(problems), g)
         # k3 on the training rollouts is logged on exactly the rows the drift meter measures.
         metrics = self.slow.step(Rollouts(scored.batch, rewards), measure_k3=self._drift_due(step + 1))
@@ -181,8 +219,32 @@ class Trainer:
                 f"loss or gradient non-finite for {self.slow.nonfinite_streak} consecutive steps at step {step}; "
                 f"updates were skipped, the last good checkpoint is in {self.ckpt_root} (try a lower slow.lr)"
             )
+        if not weights_finite(self.policy.model):  # e.g. lr 1e9: a finite step that overflowed the weights
+            raise TrainingError(
+                f"the weights became non-finite after the update of step {step}; the last good checkpoint is in "
+                f"{self.ckpt_root} (try a lower slow.lr)"
+            )
         st.policy_version = self.policy.version
         return metrics
+
+    def _verified(self, errors: int, calls: int) -> None:
+        """Count verifier outcomes; too many errors in the window stop the run (the checkpoint is kept)."""
+        st = self.state
+        st.verifier_errors += errors
+        st.verifier_calls += calls
+        self.verifier_window.add(errors, calls)
+
+    def _fit_tasks_to_context(self) -> dict[str, int]:
+        """Problems whose prompt (with the seed prompt and the completion budget) exceeds the model's context
+        are a config error naming the first, or left out and counted (``oversize_problems: skip``)."""
+        skipped: dict[str, int] = {}
+        for spec, task in self.tasks.items():
+            self.tasks[spec], n = fit_to_context(task, self.policy, self.cfg.slow.max_new_tokens,
+                                                 skip=self.cfg.oversize_problems == "skip")
+            if n:
+                skipped[task.name] = n
+                self.log(f"task {task.name}: {n} problems longer than the model's context left out")
+        return skipped
 
     # ---- measurements -------------------------------------------------------------------------
     def _drift_due(self, done: int) -> bool:
@@ -210,7 +272,7 @@ class Trainer:
                     self.engine.sample, task, prompt, cfg.eval.n, temperature=cfg.eval.temperature,
                     max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
                 )
-                self.state.verifier_errors += scored.verifier_errors
+                self._verified(scored.verifier_errors, len(scored.verdicts))
                 result[key] = scored.mean_reward
             self.state.last_eval[task.name] = result
             row[f"eval/{task.name}/reward"] = result["reward"]
@@ -224,11 +286,25 @@ class Trainer:
         row = {"step": step, "rollouts": st.rollouts, "fast_rollouts": st.fast_rollouts, **metrics}
         if not self.main:
             return
-        with self.metrics_path.open("a") as f:
-            # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            f.write(json.dumps(clean) + "\n")
-        st.metrics_bytes = self.metrics_path.stat().st_size
+        # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._append_metrics(json.dumps(clean) + "\n")
+        problem = self.verifier_window.verdict()
+        if problem:  # checked once the row is logged, so the run's record shows the counts that stopped it
+            raise TrainingError(
+                f"{problem} (verifier errors {st.verifier_errors}/{st.verifier_calls} in all); the run stops at "
+                f"step {step}, the last good checkpoint is in {self.ckpt_root}"
+            )
+
+    def _append_metrics(self, line: str) -> None:
+        """Append one row; the state keeps the row count and a running sha256 of everything written."""
+        st, data = self.state, line.encode()
+        with self.metrics_path.open("ab") as f:
+            f.write(data)
+        self._metrics_hash.update(data)
+        st.metrics_bytes += len(data)
+        st.metrics_rows += 1
+        st.metrics_sha256 = self._metrics_hash.hexdigest()
 
     def _checkpoint(self) -> None:
         st = self.state
@@ -242,8 +318,12 @@ class Trainer:
                 "loop": asdict(st),
                 "fast": self.fast.state_dict() if self.fast else None,
                 "torch_rng": torch.get_rng_state().tolist(),
+                "config": self.cfg.model_dump(mode="json"),
             }
             (tmp / "state.json").write_text(json.dumps(state))
+            # The rows so far travel with the checkpoint: a metrics file cut short is rebuilt from them.
+            with self.metrics_path.open("rb") as src:
+                (tmp / "metrics.jsonl").write_bytes(src.read(st.metrics_bytes))
 
         if self.main:
             save_checkpoint(self.ckpt_root, st.step, write, keep=self.cfg.keep_checkpoints)
@@ -257,10 +337,37 @@ class Trainer:
         if self.fast is not None and state["fast"] is not None:
             self.fast.load_state_dict(state["fast"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        # Rows written after this checkpoint belong to the lost future: cut them.
-        if self.main:
-            with self.metrics_path.open("r+b") as f:
-                f.truncate(self.state.metrics_bytes)
+        # A lengthened last stage has not ended yet: its accuracy-matrix row is written again at its new end.
+        self.state.matrix = self.state.matrix[: sum(end <= self.state.step for _, end in self.spans)]
+        if not self.main:
+            return
+        self._restore_metrics(ckpt)
+        if self._resume_changes:  # safe changes only (the others were refused before anything was written)
+            self._append_metrics(json.dumps({"step": self.state.step, "event": "resume_config_changed",
+                                             "changed": self._resume_changes}) + "\n")
+            self.log(f"resume: config changed: {', '.join(sorted(self._resume_changes))}")
+
+    def _restore_metrics(self, ckpt: Path) -> None:
+        """Cut rows written after ``ckpt`` (the lost future); rebuild a file cut short or altered from the
+        checkpoint's copy. Never pads: a file shorter than the checkpoint's offset is not extended."""
+        st = self.state
+        data = self.metrics_path.read_bytes() if self.metrics_path.is_file() else b""
+        prefix = data[: st.metrics_bytes]
+        intact = len(prefix) == st.metrics_bytes and (
+            not st.metrics_sha256 or hashlib.sha256(prefix).hexdigest() == st.metrics_sha256)
+        if not intact:
+            copy = ckpt / "metrics.jsonl"
+            if not copy.is_file():
+                raise CheckpointError(
+                    f"{self.metrics_path} holds less than the {st.metrics_bytes} bytes checkpoint {ckpt.name} "
+                    "recorded and the checkpoint carries no copy: cannot resume without losing rows"
+                )
+            prefix = copy.read_bytes()
+            self.log(f"{self.metrics_path.name} was cut short or altered: rebuilt from checkpoint {ckpt.name}")
+        tmp = self.metrics_path.with_name(f".metrics.jsonl{TEMP_INFIX}{os.getpid()}")
+        tmp.write_bytes(prefix)
+        os.replace(tmp, self.metrics_path)
+        self._metrics_hash = hashlib.sha256(prefix)
 
     def _summary(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -288,6 +395,8 @@ class Trainer:
             "fast": {"accepted_total": st.accepted_total, "reflection_calls": st.reflection_calls,
                      "reflection_errors": st.reflection_errors} if self.fast else None,
             "verifier_errors": st.verifier_errors,
+            "verifier_calls": st.verifier_calls,
+            "oversize_problems_skipped": self.oversize_skipped,
         }
 
     def _timing_summary(self) -> dict:
@@ -328,30 +437,6 @@ def load_stream(cfg: Config) -> tuple[dict[str, Task], list[str]]:
         tasks.setdefault(task.name, task)
         stage_tasks.append(task.name)
     return tasks, stage_tasks
-
-
-def _prepare_run_dir(out: Path, *, resume: bool, force: bool, clear: bool = True) -> None:
-    """Refuse a run dir holding another run (unless resume/force); with ``clear``, empty it (force) and
-    sweep what a killed process left (GEPA round scratch dirs, half-written JSON temp files)."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"run directory {out} is not a directory")
-    holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-    if holds_run and not (resume or force):
-        raise RunDirError(
-            f"run directory {out} already holds a run: pass --resume to continue it or --force to overwrite"
-        )
-    if not clear:
-        return
-    if holds_run and force and not resume:
-        for name in ("metrics.jsonl", "summary.json", "timing.json", "config.yaml"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("gepa-*"), *out.glob(".*.tmp-*")]:  # one process per run dir: these are dead
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
 
 
 def train(cfg: Config, **kwargs) -> dict:

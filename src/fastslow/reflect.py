@@ -89,9 +89,12 @@ class GuardedReflector:
     """
 
     def __init__(self, lm: ReflectionLM, *, retries: int = 2, timeout_s: float = 120.0,
-                 max_consecutive_failures: int = 3) -> None:
+                 max_consecutive_failures: int = 3, max_reply_chars: int = 50_000,
+                 max_prompt_chars: int = 8_000) -> None:
         self.lm, self.retries, self.timeout_s = lm, retries, timeout_s
         self.max_consecutive_failures = max_consecutive_failures
+        # Size caps: a 10 MB reply would stall GEPA's parsing and every later rollout of the prompt it yields.
+        self.max_reply_chars, self.max_prompt_chars = max_reply_chars, max_prompt_chars
         self.calls = 0
         self.errors = 0
         self.consecutive_failures = 0
@@ -112,6 +115,14 @@ class GuardedReflector:
                 reply = call_with_timeout(self.lm, prompt, timeout_s=self.timeout_s)
                 if not isinstance(reply, str) or not reply.strip():
                     raise ReflectionError(f"reflection model returned {type(reply).__name__} {reply!r:.60}")
+                if len(reply) > self.max_reply_chars:
+                    raise ReflectionError(f"reply of {len(reply)} characters exceeds fast.max_reply_chars="
+                                          f"{self.max_reply_chars}")
+                fenced = reply.split("```")
+                proposal = fenced[1] if len(fenced) >= 3 else reply  # GEPA takes the fenced text as the prompt
+                if len(proposal.strip()) > self.max_prompt_chars:
+                    raise ReflectionError(f"proposed prompt of {len(proposal.strip())} characters exceeds "
+                                          f"fast.max_prompt_chars={self.max_prompt_chars}")
                 self.consecutive_failures = 0
                 return reply
             except Exception as exc:  # noqa: BLE001 - any fault of the model is counted and retried

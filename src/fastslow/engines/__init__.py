@@ -45,6 +45,14 @@ class Engine:
     close: Callable[[], None] = field(default=lambda: None)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun / accelerate launch announce it (0 when started alone), known before
+    any engine is built (the run-dir lock is taken by rank 0 only)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 EngineFactory = Callable[[Config, "Path | None"], Engine]
 
 

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
 INSTALL_HINT = "engine 'trl' needs TRL and accelerate: pip install 'fastslow[scale]'"
 
 
-class EngineUnavailable(RuntimeError):
-    """The environment lacks what an engine needs (a user error: one line, exit 2)."""
+class EngineUnavailable(ConfigError):
+    """The environment lacks what ``engine: trl`` needs (a user error: one line, exit 2)."""
 
 
 def require_trl() -> None:
@@ -52,7 +53,7 @@ def require_trl() -> None:
         import accelerate  # noqa: F401
         import trl  # noqa: F401
     except ImportError as exc:
-        raise EngineUnavailable(f"{INSTALL_HINT} ({exc.name} is not installed)") from None
+        raise EngineUnavailable(f"{INSTALL_HINT} ({exc.name or exc} cannot be imported)") from None
 
 
 def world_size_from_env() -> int:
@@ -76,7 +77,9 @@ def grpo_kwargs(cfg: Config, *, world_size: int, cuda: bool | None = None) -> di
     if cuda is None:
         cuda = cfg.model.device != "cpu" and torch.cuda.is_available()
     kw: dict[str, Any] = {
-        "output_dir": str(Path(cfg.out) / "trl"),
+        # TRL writes nothing there (no saving, no logging) but creates it: kept out of the run dir, which
+        # holds only what fastslow owns.
+        "output_dir": str(Path(tempfile.gettempdir()) / "fastslow-trl"),
         "loss_type": s.loss,
         "epsilon_high": s.tau if s.loss == "cispo" else s.clip_eps,
         "epsilon": s.clip_eps,
