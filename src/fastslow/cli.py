@@ -62,6 +62,11 @@ def guarded(command):
     return wrapper
 
 
+def _main_process() -> bool:
+    """False in the other ranks of a `fastslow launch` run: they stay quiet (rank 0 reports)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -71,6 +76,7 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
+        disable=not _main_process(),
     )
 
 
@@ -130,6 +136,8 @@ def run(
         return
     summary = run_config(cfg, resume=resume, force=force)
     final = {t: round(v["reward"], 4) for t, v in summary["final"].items()}
+    if not _main_process():
+        return
     console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}  "
                   f"verifier errors {summary['verifier_errors']}/{summary.get('verifier_calls', 0)}")
 
