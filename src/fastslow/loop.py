@@ -252,7 +252,8 @@ class Trainer:
         return done % self.cfg.drift.every == 0 or done == self.cfg.total_steps
 
     def _drift(self) -> dict[str, float]:
-        self.state.last_drift = self.drift.measure()
+        # Measured once, on the main process; every rank gets the numbers (the drift budget steers on them).
+        self.state.last_drift = self.engine.broadcast(self.drift.measure() if self.main else None)
         if self.slow is not None:  # the drift budget (slow.kl_target) steers on the exact reverse KL
             self.slow.observe_drift(self.state.last_drift.get("drift/kl_rev"))
         return dict(self.state.last_drift)
