@@ -19,10 +19,19 @@ from fastslow.config import ConfigError, load_config
 
 pytest.importorskip("trl")
 
-from fastslow.engines.trl import EngineUnavailable, TrlEngine, grpo_kwargs, require_trl  # noqa: E402
+from fastslow.engines.trl import (  # noqa: E402
+    EngineUnavailable,
+    LockstepReflector,
+    TrlEngine,
+    grpo_kwargs,
+    require_trl,
+    sharding_of_accelerate_config,
+    sharding_of_env,
+)
 from fastslow.launch import dry_run, launch_command  # noqa: E402
 from fastslow.loop import Trainer  # noqa: E402
 from fastslow.policy import Policy  # noqa: E402
+from fastslow.reflect import GuardedReflector, ReflectionError  # noqa: E402
 from fastslow.slow import Rollouts, SlowLearner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +80,7 @@ def test_8_gpu_config_dry_runs_from_the_cli_without_a_gpu():
     info = json.loads(out.stdout)
     assert info["engine"] == "trl" and info["world_size"] == 8 and info["vllm"] == "colocate"
     assert info["grpo_config"]["per_device_train_batch_size"] == 4 * 8  # 32 problems over 8 GPUs, G = 8
-    assert info["accelerate_config"].endswith("zero3.yaml")
+    assert info["accelerate_config"].endswith("ddp.yaml")  # this version refuses ZeRO-3 / FSDP
 
 
 @pytest.mark.parametrize("config", ["qwen3-8b.yaml", "qwen3-0.6b-1gpu.yaml"])
@@ -140,26 +149,132 @@ def test_one_process_run_dir_contract(tiny_model, tmp_path):
     assert (out / "checkpoints" / "step_000004" / "model" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_two_processes_agree_on_weights_and_population(tiny_model, tmp_path):
-    out = tmp_path / "run"
+def _two_processes(tiny_model: Path, out: Path, *args: str) -> tuple[dict, dict]:
+    """tests/trl_worker.py on two processes (torchrun, gloo); each rank's record."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "trl_worker.py"), str(tiny_model), str(out)]
+           str(ROOT / "tests" / "trl_worker.py"), str(tiny_model), str(out), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return tuple(json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1))
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_weights_and_population(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    # Replies carry the process id and a call counter: had each rank called its own model, the ranks'
+    # prompts would differ. Lockstep: rank 0 calls it, every rank evolves with rank 0's replies.
+    p0, p1 = _two_processes(tiny_model, out, "lockstep_reflectors:per_process_reflector")
     w0, w1 = (torch.load(f"{out}.rank{r}.pt") for r in (0, 1))
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     base = Policy.load(small_config(tiny_model, tmp_path / "b").model).model.state_dict()
     assert any(not torch.equal(w0[k], base[k]) for k in w0)  # they trained, and trained alike
-    p0, p1 = (json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1))
     assert p0["world_size"] == 2 and p0["population"] == p1["population"] and p0["best"] == p1["best"]
-    # Rank 1 never runs a round itself: without the broadcast its population would be empty.
-    assert p1["population"] and p1["best"] == {"vowel": p1["population"][0]}
+    assert p0["fast"] == p1["fast"] and p0["fast"]["rounds"] == 2 and p0["fast"]["reflection_calls"] > 0
+    assert p0["reflector_calls"] == p0["fast"]["reflection_calls"] and p1["reflector_calls"] == 0
+    assert any("Hint" in text for text in p0["population"])  # a reply was accepted on rank 1 as well
+    # Every generate call has the same batch size on both ranks (short shares padded): no rank ever makes
+    # a forward the other skips, which sharded weights need. GEPA's minibatch of 3 gives shares of 2 and 1.
+    assert p0["generate_rows"] == p1["generate_rows"] and 2 in p0["generate_rows"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_lose_a_failing_reflectors_round_alike(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    p0, p1 = _two_processes(tiny_model, out, "lockstep_reflectors:failing_reflector", "gepa")
+    assert p0["fast"] == p1["fast"] and p0["population"] == p1["population"]
+    assert p0["fast"]["reflection_errors"] > 0 and p0["reflector_calls"] > 0 and p1["reflector_calls"] == 0
+    rounds = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "fast/accepted" in r]
+    assert rounds and all(r["fast/accepted"] == 0 and r["fast/new_reflection_errors"] > 0 for r in rounds)
+
+
+class _Pair:
+    """Rank 0 and rank 1 guards in one process: rank 0's broadcast records what rank 1's returns."""
+
+    def __init__(self, lm, **limits) -> None:
+        self.sent: list = []
+        self.main = LockstepReflector(GuardedReflector(lm, **limits), is_main=True, broadcast=self._send)
+        self.other = LockstepReflector(GuardedReflector(self._never, **limits), is_main=False,
+                                       broadcast=lambda _: self.sent.pop(0))
+
+    def _send(self, obj):
+        self.sent.append(obj)
+        return obj
+
+    @staticmethod
+    def _never(prompt):
+        raise AssertionError("only the main process calls the reflection model")
+
+    def both(self, prompt) -> list:
+        """Each side's reply, or its error text."""
+        out = []
+        for side in (self.main, self.other):
+            try:
+                out.append(side(prompt))
+            except ReflectionError as exc:
+                out.append(f"error: {exc}")
+        return out
+
+
+def test_lockstep_reflector_gives_every_rank_the_main_reply_and_counters():
+    counter = iter(range(100))
+    pair = _Pair(lambda prompt: f"```new {next(counter)}```", retries=1, timeout_s=5)
+    assert pair.both("p") == ["```new 0```"] * 2 and pair.both("p") == ["```new 1```"] * 2
+    assert pair.main.calls == pair.other.calls == 2 and pair.other.errors == 0
+
+
+def test_lockstep_reflector_sends_a_timeout_as_the_same_error_to_every_rank():
+    import threading
+
+    hang = threading.Event()
+    pair = _Pair(lambda prompt: hang.wait(5) or "late", retries=1, timeout_s=0.05, max_consecutive_failures=2)
+    try:
+        first = pair.both("p")
+        assert first[0] == first[1] and "exceeded 0.05s" in first[0]
+        assert pair.other.errors == pair.main.errors == 2 and not pair.other.exhausted  # retried on rank 0 only
+        pair.both("p")
+        assert pair.main.exhausted and pair.other.exhausted  # the round ends on every rank together
+    finally:
+        hang.set()
+
+
+def test_sharded_accelerate_configs_are_recognised(tmp_path):
+    assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "zero3.yaml") == "DeepSpeed ZeRO-3"
+    assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "fsdp2.yaml") == "FSDP"
+    assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "ddp.yaml") is None
+    zero2 = tmp_path / "zero2.yaml"
+    zero2.write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 2}\n")
+    assert sharding_of_accelerate_config(zero2) is None
+    with pytest.raises(ConfigError, match="scale.accelerate_config"):
+        sharding_of_accelerate_config(tmp_path / "missing.yaml")
+    assert sharding_of_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == (
+        "DeepSpeed ZeRO-3")
+    assert sharding_of_env({"ACCELERATE_USE_FSDP": "true"}) == "FSDP"
+    assert sharding_of_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) is None
+
+
+def test_a_sharded_run_is_refused_in_one_line_before_anything_runs(tiny_model, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fastslow.cli import app
+
+    zero3 = str(ROOT / "configs" / "accelerate" / "zero3.yaml")
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["engine=trl", f"scale.accelerate_config={zero3}"])
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 shards the weights.*ddp.yaml"):
+        dry_run(cfg)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"engine: trl\nstages: [{{task: 'conftest:vowel_task', steps: 1}}]\n"
+                    f"scale: {{accelerate_config: '{zero3}'}}\n")
+    result = CliRunner().invoke(app, ["launch", "--nproc", "2", str(path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "does not support" in result.output
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch tells each process
+    with pytest.raises(ConfigError, match="FSDP shards the weights"):
+        Trainer(small_config(tiny_model, tmp_path / "r", extra=["engine=trl"]))
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow

@@ -143,6 +143,7 @@ def run(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@guarded
 def launch(
     ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="YAML config with engine: trl.")],
@@ -167,11 +168,13 @@ def launch(
     cfg = load_config(config, sets)
     if cfg.engine != "trl":
         fail(f"launch runs engine 'trl'; {config} has engine '{cfg.engine}' (set engine: trl or --set engine=trl)")
-    from fastslow.engines.trl import require_trl
+    from fastslow.engines.trl import refuse_sharding, require_trl, sharding_of_accelerate_config
 
     require_trl()
+    accelerate_config = accelerate_config or cfg.scale.accelerate_config
+    refuse_sharding(sharding_of_accelerate_config(accelerate_config))  # before any process starts
     cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
-                         accelerate_config=accelerate_config or cfg.scale.accelerate_config, nnodes=nnodes,
+                         accelerate_config=accelerate_config, nnodes=nnodes,
                          node_rank=node_rank, main_address=main_address, main_port=main_port)
     raise typer.Exit(start(cmd, log=lambda m: console.print(m, highlight=False, soft_wrap=True)))
 

@@ -59,6 +59,7 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     """Validate ``cfg`` without training or loading weights; the resolved engine settings.
 
     Loads every task of the stream and builds the reflector (no call is made to it). For engine ``trl``
+    a sharded accelerate config (ZeRO-3, FSDP) is refused (:func:`~fastslow.engines.trl.refuse_sharding`),
     the GRPOConfig is built from the mapping (TRL validates it); the world size is ``world_size`` or
     ``scale.nproc``; the device is the one the config names (``model.device``), not this machine's.
     """
@@ -73,9 +74,16 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     if cfg.engine == "native":
         out["world_size"] = 1
         return out
-    from fastslow.engines.trl import grpo_kwargs, require_trl
+    from fastslow.engines.trl import (
+        grpo_kwargs,
+        refuse_sharding,
+        require_trl,
+        sharding_of_accelerate_config,
+        sharding_of_env,
+    )
 
     require_trl()
+    refuse_sharding(sharding_of_accelerate_config(cfg.scale.accelerate_config) or sharding_of_env())
     from trl import GRPOConfig
 
     size = world_size or cfg.scale.nproc

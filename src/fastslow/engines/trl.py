@@ -11,21 +11,30 @@ A slow step on B problems x G rollouts keeps each problem's G rows contiguous (o
 group, whatever mix of K population prompts it holds), so TRL's advantage normalisation is one per
 problem. With W processes each rank holds B/W whole groups; the sampler shards (prompt, problem) pairs
 by whole groups, samples its shard and gathers everything, so every rank sees the same :class:`Scored`
-and trains on its own rows. The GEPA round runs on the main process through the same model (never a
-second copy) and its population is broadcast (:class:`MainProcessFast`).
+and trains on its own rows. Every rank generates the same number of rows per call (a short share is
+padded, the padding discarded), so no rank ever skips a forward the others make.
 
-Verified on CPU (one process, and two processes through torchrun/gloo). DeepSpeed ZeRO-3, FSDP2 and
-vLLM are wired through TRL's own switches but were not run here (no GPU): see README "Scale-out".
+With W > 1 the GEPA round runs in lockstep on every rank (:class:`LockstepFast`): the same
+``gepa.optimize`` round (same seed, same valset) on every rank, every rollout through the collective
+sampler, the reflection model called on the main process alone and its reply (or its failure) broadcast
+(:class:`LockstepReflector`). Every rank's population is then identical by construction (checked after
+each round), and the trainer's model is never used by one rank alone during a round.
+
+Verified on CPU (one process, and two processes through torchrun/gloo, DDP). Sharded models (DeepSpeed
+ZeRO-3, FSDP) are refused in one line (:func:`refuse_sharding`): the drift meter and checkpoints still use
+the whole model on the main process alone. vLLM is wired through TRL's own switch but was not run here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +42,11 @@ import torch
 
 from fastslow.config import Config, ConfigError
 from fastslow.policy import Batch, Policy, _pad_cat
+from fastslow.reflect import GuardedReflector, ReflectionError
 from fastslow.rollout import Scored
 from fastslow.slow import KLController, Rollouts
 from fastslow.tasks import Problem, Task, safe_verify
+from fastslow.util import one_line
 
 if TYPE_CHECKING:
     from fastslow.engines import Engine
@@ -59,6 +70,48 @@ def require_trl() -> None:
 def world_size_from_env() -> int:
     """Processes of this run, as torchrun / accelerate launch announce them (1 when started directly)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sharding_of_env(env: Mapping[str, str] | None = None) -> str | None:
+    """The sharding ``accelerate launch`` announced to this process ('DeepSpeed ZeRO-3', 'FSDP'), or None."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def sharding_of_accelerate_config(path: str | Path | None) -> str | None:
+    """The sharding an accelerate config file asks for ('DeepSpeed ZeRO-3', 'FSDP'), or None.
+
+    Raises :class:`ConfigError` when the file cannot be read as YAML.
+    """
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"field 'scale.accelerate_config': cannot read {str(path)!r}: {one_line(exc, 200)}") from None
+    kind = str(data.get("distributed_type", "")).upper()
+    if kind == "FSDP":
+        return "FSDP"
+    if kind == "DEEPSPEED" and str((data.get("deepspeed_config") or {}).get("zero_stage")) == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def refuse_sharding(kind: str | None) -> None:
+    """Raise :class:`ConfigError` (one line, exit 2) for a sharded model: what is and is not supported."""
+    if kind is None:
+        return
+    raise ConfigError(
+        f"engine 'trl': {kind} shards the weights, which this version does not support: the drift meter and "
+        "checkpoints still use the whole model on the main process alone (GEPA rounds already run on every rank); "
+        "use DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-1/2"
+    )
 
 
 def grpo_kwargs(cfg: Config, *, world_size: int, cuda: bool | None = None) -> dict[str, Any]:
@@ -308,12 +361,44 @@ class TrlSlowChannel:
         return logps
 
 
-class MainProcessFast:
-    """A fast channel whose rounds run on the main process only; its state is broadcast to every rank.
+class LockstepReflector(GuardedReflector):
+    """The guarded reflector of a lockstep round: the main process calls the model, every rank gets its reply.
 
-    Every rank calls :meth:`run_round` at the same loop step (a collective); the other ranks wait for the
-    main's population and :class:`~fastslow.channels.Round`. The inner channel samples through a
-    non-collective sampler over the same model (the trainer's), never a second copy.
+    Timeout, retries and size checks happen on the main process only (inside the guard); the outcome (the
+    reply, or the failure as one line) and the guard's counters are broadcast, so every rank returns the same
+    text or raises the same :class:`ReflectionError`, and ``exhausted`` turns true on every rank together.
+    """
+
+    def __init__(self, guard: GuardedReflector, *, is_main: bool, broadcast: Callable[[Any], Any]) -> None:
+        self.__dict__.update(vars(guard))  # the same model, limits and counters as the guard it replaces
+        self.is_main, self.broadcast = is_main, broadcast
+
+    _COUNTERS = ("calls", "errors", "consecutive_failures", "last_error")
+
+    def __call__(self, prompt: Any) -> str:
+        reply = message = None
+        if self.is_main:
+            try:
+                reply = super().__call__(prompt)
+            except ReflectionError as exc:
+                message = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a fault of the guard itself: still sent, or the others hang
+                message = one_line(f"{type(exc).__name__}: {exc}")
+        counters = {k: getattr(self, k) for k in self._COUNTERS}
+        reply, message, counters = self.broadcast((reply, message, counters))
+        for k, v in counters.items():
+            setattr(self, k, v)
+        if message is not None:  # the same type and text on every rank, so GEPA takes the same path on each
+            raise ReflectionError(message)
+        return reply
+
+
+class LockstepFast:
+    """A fast channel whose rounds run in lockstep on every rank (see the module docstring).
+
+    ``inner`` is a :class:`~fastslow.fast.FastChannel` over the collective sampler with a
+    :class:`LockstepReflector`. Only the main process keeps GEPA's scratch dir in the run dir. After each
+    round the ranks compare digests of their state and round: a difference is a fastslow bug and stops the run.
     """
 
     def __init__(self, inner, engine: TrlEngine) -> None:
@@ -328,10 +413,15 @@ class MainProcessFast:
         return self.inner.best
 
     def run_round(self, task: Task, workdir: Path | None = None):
-        result = self.inner.run_round(task, workdir=workdir) if self.engine.is_main else None
-        state, result = self.engine.broadcast((self.inner.state_dict(), result))
-        if not self.engine.is_main:
-            self.inner.load_state_dict(state)
+        eng = self.engine
+        result = self.inner.run_round(task, workdir=workdir if eng.is_main else None)
+        mine = json.dumps([self.inner.state_dict(), result.metrics, result.rollouts, result.accepted, result.error],
+                          sort_keys=True, default=str)
+        from accelerate.utils import gather_object
+
+        digests = gather_object([hashlib.sha256(mine.encode()).hexdigest()])
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"GEPA round {self.inner.rounds} diverged between ranks (state digests {digests})")
         return result
 
     def prompts_for_group(self, task: Task, group_size: int) -> list[str]:
@@ -369,6 +459,7 @@ class TrlEngine:
 
     def __init__(self, cfg: Config, *, weights: str | Path | None = None, build: bool = True) -> None:
         require_trl()
+        refuse_sharding(sharding_of_env())  # before the model is loaded: nothing is spent on a refused run
         from trl import GRPOConfig
 
         self.cfg = cfg
@@ -460,18 +551,25 @@ class TrlEngine:
         w, r = self.world_size, self.rank
         share = math.ceil(len(pairs) / w)
         mine = list(pairs[r * share:(r + 1) * share])
+        n = len(mine)
+        if w > 1 and n < share:
+            # Every rank generates `share` rows, so none skips a forward the others make (sharded weights
+            # need every rank in each one); the padding rows are discarded unscored.
+            mine += [pairs[-1]] * (share - n)
         comp, prompt_ids, verdicts, errors, batch = [], [], [], 0, None
         if mine:
             pol = self.policy
             prompts = [pol.format(system, problem.prompt) for system, problem in mine]
             batch = pol.generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                  seed=seed + r)
-            for (_, problem), text in zip(mine, batch.texts, strict=True):
+            for (_, problem), text in zip(mine[:n], batch.texts[:n], strict=True):
                 verdict, errored = safe_verify(task, problem, text, timeout_s=verify_timeout_s)
                 verdicts.append(verdict)
                 errors += errored
-            prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(batch.prompt_ids.cpu(), batch.prompt_mask.cpu())]
-            comp = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+            rows = zip(batch.prompt_ids[:n].cpu(), batch.prompt_mask[:n].cpu())
+            prompt_ids = [ids[m.bool()].tolist() for ids, m in rows]
+            rows = zip(batch.completion_ids[:n].cpu(), batch.completion_mask[:n].cpu())
+            comp = [ids[m.bool()].tolist() for ids, m in rows]
         if w > 1 or batch is None:
             from accelerate.utils import gather_object
 
@@ -496,11 +594,15 @@ def build(cfg: Config, weights: Path | None) -> Engine:
     if not slow_on(cfg.method):
         policy.model.requires_grad_(False)
     fast = None
+    sampler = TrlSampler(eng, cfg.verify_timeout_s)
     if fast_on(cfg.method):
-        # GEPA runs on the main process alone: its sampler must not be the collective one.
-        local = PolicySampler(policy, verify_timeout_s=cfg.verify_timeout_s)
-        inner = FastChannel(local, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                            max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
-        fast = MainProcessFast(inner, eng)
-    return Engine("trl", policy, TrlSampler(eng, cfg.verify_timeout_s), eng.slow if slow_on(cfg.method) else None,
+        lockstep = eng.world_size > 1
+        # One process: the plain sampler. Several: every rank runs the round through the collective sampler.
+        fast_sampler = sampler if lockstep else PolicySampler(policy, verify_timeout_s=cfg.verify_timeout_s)
+        fast = FastChannel(fast_sampler, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
+                           max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
+        if lockstep:
+            fast.reflector = LockstepReflector(fast.reflector, is_main=eng.is_main, broadcast=eng.broadcast)
+            fast = LockstepFast(fast, eng)
+    return Engine("trl", policy, sampler, eng.slow if slow_on(cfg.method) else None,
                   fast, world_size=eng.world_size, is_main=eng.is_main, broadcast=eng.broadcast)
