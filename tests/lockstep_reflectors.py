@@ -9,12 +9,12 @@ calls = 0
 
 
 def per_process_reflector(prompt) -> str:
-    """Replies differ per process and per call: ranks that each called it would evolve different prompts."""
+    """Replies differ per rank and per call: ranks that each called it would evolve different prompts."""
     global calls
     calls += 1
     text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
     current = text.split("```", 2)[1].strip()
-    return f"```\n{current} Hint {os.getpid()}-{calls}: reverse it.\n```"
+    return f"```\n{current} Hint {os.environ.get('RANK', '0')}-{calls}: reverse it.\n```"
 
 
 def failing_reflector(prompt) -> str:
