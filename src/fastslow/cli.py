@@ -149,7 +149,7 @@ def launch(
     config: Annotated[Path, typer.Argument(help="YAML config with engine: trl.")],
     nproc: Annotated[int | None, typer.Option(help="Processes per node (default: the config's scale.nproc).")] = None,
     accelerate_config: Annotated[str | None, typer.Option(
-        help="accelerate config (configs/accelerate/{ddp,zero3,fsdp2}.yaml); GPUs only.")] = None,
+        help="accelerate config (configs/accelerate/ddp.yaml; ZeRO-3/FSDP are refused); GPUs only.")] = None,
     nnodes: Annotated[int, typer.Option(help="Nodes (machines) of the run.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank (0 = the main node).")] = 0,
     main_address: Annotated[str, typer.Option(help="Main node's address (multi-node).")] = "127.0.0.1",
