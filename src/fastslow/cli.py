@@ -69,6 +69,11 @@ def guarded(command):
     return wrapper
 
 
+def _main_process() -> bool:
+    """False in the other ranks of a `fastslow launch` run: they stay quiet (rank 0 reports)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -78,6 +83,7 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
+        disable=not _main_process(),
     )
 
 
@@ -125,19 +131,66 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: key=value (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last good checkpoint.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite a run already in OUT.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Validate (tasks, reflector, engine settings), print the resolved "
+                                                "settings as JSON, train nothing.")] = False,
 ) -> None:
     """Run one config: rl, gepa or fst on a task or a stream."""
     from fastslow.config import load_config
 
     overrides = list(set_ or []) + ([f"out={out}"] if out else [])
     cfg = load_config(config, overrides)
+    if dry_run:
+        from fastslow.launch import dry_run as resolve
+        from fastslow.launch import format_dry_run
+
+        typer.echo(format_dry_run(resolve(cfg)))
+        return
     summary = run_config(cfg, resume=resume, force=force)
     final = {t: round(v["reward"], 4) for t, v in summary["final"].items()}
+    if not _main_process():
+        return
     fast = summary.get("fast")
     health = (f"  accepted {fast['accepted_total']}  reflection errors {fast['reflection_errors']}/"
               f"{fast['reflection_calls']}") if fast else ""
     console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}  "
                   f"verifier errors {summary['verifier_errors']}/{summary.get('verifier_calls', 0)}{health}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@guarded
+def launch(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="YAML config with engine: trl.")],
+    nproc: Annotated[int | None, typer.Option(help="Processes per node (default: the config's scale.nproc).")] = None,
+    accelerate_config: Annotated[str | None, typer.Option(
+        help="accelerate config (configs/accelerate/ddp.yaml; ZeRO-3/FSDP are refused); GPUs only.")] = None,
+    nnodes: Annotated[int, typer.Option(help="Nodes (machines) of the run.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank (0 = the main node).")] = 0,
+    main_address: Annotated[str, typer.Option(help="Main node's address (multi-node).")] = "127.0.0.1",
+    main_port: Annotated[int, typer.Option(help="Main node's port (multi-node).")] = 29500,
+) -> None:
+    """Run CONFIG (engine trl) on several processes: accelerate launch on GPUs, torchrun (gloo) on CPUs.
+
+    Options after CONFIG that launch does not know (--out, --set, --resume, --force) go to `fastslow run`.
+    """
+    from fastslow.config import load_config
+    from fastslow.launch import launch as start
+    from fastslow.launch import launch_command
+
+    run_args = list(ctx.args)
+    sets = [run_args[i + 1] for i, a in enumerate(run_args[:-1]) if a == "--set"]
+    cfg = load_config(config, sets)
+    if cfg.engine != "trl":
+        fail(f"launch runs engine 'trl'; {config} has engine '{cfg.engine}' (set engine: trl or --set engine=trl)")
+    from fastslow.engines.trl import refuse_sharding, require_trl, sharding_of_accelerate_config
+
+    require_trl()
+    accelerate_config = accelerate_config or cfg.scale.accelerate_config
+    refuse_sharding(sharding_of_accelerate_config(accelerate_config))  # before any process starts
+    cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
+                         accelerate_config=accelerate_config, nnodes=nnodes,
+                         node_rank=node_rank, main_address=main_address, main_port=main_port)
+    raise typer.Exit(start(cmd, log=lambda m: console.print(m, highlight=False, soft_wrap=True)))
 
 
 @app.command("eval")

@@ -163,17 +163,55 @@ class EvalConfig(_Strict):
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
 
 
+class ScaleConfig(_Strict):
+    """Settings of the ``trl`` engine only (TRL's GRPOTrainer under accelerate); the native engine ignores them.
+
+    How the slow channel maps onto ``trl.GRPOConfig`` (``fastslow run CONFIG --dry-run`` prints the result):
+    loss cispo -> ``loss_type="cispo"``, tau -> ``epsilon_high`` (TRL's CISPO cap), kl_coef -> ``beta`` (k3, to the
+    adapter-disabled model under LoRA, else a reference copy), group_size -> ``num_generations``, batch_problems x
+    group_size -> the generation batch over all processes, lr / warmup_steps / betas / weight_decay /
+    max_grad_norm -> ``learning_rate`` / ``warmup_steps`` (constant_with_warmup) / ``adam_beta1,2`` /
+    ``weight_decay`` / ``max_grad_norm``, max_new_tokens / temperature / top_p -> ``max_completion_length`` /
+    ``temperature`` / ``top_p``, model.lora -> ``peft_config``, model.dtype -> ``bf16``/``fp16``.
+
+    Differences from the native engine, by TRL's design: the loss is averaged over all completion tokens of the
+    batch (TRL's cispo aggregation), where native averages tokens within each problem group and then over groups
+    (equal when completions have equal lengths); advantages divide by the unbiased group std + 1e-4 (native: the
+    population std + 1e-6, i.e. the same direction, scaled by sqrt(G/(G-1))); flat groups get advantage 0 and still
+    count in the token normaliser (native drops them); TRL's warm-up starts at lr 0 on the first step (native: lr/N);
+    weight decay is not applied to biases and norms. ``updates_per_batch`` > 1 and ``loss: grpo`` map onto
+    ``num_iterations`` and ``loss_type="grpo"``; ``clip_eps`` -> ``epsilon``.
+    """
+
+    vllm: Literal["off", "colocate", "server"] = Field(
+        "off", description="Rollouts through vLLM inside TRL: off (the trainer's model.generate), colocate, server."
+    )
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM colocate: GPU memory fraction.")
+    vllm_tensor_parallel_size: int = Field(1, gt=0, description="vLLM colocate: tensor-parallel size.")
+    vllm_server_host: str = Field("0.0.0.0", description="vLLM server mode: host of `trl vllm-serve`.")
+    vllm_server_port: int = Field(8000, gt=0, description="vLLM server mode: port of `trl vllm-serve`.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (saves memory).")
+    nproc: int = Field(1, gt=0, description="Processes `fastslow launch` starts by default (per node).")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file `fastslow launch` uses on GPUs (configs/accelerate/*.yaml)."
+    )
+
+
 class Config(_Strict):
     """One run. ``stages`` is the task stream; a single-task run is a stream of one stage."""
 
     method: Method = Field("fst", description="rl: slow only; gepa: fast only (frozen weights); fst: both.")
-    engine: str = Field("native", description="native (one process, the reference) or a registered engine (trl).")
+    engine: str = Field(
+        "native", description="native (one process, the reference) or a registered engine: trl (TRL's GRPOTrainer "
+        "under accelerate; pip install 'fastslow[scale]'; `fastslow launch` for several processes)."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
     stages: list[StageConfig] = Field(min_length=1, description="Task stream: list of {task, steps}.")
     slow: SlowConfig = Field(default_factory=SlowConfig, description="Slow channel (RL) settings.")
     fast: FastConfig = Field(default_factory=FastConfig, description="Fast channel (GEPA) settings.")
     drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift meter settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+    scale: ScaleConfig = Field(default_factory=ScaleConfig, description="Settings of engine 'trl' (GRPOTrainer).")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of everything; same seed on CPU = same metrics.")
     threads: int | None = Field(
         None, gt=0, description="CPU threads for torch (null: torch's default). Tiny models run faster on 1."

@@ -35,7 +35,7 @@ from fastslow.checkpoint import CheckpointError, latest_good_checkpoint, save_ch
 from fastslow.checks import VerifierWindow, check_splits, fit_to_context, weights_finite
 from fastslow.config import Config, ConfigError, resume_changes
 from fastslow.drift import DriftMeter
-from fastslow.engines import build_engine
+from fastslow.engines import build_engine, launched_rank
 from fastslow.errors import build_checked
 from fastslow.preflight import ReflectionHealth, check_model, check_reflector
 from fastslow.rollout import score_prompt
@@ -85,7 +85,9 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         check_run_dir(self.out, resume=True, force=False)  # a file or the user's folder: refused, nothing written
         self.lock = RunDirLock(self.out)
-        if self.out.is_dir():  # one process per run dir, held until run() ends (or the process dies)
+        # One process per run dir, held until run() ends (or the process dies); under torchrun/accelerate
+        # launch only rank 0 (the engine's main process) holds it.
+        if self.out.is_dir() and launched_rank() == 0:
             self.lock.acquire()  # (a new dir is locked when it is created, once every input has loaded)
         try:
             check_run_dir(self.out, resume=resume, force=force)  # under the lock: a run there is not running
@@ -124,15 +126,16 @@ class Trainer:
             for problem in list(task.problems("eval"))[: cfg.drift.probe_size]:
                 probes.append(self.policy.format(task.seed_prompt, problem.prompt))
         self.drift = DriftMeter(self.policy, probes, cfg.drift, seed=cfg.seed)
+        self.main = self.engine.is_main  # only the main process writes the run dir
         # Every input is loaded (tasks, model, checkpoint): only now may --force clear an existing run.
-        if not self.lock.held:
-            self.lock.acquire()
-        claim(self.out, resume=resume, force=force)
+        if self.main:  # one process writes the run dir; the other ranks neither lock nor claim it
+            if not self.lock.held:
+                self.lock.acquire()
+            claim(self.out, resume=resume, force=force)
         self.state = LoopState()
         self.verifier_window = VerifierWindow(cfg.verifier_error_window, cfg.max_verifier_error_share)
         self._metrics_hash = hashlib.sha256()
         self.timing: dict[str, list[float]] = {k: [] for k in PHASES}
-        self.main = self.engine.is_main  # only the main process writes the run dir
         if ckpt is not None:
             self._restore(ckpt)
             log(f"resumed from {ckpt} (step {self.state.step})")
@@ -166,8 +169,8 @@ class Trainer:
             row: dict[str, float] = {}
             if self.fast is not None and (step - stage_start) % cfg.fast.every == 0:
                 t_round = time.perf_counter()
-                guard = self.fast.reflector  # the native channel's GuardedReflector
-                failed0 = guard.failed_calls
+                guard = getattr(self.fast, "reflector", None)  # the native channel's GuardedReflector
+                failed0 = guard.failed_calls if guard else 0
                 rnd = self.fast.run_round(task, workdir=self.out)
                 row.update(rnd.metrics)
                 if rnd.error:  # a faulty reflector or round is survived, never silently
@@ -177,13 +180,18 @@ class Trainer:
                 st.accepted_total += rnd.accepted
                 st.reflection_calls += rnd.reflection_calls
                 st.reflection_errors += rnd.reflection_errors
-                stop = self.health.record(rnd.reflection_calls, guard.failed_calls - failed0, rnd.accepted)
+                if guard:
+                    failed = guard.failed_calls - failed0
+                else:  # every call failed <=> every try of every call failed
+                    all_failed = rnd.reflection_errors >= rnd.reflection_calls * (cfg.fast.reflection_retries + 1)
+                    failed = rnd.reflection_calls if all_failed else 0
+                stop = self.health.record(rnd.reflection_calls, failed, rnd.accepted)
                 row["fast/failed_reflection_calls"] = float(self.health.failed_calls)
                 row["fast/accepted_total"] = float(st.accepted_total)
                 if stop:
                     raise TrainingError(
                         f"fast.reflector {cfg.fast.reflector}: every reflection call failed in "
-                        f"{self.health.streak} consecutive rounds (last: {guard.last_error}); stopped at step "
+                        f"{self.health.streak} consecutive rounds (last: {rnd.error}); stopped at step "
                         f"{step}, checkpoints kept in {self.ckpt_root} (fast.stop_after_failed_rounds: 0 carries on)"
                     )
                 self.timing["round_s"].append(time.perf_counter() - t_round)
@@ -273,7 +281,8 @@ class Trainer:
         return done % self.cfg.drift.every == 0 or done == self.cfg.total_steps
 
     def _drift(self) -> dict[str, float]:
-        self.state.last_drift = self.drift.measure()
+        # Measured once, on the main process; every rank gets the numbers (the drift budget steers on them).
+        self.state.last_drift = self.engine.broadcast(self.drift.measure() if self.main else None)
         if self.slow is not None:  # the drift budget (slow.kl_target) steers on the exact reverse KL
             self.slow.observe_drift(self.state.last_drift.get("drift/kl_rev"))
         return dict(self.state.last_drift)

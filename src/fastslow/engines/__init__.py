@@ -45,6 +45,14 @@ class Engine:
     close: Callable[[], None] = field(default=lambda: None)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun / accelerate launch announce it (0 when started alone), known before
+    any engine is built (the run-dir lock is taken by rank 0 only)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 EngineFactory = Callable[[Config, "Path | None"], Engine]
 
 
@@ -71,3 +79,19 @@ def _register() -> None:
 
 
 _register()
+
+
+def _trl(cfg: Config, weights: Path | None) -> Engine:
+    from fastslow.engines.trl import build
+
+    return build(cfg, weights)
+
+
+def _register_trl() -> None:
+    from fastslow import registry
+
+    registry.register_engine("trl", _trl, "TRL's GRPOTrainer (CISPO) under accelerate/torchrun: pip install "
+                             "'fastslow[scale]'; `fastslow launch` for several processes")
+
+
+_register_trl()
