@@ -150,6 +150,9 @@ class OpenAIReflector:
                 "temperature": self.temperature}
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.key_env)
+        if not key and self.needs_key():
+            raise ConfigError(f"no {self.key_env} in the environment (set it, or set fast.reflector_base_url "
+                              "to a local OpenAI-compatible server)")
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(f"{self.base_url}/chat/completions", json.dumps(body).encode(), headers)
@@ -246,10 +249,7 @@ def _openai(rest: str, cfg: Any = None) -> Any:
                          max_tokens=_setting(cfg, "reflection_max_tokens", 512),
                          temperature=_setting(cfg, "reflection_temperature", 0.0),
                          timeout_s=_setting(cfg, "reflection_timeout_s", 120.0))
-    if lm.needs_key() and not os.environ.get(key_env):
-        raise ConfigError(f"{FIELD} openai:{rest}: no {key_env} in the environment (set it, or set "
-                          "fast.reflector_base_url to a local OpenAI-compatible server)")
-    return lm
+    return lm  # a missing key is reported by the first call (the run's preflight), not here: dry runs need none
 
 
 def wrap_record_replay(lm: Any, cfg: Any) -> Any:
