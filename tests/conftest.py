@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
+
+# As the CLI does before transformers is imported: no test ever waits on a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

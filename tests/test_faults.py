@@ -329,8 +329,7 @@ def test_11_a_broken_model_folder_is_one_line_exit_2(tiny_model, tmp_path, kind)
     (None, "model.device=cuda:7", "no such CUDA device"),
     (None, "stages.0.task=os:system", "os:system"),
     (None, "verify_timeout_s=.inf", "verify_timeout_s"),
-    # slow: the hub client retries before it gives up (no network here)
-    pytest.param(None, "model.path=no-such-org/no-such-model-xyz", "no-such-model-xyz", marks=pytest.mark.slow),
+    pytest.param(None, "model.path=no-such-org/no-such-model-xyz", "no-such-model-xyz"),
     (None, "stages.0.task=conftest:no_problems", "no train problems"),
     (None, "out=/proc/fastslow-readonly/run", None),
     (None, f"out=/tmp/{'x' * 300}/run", None),
