@@ -84,7 +84,7 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
 
     require_trl()
     refuse_sharding(sharding_of_accelerate_config(cfg.scale.accelerate_config) or sharding_of_env())
-    from trl import GRPOConfig
+    from fastslow.engines.trl import grpo_config
 
     size = world_size or cfg.scale.nproc
     cuda = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
@@ -93,7 +93,7 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     if cuda and not torch.cuda.is_available():  # validating a GPU config here: TRL refuses bf16 without a GPU
         check.update(bf16=False, fp16=False, use_cpu=True)
     try:
-        GRPOConfig(**check)  # TRL's own checks of the mapped arguments (built for one process here)
+        grpo_config(**check)  # TRL's own checks of the mapped arguments (built for one process here)
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"engine 'trl': GRPOConfig refuses the settings: {' '.join(str(exc).split())}") from None
     out.update({

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,15 @@ def refuse_sharding(kind: str | None) -> None:
         "checkpoints still use the whole model on the main process alone (GEPA rounds already run on every rank); "
         "use DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-1/2"
     )
+
+
+def grpo_config(**kwargs: Any) -> Any:
+    """TRL's ``GRPOConfig``; its deprecation notices about its own field names are not the user's concern."""
+    from trl import GRPOConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return GRPOConfig(**kwargs)
 
 
 def grpo_kwargs(cfg: Config, *, world_size: int, cuda: bool | None = None) -> dict[str, Any]:
@@ -460,10 +470,8 @@ class TrlEngine:
     def __init__(self, cfg: Config, *, weights: str | Path | None = None, build: bool = True) -> None:
         require_trl()
         refuse_sharding(sharding_of_env())  # before the model is loaded: nothing is spent on a refused run
-        from trl import GRPOConfig
-
         self.cfg = cfg
-        self.args = GRPOConfig(**grpo_kwargs(cfg, world_size=world_size_from_env()))
+        self.args = grpo_config(**grpo_kwargs(cfg, world_size=world_size_from_env()))
         # GRPOConfig set up the process group (torchrun's environment): rank and size are known from here on.
         self.world_size, self.rank = self.args.world_size, self.args.process_index
         self.is_main = self.rank == 0
