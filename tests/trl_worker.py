@@ -23,7 +23,7 @@ reflector = sys.argv[3] if len(sys.argv) > 3 else "conftest:canned_reflector"
 method = sys.argv[4] if len(sys.argv) > 4 else "fst"
 torch.set_num_threads(1)
 cfg = small_config(model, out, method=method, steps=3, extra=[
-    "engine=trl", "fast.every=2", "eval.every=3", "drift.every=3", "checkpoint_every=3",
+    "engine=trl", "fast.every=2", "fast.budget=24", "eval.every=3", "drift.every=3", "checkpoint_every=3",
     f"fast.reflector={reflector}", "fast.reflection_retries=1"])
 trainer = Trainer(cfg)
 generated: list[int] = []  # rows of each generate call the engine's sampler makes (drift: main only)
