@@ -101,3 +101,8 @@ def test_loop_does_not_import_any_world():
     code = ("import fastslow.loop, fastslow.fast, fastslow.policy, sys; "
             "bad = [m for m in sys.modules if m.startswith('fastslow.world')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_unknown_engine_is_a_config_error(tmp_path, tiny_model):
+    with pytest.raises(ConfigError, match="unknown engine 'bogus'.*native"):
+        small_config(tiny_model, tmp_path / "run", extra=["engine=bogus"])

@@ -242,6 +242,16 @@ class Config(_Strict):
     def _finite_verify_timeout(cls, value: float) -> float:
         return _finite(value)
 
+    @field_validator("engine")
+    @classmethod
+    def _registered_engine(cls, value: str) -> str:
+        import fastslow.engines  # noqa: F401 - the built-in engines register on import
+        from fastslow import registry  # an unknown engine fails here, not at step 0
+
+        if registry.engine_factory(value) is None:
+            raise ValueError(f"unknown engine {value!r}: use one of {registry.known('engines')}")
+        return value
+
     @model_validator(mode="after")
     def _stream_is_consistent(self) -> Config:
         by_name: dict[str, str] = {}
