@@ -668,6 +668,12 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
         rho = "n/a" if v["rho"] is None else f"{v['rho']:.2f}"
         L.append(f"| {pair} | {rho} | {ci} | {v['n']} |")
     b = frontier["budget"]
+    from fastslow.slow import KLController
+
+    L += ["", f"The budget's controller (`KLController`) starts at 1/sqrt(2 x target) = "
+          f"{KLController.default_init(b['target']):.2f} and updates after each drift measurement (every "
+          f"{s['drift_every']} steps; gain 0.5, error clipped to +-{KLController.MAX_ERR:g} in log space), never "
+          "lowering the coefficient while the KL still climbs under the budget at start-up."]
     L += ["", f"Drift budget {b['target']} nats/token: final KL / target {_fmt_spread(b['final_ratio'])}; "
           f"mean |log(KL/target)| over the second half {_fmt_spread(b['late_mean_abs_log_err'])}; "
           f"without a budget (kl 0, full) the final KL was {_fmt_spread(b['unbudgeted_final_kl'])}.", ""]
