@@ -163,7 +163,7 @@ def launch(
     config: Annotated[Path, typer.Argument(help="YAML config with engine: trl.")],
     nproc: Annotated[int | None, typer.Option(help="Processes per node (default: the config's scale.nproc).")] = None,
     accelerate_config: Annotated[str | None, typer.Option(
-        help="accelerate config (configs/accelerate/ddp.yaml; ZeRO-3/FSDP are refused); GPUs only.")] = None,
+        help="accelerate config (configs/accelerate/ddp.yaml or fsdp2.yaml; ZeRO-3 is refused); GPUs only.")] = None,
     nnodes: Annotated[int, typer.Option(help="Nodes (machines) of the run.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank (0 = the main node).")] = 0,
     main_address: Annotated[str, typer.Option(help="Main node's address (multi-node).")] = "127.0.0.1",
@@ -187,10 +187,19 @@ def launch(
     require_trl()
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
     refuse_sharding(sharding_of_accelerate_config(accelerate_config))  # before any process starts
+    if accelerate_config and not torch_has_cuda():
+        console.print(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
+                      "(accelerate shards on accelerators only)", highlight=False, soft_wrap=True)
     cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
                          accelerate_config=accelerate_config, nnodes=nnodes,
                          node_rank=node_rank, main_address=main_address, main_port=main_port)
     raise typer.Exit(start(cmd, log=lambda m: console.print(m, highlight=False, soft_wrap=True)))
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @app.command("eval")
