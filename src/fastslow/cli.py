@@ -359,15 +359,29 @@ def models_list() -> None:
     typer.echo(json.dumps(listing(), indent=2))
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m fastslow.cli`
+def _one_line_error(message: str) -> None:
+    console.print("[bold red]error:[/] ", end="")
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def main() -> int:
+    """The ``fastslow`` command: a usage error (unknown option, bad value) is one line and exit 2 too."""
     try:
-        app()
+        rc = app(standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click): what the user typed
+        ctx = getattr(exc, "ctx", None)
+        message = " ".join(exc.format_message().split()) if hasattr(exc, "format_message") else str(exc)
+        _one_line_error(f"{message} (see '{ctx.command_path if ctx else 'fastslow'} --help')")
+        return getattr(exc, "exit_code", 2)
+    except (typer.Abort, KeyboardInterrupt):
+        _one_line_error("aborted")
+        return 130
     except Exception as exc:  # noqa: BLE001 - outside any command (e.g. a plug-in failing at import): one line
         from fastslow.errors import describe, exit_code
 
-        console.print("[bold red]error:[/] ", end="")
-        console.print(describe(exc), markup=False, highlight=False, soft_wrap=True)
-        sys.exit(exit_code(exc))
+        _one_line_error(describe(exc))
+        return exit_code(exc)
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
