@@ -369,19 +369,7 @@ def test_fsdp2_kill_9_then_resume_gives_the_uninterrupted_metrics(tiny_model, tm
 
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_metrics(tiny_model, tmp_path):
-    cfg = tmp_path / "trl.yaml"
-    cfg.write_text(f"""method: fst
-engine: trl
-model: {{path: '{tiny_model}', lora: {{r: 4}}}}
-stages: [{{task: 'conftest:vowel_task', steps: 4}}]
-slow: {{batch_problems: 4, group_size: 4, max_new_tokens: 8, lr: 0.01, warmup_steps: 2, kl_coef: 0.01}}
-fast: {{every: 2, population: 2, budget: 8, val_size: 4, reflector: 'conftest:canned_reflector'}}
-drift: {{every: 2, probe_size: 4, max_new_tokens: 8}}
-eval: {{every: 2, n: 8}}
-checkpoint_every: 2
-threads: 1
-seed: 3
-""")
+    cfg = _trl_config(tmp_path, tiny_model, method="fst", lora=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
 
     def start(out: Path, *extra: str) -> subprocess.Popen:
