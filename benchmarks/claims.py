@@ -3,6 +3,7 @@
     python benchmarks/claims.py --quick          # make bench-quick (<= 15 min on 2 quiet cores)
     python benchmarks/claims.py                  # make bench (full; see benchmarks/README.md for its length)
     python benchmarks/claims.py --analyse-only   # rebuild results/ and README.md from the run dirs
+    python benchmarks/claims.py --demo [--seeds 0,1,2]   # make bench-demo: only the project README's demo table
 
 1. single-task runs of rl, gepa, fst per task of each regime's stream: sample efficiency, KL (both
    directions) at matched reward, sigmoid asymptote, final KL and entropy;
@@ -453,14 +454,40 @@ def _fmt_spread(d: dict | None, digits: int = 3) -> str:
 
 
 # ---- aggregation --------------------------------------------------------------------------------
+def is_main_stream(job: dict) -> bool:
+    """The regime's stream run of a method with full weights and no KL penalty (the demo's setting)."""
+    return job["kind"] == "stream" and job["cfg"]["out"].endswith(f"{job['method']}-full-kl0-s{job['seed']}")
+
+
+def load_probes(probes: list[dict]) -> dict:
+    return {(p["regime"], p["seed"], p["arm"]): json.loads(Path(p["out"] + ".json").read_text())
+            for p in probes if Path(p["out"] + ".json").exists()}
+
+
+def stream_entries(regime: str, runs: list[dict], loaded: dict, probe_res: dict, attributions: dict) -> dict:
+    """{method: {seed: numbers}} of the regime's main stream runs (stage peaks, CL metrics, matrix, drift,
+    plasticity probe from the run's weights, channel attribution)."""
+    out: dict = {}
+    for j in runs:
+        if j["regime"] != regime or not is_main_stream(j):
+            continue
+        run = loaded[j["cfg"]["out"]]
+        cl = run.summary.get("cl") or {}
+        out.setdefault(j["method"], {})[str(j["seed"])] = {
+            "stage_peaks": stage_peaks(run), "cl": {k: cl.get(k) for k in ("acc", "bwt", "fwt", "forgetting")},
+            "matrix": run.summary.get("matrix"), **run_numbers(run),
+            "plasticity": probe_res.get((regime, j["seed"], j["method"])),
+            "attribution": attributions.get(j["cfg"]["out"])}
+    return out
+
+
 def analyse(s: dict, root: Path, runs: list[dict], probes: list[dict], attributions: dict[str, dict]) -> tuple[dict,
                                                                                                            dict]:
     from fastslow.analysis import load_run
 
     nb = s["bootstrap"]
     loaded = {j["cfg"]["out"]: load_run(j["cfg"]["out"]) for j in runs}
-    probe_res = {(p["regime"], p["seed"], p["arm"]): json.loads(Path(p["out"] + ".json").read_text())
-                 for p in probes if Path(p["out"] + ".json").exists()}
+    probe_res = load_probes(probes)
     claims: dict = {"seeds": s["seeds"], "settings": s, "regimes": {}}
     for regime, reg in regimes().items():
         per_task: dict = {}
@@ -496,18 +523,7 @@ def analyse(s: dict, root: Path, runs: list[dict], probes: list[dict], attributi
             "asymptote_gap": {"fst_minus_rl": spread(pooled["d_rl"], nb),
                               "fst_minus_gepa": spread(pooled["d_gepa"], nb)},
         }
-        stream_seeds: dict = {}
-        for j in runs:
-            if j["kind"] != "stream" or j["regime"] != regime or not j["cfg"]["out"].endswith(
-                    f"{j['method']}-full-kl0-s{j['seed']}"):
-                continue
-            run = loaded[j["cfg"]["out"]]
-            cl = run.summary.get("cl") or {}
-            entry = {"stage_peaks": stage_peaks(run), "cl": {k: cl.get(k) for k in ("acc", "bwt", "fwt", "forgetting")},
-                     "matrix": run.summary.get("matrix"), **run_numbers(run),
-                     "plasticity": probe_res.get((regime, j["seed"], j["method"])),
-                     "attribution": attributions.get(j["cfg"]["out"])}
-            stream_seeds.setdefault(j["method"], {})[str(j["seed"])] = entry
+        stream_seeds = stream_entries(regime, runs, loaded, probe_res, attributions)
         base_probe = {str(sd): probe_res.get((regime, sd, "base")) for sd in s["seeds"]}
 
         def col(method: str, fn: Callable[[dict], float | None], stream_seeds: dict = stream_seeds) -> dict:
@@ -546,8 +562,7 @@ def analyse(s: dict, root: Path, runs: list[dict], probes: list[dict], attributi
             continue
         run = loaded[j["cfg"]["out"]]
         fr = j["frontier"]
-        probe = probe_res.get((j["regime"], j["seed"], j["method"] if j["cfg"]["out"].endswith(
-            f"{j['method']}-full-kl0-s{j['seed']}") else fr["id"])) or {}
+        probe = probe_res.get((j["regime"], j["seed"], j["method"] if is_main_stream(j) else fr["id"])) or {}
         cl = run.summary.get("cl") or {}
         drift = run.summary.get("drift") or {}
         point = {"regime": j["regime"], "method": j["method"], "series": fr["id"].split("-", 1)[1],
@@ -668,6 +683,12 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
         rho = "n/a" if v["rho"] is None else f"{v['rho']:.2f}"
         L.append(f"| {pair} | {rho} | {ci} | {v['n']} |")
     b = frontier["budget"]
+    from fastslow.slow import KLController
+
+    L += ["", f"The budget's controller (`KLController`) starts at 1/sqrt(2 x target) = "
+          f"{KLController.default_init(b['target']):.2f} and updates after each drift measurement (every "
+          f"{s['drift_every']} steps; gain 0.5, error clipped to +-{KLController.MAX_ERR:g} in log space), never "
+          "lowering the coefficient while the KL still climbs under the budget at start-up."]
     L += ["", f"Drift budget {b['target']} nats/token: final KL / target {_fmt_spread(b['final_ratio'])}; "
           f"mean |log(KL/target)| over the second half {_fmt_spread(b['late_mean_abs_log_err'])}; "
           f"without a budget (kl 0, full) the final KL was {_fmt_spread(b['unbudgeted_final_kl'])}.", ""]
@@ -704,10 +725,36 @@ def demo_table(claims: dict) -> str:
         rows.append([f"plasticity on `{r['heldout']}`, {key}; base {_fmt_spread(b)}"]
                     + [cell(m, lambda e, k=key: (e["plasticity"] or {}).get(k)) if m != "gepa" else "= base"
                        for m in METHODS])
-    lines = [f"Mean [min, max] over seeds {seeds} (`make bench`, benchmarks/README.md).", "",
+    lines = [f"Mean [min, max] over seeds {seeds} (`make bench-demo`, or `make bench` with benchmarks/README.md).",
+             "",
              "| | rl | gepa (frozen weights) | fst |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def demo_plan(s: dict, root: Path, seeds: Sequence[int]) -> tuple[dict, list[dict], list[dict]]:
+    """Only what the project README's demo table needs: the prompt stream's main rl / gepa / fst runs and the
+    plasticity probes from base, rl and fst, for ``seeds`` (the same run dirs as the full bench: it reuses them)."""
+    s = {**s, "seeds": list(seeds)}
+    runs, probes = plan(s, root)
+    runs = [j for j in runs if j["regime"] == "prompt" and is_main_stream(j)]
+    probes = [p for p in probes if p["regime"] == "prompt" and p["arm"] in ("base", "rl", "fst")]
+    return s, runs, probes
+
+
+def demo_claims(s: dict, runs: list[dict], probes: list[dict]) -> dict:
+    """The part of claims.json that :func:`demo_table` reads, from the runs of :func:`demo_plan`."""
+    from fastslow.analysis import load_run
+
+    loaded = {j["cfg"]["out"]: load_run(j["cfg"]["out"]) for j in runs}
+    probe_res = load_probes(probes)
+    r = regimes()["prompt"]
+    base = [probe_res.get(("prompt", sd, "base")) or {} for sd in s["seeds"]]
+    aggregate = {f"plasticity_{k}": {"base": spread([b.get(k) for b in base], s["bootstrap"])}
+                 for k in ("final", "auc")}
+    return {"seeds": s["seeds"], "regimes": {"prompt": {
+        "stream": r["stream"], "heldout": r["heldout"], "stream_aggregate": aggregate,
+        "stream_runs": stream_entries("prompt", runs, loaded, probe_res, {})}}}
 
 
 def update_project_readme(claims: dict, path: Path) -> bool:
@@ -730,9 +777,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--analyse-only", action="store_true", help="skip training; analyse existing run dirs")
     parser.add_argument("--plan", action="store_true", help="only write README.md with the settings; run nothing")
+    parser.add_argument("--demo", action="store_true",
+                        help="only the project README's demo table (make bench-demo): the prompt stream's rl, gepa "
+                        "and fst runs with the demo's settings (full mode) and their plasticity probes")
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="with --demo: these seeds (comma-separated; default: full mode's seeds)")
     args = parser.parse_args(argv)
     if args.plan:
         write_plan_readme(HERE / "README.md")
+        return
+    if args.seeds is not None and not args.demo:
+        parser.error("--seeds only goes with --demo (the study always reports every seed of its settings)")
+    if args.demo:
+        run_demo(args.root or Path("runs") / "bench", args.seeds or SETTINGS["full"]["seeds"], args.workers,
+                 HERE.parent / "README.md")
         return
     mode = "quick" if args.quick else "full"
     s = SETTINGS[mode]
@@ -741,8 +799,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs, probes = plan(s, root)
     atts = [{"run": j["cfg"]["out"], "tasks": regimes()[j["regime"]]["stream"], "n": s["attribution_n"],
              "max_new_tokens": s["max_new_tokens"], "seed": j["seed"]}
-            for j in runs if j["kind"] == "stream" and j["method"] == "fst"
-            and j["cfg"]["out"].endswith(f"fst-full-kl0-s{j['seed']}")]
+            for j in runs if is_main_stream(j) and j["method"] == "fst"]
     print(f"{mode}: {len(runs)} runs, {len(probes)} probes, {len(atts)} attributions -> {root}", flush=True)
     if not args.analyse_only:
         run_pool(train_job, runs, args.workers, "run")
@@ -771,6 +828,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in ("claims.json", "frontier.json"):  # the run root doubles as a report dir
         (root / name).write_text((args.results / name).read_text())
     print(f"wrote {args.results} and {HERE / 'README.md'} ({meta['wall_s'] / 60:.1f} min)", flush=True)
+
+
+def run_demo(root: Path, seeds: Sequence[int], workers: int, readme: Path) -> None:
+    """Run (or reuse) the demo's runs and probes for ``seeds`` and rewrite the project README's demo table."""
+    t0 = time.perf_counter()
+    s, runs, probes = demo_plan(SETTINGS["full"], root, seeds)
+    print(f"demo: {len(runs)} runs, {len(probes)} probes, seeds {list(seeds)} -> {root}", flush=True)
+    run_pool(train_job, runs, workers, "run")
+    run_pool(probe_job, probes, workers, "probe")
+    if not update_project_readme(demo_claims(s, runs, probes), readme):
+        raise SystemExit(f"{readme}: no {DEMO_START} ... {DEMO_END} markers")
+    print(f"wrote the demo table of {readme} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
 
 if __name__ == "__main__":

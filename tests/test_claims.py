@@ -98,3 +98,40 @@ def test_budget_held_reads_the_late_measurements():
     assert b["final_ratio"] == pytest.approx(1.0)
     assert b["late_mean_abs_log_err"] == pytest.approx(math.log(2) / 3)  # 0.2, 0.1, 0.1 at steps >= 20
     assert b["late_max_ratio"] == pytest.approx(2.0) and b["final_kl_coef"] == pytest.approx(4.1)
+
+
+def test_demo_mode_plans_only_the_demo_and_fills_the_readme_table(tmp_path):
+    import json
+
+    s, runs, probes = claims.demo_plan(claims.SETTINGS["full"], tmp_path, [0, 1])
+    assert s["seeds"] == [0, 1] and claims.SETTINGS["full"]["seeds"] == [0, 1, 2]  # the settings are untouched
+    assert sorted((j["method"], j["seed"]) for j in runs) == sorted((m, sd) for m in claims.METHODS for sd in (0, 1))
+    assert {j["regime"] for j in runs} == {"prompt"} and all(claims.is_main_stream(j) for j in runs)
+    assert sorted((p["arm"], p["seed"]) for p in probes) == sorted((a, sd) for a in ("base", "rl", "fst")
+                                                                   for sd in (0, 1))
+    # the same run dirs as the full bench (which then reuses them), with the demo's stage length
+    full_runs, _ = claims.plan(claims.SETTINGS["full"], tmp_path)
+    assert {j["cfg"]["out"] for j in runs} <= {j["cfg"]["out"] for j in full_runs}
+    assert all(st["steps"] == claims.SETTINGS["full"]["stage_steps"] for j in runs for st in j["cfg"]["stages"])
+
+    stream = claims.regimes()["prompt"]["stream"]
+    for j in runs:  # hand-made finished runs: final rewards 0.1 * (seed + 1) (+ 0.5 for fst)
+        out = Path(j["cfg"]["out"])
+        out.mkdir(parents=True)
+        v = 0.1 * (j["seed"] + 1) + (0.5 if j["method"] == "fst" else 0.0)
+        (out / "summary.json").write_text(json.dumps({
+            "stages": [{"task": t, "steps": 90} for t in stream], "matrix": [[v] * len(stream)] * len(stream),
+            "cl": {"acc": v, "bwt": -v, "fwt": 0.0, "forgetting": v}, "drift": {"kl_rev": 2 * v}}))
+        (out / "metrics.jsonl").write_text("\n".join(json.dumps({"step": st, **{f"eval/{t}/reward": v for t in stream}})
+                                                     for st in (0, 90, 180, 270)))
+    for p in probes:
+        Path(p["out"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(p["out"] + ".json").write_text(json.dumps({"final": 0.3 + p["seed"], "auc": 0.2, "curve": []}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"head\n{claims.DEMO_START}\nold\n{claims.DEMO_END}\ntail\n")
+    assert claims.update_project_readme(claims.demo_claims(s, runs, probes), readme)
+    text = readme.read_text()
+    assert text.startswith("head\n") and text.endswith("tail\n") and "old" not in text
+    acc = next(line for line in text.splitlines() if line.startswith("| ACC"))
+    assert acc == "| ACC | 0.150 [0.100, 0.200] | 0.150 [0.100, 0.200] | 0.650 [0.600, 0.700] |"
+    assert "base 0.8 [0.3, 1.3] (n=2)" in text  # the base probe's final over seeds

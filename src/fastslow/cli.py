@@ -330,11 +330,17 @@ def world_check(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     rl_steps: Annotated[int, typer.Option(help="Also run RL from the seed prompt for this many steps on "
                                                 "weight-dominant tasks (0: skip; 300 checks the property).")] = 0,
+    task: Annotated[list[str] | None, typer.Option(help="Check only this micro task (repeatable; default: "
+                                                        "all).")] = None,
 ) -> None:
     """Per task: regime, base reward with the seed prompt, the rule text and the reflector's proposal; properties."""
     from fastslow.world import check_world
+    from fastslow.world.tasks import ALL_TASKS
 
-    typer.echo(json.dumps(check_world(model, n=n, seed=seed, rl_steps=rl_steps), indent=2))
+    unknown = [t for t in task or [] if t not in ALL_TASKS]
+    if unknown:
+        fail(f"unknown micro task(s) {', '.join(unknown)}; known: {', '.join(ALL_TASKS)}")
+    typer.echo(json.dumps(check_world(model, n=n, seed=seed, rl_steps=rl_steps, tasks=task), indent=2))
 
 
 @models_app.command("fetch")

@@ -92,11 +92,12 @@ class SlowConfig(_Strict):
     tau: float = Field(4.0, gt=0, description="CISPO: importance ratio truncated from above at tau.")
     clip_eps: float = Field(0.2, gt=0, description="GRPO: ratio clipped to [1-eps, 1+eps].")
     kl_coef: float = Field(0.0, ge=0, description="Coefficient of a k3 KL-to-base penalty in the loss "
-                           "(with kl_target: its starting value, 0 = start at 0.01).")
+                           "(with kl_target: its starting value, 0 = 1/sqrt(2 kl_target)).")
     kl_target: float | None = Field(
         None, gt=0, description="Drift budget, nats/token: adapt the KL coefficient after each drift measurement "
         "so the exact reverse KL stays near this value (null = fixed kl_coef).")
-    kl_target_gain: float = Field(0.5, gt=0, description="Proportional gain of the kl_target controller, in log space.")
+    kl_target_gain: float = Field(0.5, gt=0, description="Gain of the kl_target controller: log beta moves by "
+                                  "gain * log(KL / target) per update (error clipped to +-2).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of training rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of training rollouts.")
     max_new_tokens: int = Field(24, gt=0, description="Completion length cap.")

@@ -31,12 +31,14 @@ def build_base(out_dir: Path, seed: int = 0, steps: int | None = None) -> dict:
     return _build(Path(out_dir), seed=seed, steps=steps)
 
 
-def check_world(model_path: str | None = None, n: int = 200, seed: int = 0, rl_steps: int = 0) -> dict[str, Any]:
+def check_world(model_path: str | None = None, n: int = 200, seed: int = 0, rl_steps: int = 0,
+                tasks: list[str] | None = None) -> dict[str, Any]:
     """Per-task regime, rewards with the seed prompt, the rule text and the reflector's proposal, and the
-    regime's baseline properties (``rl_steps`` > 0: with an RL baseline run on weight-dominant tasks)."""
+    regime's baseline properties (``rl_steps`` > 0: with an RL baseline run on weight-dominant tasks);
+    ``tasks`` restricts it to those micro tasks (default: all)."""
     from fastslow.world.check import check_world as _check
 
-    return _check(model_path=model_path, n=n, seed=seed, rl_steps=rl_steps)
+    return _check(model_path=model_path, n=n, seed=seed, rl_steps=rl_steps, tasks=tasks or None)
 
 
 def _register() -> None:

@@ -4,7 +4,9 @@ For every micro task it measures the base model's mean reward on eval problems w
 (a) the task-agnostic seed prompt, (b) the task's true rule text, (c) the offline reflector's
 proposal made from 10 failed seed-prompt rollouts on train problems, rendered exactly as
 GEPA 0.1.4's default reflection prompt. Decoding is greedy; ``seed_sampled`` adds the mean reward
-of one temperature-1 sample per problem under the seed prompt (what RL starts from).
+of one temperature-1 sample per problem under the seed prompt (what RL starts from). For weight-dominant
+tasks ``language_best`` also scores every sentence the language has (each transform, or none, with the
+task's format): a stricter bound than the reflector's text, reported for information (not a property).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fastslow.policy import Policy
 from fastslow.rollout import PolicySampler, Scored, rollout, score_prompt
 from fastslow.tasks import Problem
 from fastslow.util import derive_seed
+from fastslow.world.language import TRANSFORMS, rule_text
 from fastslow.world.reflector import MicroReflector
 from fastslow.world.tasks import ALL_TASKS, MicroTask, micro_task
 
@@ -106,6 +109,16 @@ def rl_baseline(name: str, steps: int, seed: int = 0, model_path: str | None = N
     return {"rl_peak": max(r for _, r in curve), "rl_steps_to_target": reach, "rl_curve": curve}
 
 
+def language_best(policy: Policy, task: MicroTask, n: int) -> dict[str, Any]:
+    """The best context the instruction language can write with the task's format (any transform sentence
+    or none), its reward and its gain over the seed prompt; greedy, first ``n`` eval problems."""
+    fmt = task._format
+    scores = {text: mean_reward(policy, task, text, n) for text in
+              [rule_text(None, fmt), *(rule_text(t, fmt) for t in TRANSFORMS)]}
+    text = max(scores, key=lambda k: scores[k])
+    return {"text": text, "reward": round(scores[text], 4)}
+
+
 def regime_properties(regime: str, row: dict[str, Any]) -> dict[str, Any]:
     """Whether a task shows its regime's properties (``None`` where the needed number was not measured)."""
     text_gain = max(row["rule"], row["reflector"]) - row["seed"]
@@ -123,9 +136,10 @@ def regime_properties(regime: str, row: dict[str, Any]) -> dict[str, Any]:
 
 def check_world(model_path: str | None = None, n: int = 200, seed: int = 0,
                 tasks: Sequence[str] | None = None, rl_steps: int = 0) -> dict[str, Any]:
-    """Per task: its ``regime``, ``seed`` / ``rule`` / ``reflector`` rewards (greedy), ``seed_sampled``, the
-    proposal text, ``recovered`` = (reflector - seed) / (rule - seed), and ``properties`` (the regime's
-    baseline properties; with ``rl_steps`` > 0 weight-dominant tasks also get an RL baseline run)."""
+    """Per task (all, or ``tasks``): its ``regime``, ``seed`` / ``rule`` / ``reflector`` rewards (greedy),
+    ``seed_sampled``, the proposal text, ``recovered`` = (reflector - seed) / (rule - seed), ``properties``
+    (the regime's baseline properties; with ``rl_steps`` > 0 weight-dominant tasks also get an RL baseline
+    run) and, for weight-dominant tasks, ``language_best`` (information only)."""
     policy = load_policy(model_path)
     report: dict[str, Any] = {}
     for name in tasks or ALL_TASKS:
@@ -146,4 +160,7 @@ def check_world(model_path: str | None = None, n: int = 200, seed: int = 0,
                                                   for k, v in row.items()}}
         report[name].update({"properties": regime_properties(task.regime, row), "n": len(problems),
                              "proposal": proposal, "rule_text": task.rule_text})
+        if task.regime == "weight":
+            best = language_best(policy, task, n)
+            report[name]["language_best"] = {**best, "gain": round(best["reward"] - row["seed"], 4)}
     return report

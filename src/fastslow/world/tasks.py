@@ -119,28 +119,28 @@ def _back_shift(s: str) -> str:
 
 # Weight-dominant family: contents the instruction language has no sentence for (compositions of two
 # rules, a fixed letter mapping). Text can state the format and at most one part; the rest must be
-# learnt in weights. Graded mostly on content (format share WEIGHT_FORMAT_WEIGHT).
+# learnt in weights. Graded mostly on content (format share WEIGHT_FORMAT_WEIGHT). Formats are ones the
+# seed prompt already writes often (not `dot`, which it almost never writes): stating the format then
+# gives little, so text alone stays within WEIGHT_MAX_TEXT_GAIN (see `fastslow world check`).
 _HIDDEN: dict[str, Callable[[str], str]] = {
     "reverse_shift": lambda s: TRANSFORMS["shift"].apply(s[::-1]),
     "shift2": lambda s: TRANSFORMS["shift"].apply(TRANSFORMS["shift"].apply(s)),
     "back_shift": _back_shift,
-    "sort_desc": lambda s: "".join(sorted(s, reverse=True)),
-    "upper_reverse": lambda s: s[::-1].upper(),
-    "swap_pairs": lambda s: "".join(s[i + 1] + s[i] if i + 1 < len(s) else s[i] for i in range(0, len(s), 2)),
+    "pivot_reverse": lambda s: s[:1] + s[:0:-1],  # the first letter stays, the rest is reversed
+    "upper_shift": lambda s: TRANSFORMS["shift"].apply(s).upper(),
 }
 WEIGHT_FORMAT_WEIGHT = 0.15
 # name -> (hidden content, format, the transform sentence the language can state about it)
 _WEIGHT_SPECS: dict[str, tuple[str, str, str]] = {
     "mirror": ("reverse_shift", "square", "reverse"),
     "leap": ("shift2", "angle", "shift"),
-    "back": ("back_shift", "dot", "shift"),
-    "descend": ("sort_desc", "star", "sort"),
-    "yell": ("upper_reverse", "dot", "reverse"),
-    "swap": ("swap_pairs", "angle", "rotate"),
+    "back": ("back_shift", "star", "shift"),
+    "pivot": ("pivot_reverse", "angle", "reverse"),
+    "loud": ("upper_shift", "star", "upper"),
 }
 WEIGHT_TASKS: list[str] = list(_WEIGHT_SPECS)
 WEIGHT_STREAM: list[str] = ["mirror", "leap", "back"]
-WEIGHT_HELDOUT: str = "descend"
+WEIGHT_HELDOUT: str = "pivot"
 ALL_TASKS: list[str] = MICRO_TASKS + WEIGHT_TASKS
 
 
