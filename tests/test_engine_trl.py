@@ -423,3 +423,21 @@ def test_resumed_weights_replace_the_trained_part_but_not_the_base(tiny_model, t
     base = resumed.policy.base_parameters()
     assert all(torch.allclose(trained[n], original[n] + 0.5) for n in original)
     assert all(torch.equal(base[n], original[n]) for n in original)
+
+
+def test_drift_budget_starts_and_resumes_alike_on_both_engines(tiny_model, tmp_path):
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["method=rl", "slow.kl_target=0.05"])
+    engine = TrlEngine(cfg)
+    native = SlowLearner(Policy.load(cfg.model), cfg.slow)
+    assert engine.trainer.beta == native.kl_coef > 0
+    for kl in (0.01, 0.2, 0.3):  # the same measurements move both alike
+        engine.slow.observe_drift(kl)
+        native.observe_drift(kl)
+    assert engine.trainer.beta == pytest.approx(native.kl_coef)
+    resumed = TrlEngine(cfg)
+    resumed.slow.load_state_dict(engine.slow.state_dict())
+    resumed.slow.observe_drift(0.02)
+    engine.slow.observe_drift(0.02)
+    assert resumed.trainer.beta == pytest.approx(engine.trainer.beta)
+    for e in (engine, resumed):
+        e.close()

@@ -308,7 +308,7 @@ class TrlSlowChannel:
         self.skipped_updates = 0
         slow = engine.cfg.slow
         # A drift budget (slow.kl_target) steers TRL's beta, which compute_loss reads at every call.
-        self.kl_controller = (KLController(slow.kl_target, slow.kl_target_gain, slow.kl_coef or 0.01)
+        self.kl_controller = (KLController(slow.kl_target, slow.kl_target_gain, slow.kl_coef or None)
                               if slow.kl_target else None)
         if self.kl_controller is not None:
             self.trainer.beta = self.kl_controller.coef
@@ -323,7 +323,8 @@ class TrlSlowChannel:
         tr = self.trainer
         return {"optimizer": self._optimizer_state(), "scheduler": tr.lr_scheduler.state_dict(),
                 "global_step": tr.state.global_step, "nonfinite_streak": self.nonfinite_streak,
-                "skipped_updates": self.skipped_updates, "kl_coef": tr.beta}
+                "skipped_updates": self.skipped_updates, "kl_coef": tr.beta,
+                **({"kl_controller": self.kl_controller.state_dict()} if self.kl_controller else {})}
 
     def _optimizer_state(self) -> dict:
         tr = self.trainer
@@ -349,7 +350,8 @@ class TrlSlowChannel:
         self.nonfinite_streak = state["nonfinite_streak"]
         self.skipped_updates = state["skipped_updates"]
         if self.kl_controller is not None:
-            self.kl_controller.coef = self.trainer.beta = state["kl_coef"]
+            self.kl_controller.load_state_dict(state.get("kl_controller", {"coef": state["kl_coef"]}))
+            self.trainer.beta = self.kl_controller.coef
 
     def step(self, rollouts: Rollouts, *, measure_k3: bool = False) -> dict[str, float]:
         """One update on ``rollouts`` (all ranks' rows, in group order); this rank trains its own groups."""
