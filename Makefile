@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick bench-demo lint install clean models
+.PHONY: demo test bench bench-quick bench-demo bench-engines lint install clean models
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,15 @@ bench: $(STAMP)
 # The drift-plasticity study at small budgets (<= 15 min on 2 quiet CPU cores); writes benchmarks/results/.
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/claims.py --quick
+
+# Seconds per slow step, native vs trl (1 and 2 processes, and FSDP2 on the micro model); about 10 min.
+bench-engines: models
+	$(BIN)/python benchmarks/engines.py --model micro --reps 3 --fsdp2 --label micro-full-2x4x16 \
+		--out benchmarks/results/engines.json
+	$(BIN)/python benchmarks/engines.py --model micro --lora --reps 3 --problems 4 --group 8 --tokens 24 \
+		--label micro-lora-4x8x24 --out benchmarks/results/engines.json
+	$(BIN)/python benchmarks/engines.py --model smollm2-135m --lora --reps 2 --steps 3 \
+		--label smollm2-135m-lora-2x4x16 --out benchmarks/results/engines.json
 
 # Only the project README's demo table, mean [min, max] over seeds 0, 1, 2: the demo's rl, gepa, fst runs and their
 # plasticity probes (the full bench's run dirs; `make bench` reuses them).

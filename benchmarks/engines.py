@@ -1,7 +1,7 @@
 """Seconds per slow step: native vs trl (1 process) vs trl (2 processes, torchrun/gloo), same shape, interleaved.
 
-    .venv/bin/python benchmarks/engines.py [--model micro] [--model runs/smollm2 --lora] [--reps 2] [--steps 4]
-                                            [--out benchmarks/results/engines.json]
+    .venv/bin/python benchmarks/engines.py [--model micro] [--model smollm2-135m --lora] [--reps 2] [--steps 4]
+                                            [--fsdp2] [--out benchmarks/results/engines.json]
 
 Each arm is a real ``fastslow run`` (method rl, the micro world's flip task) in a fresh process; its
 ``timing.json`` gives the mean slow step (sampling + verification + update; the first step included).
@@ -24,10 +24,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"native": ("native", 1), "trl-1proc": ("trl", 1), "trl-2proc": ("trl", 2)}
+# --fsdp2: two processes with the weights sharded by accelerate's FSDP2 (forced on CPU as in the tests).
+FSDP2_ARM = {"trl-2proc-fsdp2": ("trl-fsdp2", 2)}
 
 
 def arm_command(config: Path, out: Path, engine: str, nproc: int) -> list[str]:
-    run = ["--out", str(out), "--set", f"engine={engine}"]
+    run = ["--out", str(out), "--set", f"engine={engine.removesuffix('-fsdp2')}"]
+    if engine.endswith("-fsdp2"):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                str(ROOT / "tests" / "fsdp2_cli.py"), "run", str(config), *run]
     if nproc == 1:
         return [sys.executable, "-m", "fastslow.cli", "run", str(config), *run]
     return [sys.executable, "-m", "fastslow.cli", "launch", "--nproc", str(nproc), str(config), *run]
@@ -60,16 +65,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None, help="Merge the result into this JSON file (keyed by --label).")
     ap.add_argument("--label", default=None, help="Key of this result in --out (default: the model's name).")
+    ap.add_argument("--fsdp2", action="store_true", help="Add a two-process arm with FSDP2-sharded weights.")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    samples: dict[str, list[float]] = {name: [] for name in ARMS}
+        [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    arms = {**ARMS, **(FSDP2_ARM if args.fsdp2 else {})}
+    samples: dict[str, list[float]] = {name: [] for name in arms}
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.yaml"
         write_config(config, args.model, lora=args.lora, steps=args.steps, problems=args.problems,
                      group=args.group, tokens=args.tokens)
         for rep in range(args.reps):
-            for name, (engine, nproc) in ARMS.items():
+            for name, (engine, nproc) in arms.items():
                 out = Path(tmp) / f"{name}-{rep}"
                 done = subprocess.run(arm_command(config, out, engine, nproc), env=env, cwd=ROOT,
                                       capture_output=True, text=True)

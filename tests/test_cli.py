@@ -91,3 +91,17 @@ def test_probe_plasticity_from_a_run_and_from_the_base(tiny_model, tmp_path):
     for arm in out.values():
         assert 0 <= arm["final"] <= 1 and 0 <= arm["auc"] <= 1
     assert (tmp_path / "probe" / "base" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["run", "configs/smoke.yaml", "--threads", "abc"], "No such option: --threads"),
+    (["run"], "Missing argument 'config'"),
+    (["eval", "--model", "micro", "--task", "micro/flip", "--n", "abc"], "Invalid value for '--n'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_usage_errors_of_the_command_are_one_line_and_exit_2(args, fragment):
+    """Through the real entry point (CliRunner bypasses it): typer's usage errors, not a boxed panel."""
+    done = subprocess.run([sys.executable, "-c", "import sys; from fastslow.cli import main; sys.exit(main())", *args],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and fragment in lines[0] and lines[0].startswith("error:")

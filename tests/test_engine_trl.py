@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -80,7 +81,7 @@ def test_8_gpu_config_dry_runs_from_the_cli_without_a_gpu():
     info = json.loads(out.stdout)
     assert info["engine"] == "trl" and info["world_size"] == 8 and info["vllm"] == "colocate"
     assert info["grpo_config"]["per_device_train_batch_size"] == 4 * 8  # 32 problems over 8 GPUs, G = 8
-    assert info["accelerate_config"].endswith("ddp.yaml")  # this version refuses ZeRO-3 / FSDP
+    assert info["accelerate_config"].endswith("fsdp2.yaml") and info["sharding"] == "FSDP2"
 
 
 @pytest.mark.parametrize("config", ["qwen3-8b.yaml", "qwen3-0.6b-1gpu.yaml"])
@@ -245,45 +246,75 @@ def test_lockstep_reflector_sends_a_timeout_as_the_same_error_to_every_rank():
 
 def test_sharded_accelerate_configs_are_recognised(tmp_path):
     assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "zero3.yaml") == "DeepSpeed ZeRO-3"
-    assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "fsdp2.yaml") == "FSDP"
+    assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "fsdp2.yaml") == "FSDP2"
     assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "ddp.yaml") is None
     zero2 = tmp_path / "zero2.yaml"
     zero2.write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 2}\n")
     assert sharding_of_accelerate_config(zero2) is None
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text("distributed_type: FSDP\nfsdp_config: {fsdp_sharding_strategy: FULL_SHARD}\n")
+    assert sharding_of_accelerate_config(fsdp1) == "FSDP1"
     with pytest.raises(ConfigError, match="scale.accelerate_config"):
         sharding_of_accelerate_config(tmp_path / "missing.yaml")
     assert sharding_of_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == (
         "DeepSpeed ZeRO-3")
-    assert sharding_of_env({"ACCELERATE_USE_FSDP": "true"}) == "FSDP"
+    assert sharding_of_env({"ACCELERATE_USE_FSDP": "true"}) == "FSDP1"
+    assert sharding_of_env({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "FSDP2"
     assert sharding_of_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) is None
 
 
-def test_a_sharded_run_is_refused_in_one_line_before_anything_runs(tiny_model, tmp_path, monkeypatch):
+def test_an_unsupported_sharding_is_refused_in_one_line_before_anything_runs(tiny_model, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from fastslow.cli import app
 
     zero3 = str(ROOT / "configs" / "accelerate" / "zero3.yaml")
     cfg = small_config(tiny_model, tmp_path / "r", extra=["engine=trl", f"scale.accelerate_config={zero3}"])
-    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 shards the weights.*ddp.yaml"):
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 is not supported.*fsdp2.yaml"):
         dry_run(cfg)
     path = tmp_path / "c.yaml"
     path.write_text(f"engine: trl\nstages: [{{task: 'conftest:vowel_task', steps: 1}}]\n"
                     f"scale: {{accelerate_config: '{zero3}'}}\n")
     result = CliRunner().invoke(app, ["launch", "--nproc", "2", str(path), "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "does not support" in result.output
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch tells each process
-    with pytest.raises(ConfigError, match="FSDP shards the weights"):
+    assert result.exit_code == 2 and "not supported" in result.output
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch tells each process (FSDP v1)
+    with pytest.raises(ConfigError, match="FSDP1 is not supported"):
         Trainer(small_config(tiny_model, tmp_path / "r", extra=["engine=trl"]))
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_gives_the_uninterrupted_metrics(tiny_model, tmp_path):
-    cfg = tmp_path / "trl.yaml"
-    cfg.write_text(f"""method: fst
+def _torchrun(cfg: Path, out: Path, *extra: str, fsdp2: bool, wait: bool = True):
+    """``fastslow run CFG`` on two processes (torchrun, gloo); ``fsdp2``: accelerate's FSDP2 (force_fsdp2.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    entry = [str(ROOT / "tests" / "fsdp2_cli.py")] if fsdp2 else ["-m", "fastslow.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry,
+           "run", str(cfg), "--out", str(out), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # one process group: torchrun and both ranks
+    if wait:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    return proc
+
+
+def _metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> bool:
+    def close(x, y) -> bool:
+        if isinstance(x, float) and isinstance(y, float):
+            return math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6)
+        return x == y
+
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(close(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def _trl_config(tmp_path: Path, tiny_model: Path, *, method: str, lora: bool) -> Path:
+    cfg = tmp_path / f"{method}-{lora}.yaml"
+    cfg.write_text(f"""method: {method}
 engine: trl
-model: {{path: '{tiny_model}', lora: {{r: 4}}}}
+model: {{path: '{tiny_model}'{", lora: {r: 4}" if lora else ""}}}
 stages: [{{task: 'conftest:vowel_task', steps: 4}}]
 slow: {{batch_problems: 4, group_size: 4, max_new_tokens: 8, lr: 0.01, warmup_steps: 2, kl_coef: 0.01}}
 fast: {{every: 2, population: 2, budget: 8, val_size: 4, reflector: 'conftest:canned_reflector'}}
@@ -293,6 +324,52 @@ checkpoint_every: 2
 threads: 1
 seed: 3
 """)
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "lora"), [("rl", False), ("fst", True)])
+def test_fsdp2_trains_as_ddp_does(tiny_model, tmp_path, method, lora):
+    """Sharded (FSDP2) and whole (DDP) weights over two processes: the same run, step by step, and the same
+    checkpointed weights (gathered from the shards)."""
+    from safetensors.torch import load_file
+
+    cfg = _trl_config(tmp_path, tiny_model, method=method, lora=lora)
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _torchrun(cfg, ddp, fsdp2=False)
+    _torchrun(cfg, fsdp, fsdp2=True)
+    assert json.loads((fsdp / "summary.json").read_text())["sharding"] == "FSDP2"
+    assert json.loads((ddp / "summary.json").read_text())["sharding"] is None
+    rows = _metric_rows(fsdp)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows[-1]["drift/kl_rev"] > 0
+    assert _same_rows(rows, _metric_rows(ddp))
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = (load_file(str(run / "checkpoints" / "step_000004" / "model" / name)) for run in (ddp, fsdp))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp2_kill_9_then_resume_gives_the_uninterrupted_metrics(tiny_model, tmp_path):
+    cfg = _trl_config(tmp_path, tiny_model, method="fst", lora=True)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _torchrun(cfg, whole, fsdp2=True)
+    proc = _torchrun(cfg, cut, fsdp2=True, wait=False)
+    deadline = time.monotonic() + 600
+    while not ((cut / "checkpoints").is_dir() and _rows(cut) >= 3) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, at once
+    proc.wait()
+    assert _rows(cut) < 5  # killed before the end
+    _torchrun(cfg, cut, "--resume", fsdp2=True)
+    assert (cut / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    assert json.loads((cut / "summary.json").read_text())["prompts"] == json.loads(
+        (whole / "summary.json").read_text())["prompts"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_metrics(tiny_model, tmp_path):
+    cfg = _trl_config(tmp_path, tiny_model, method="fst", lora=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
 
     def start(out: Path, *extra: str) -> subprocess.Popen:
@@ -346,3 +423,21 @@ def test_resumed_weights_replace_the_trained_part_but_not_the_base(tiny_model, t
     base = resumed.policy.base_parameters()
     assert all(torch.allclose(trained[n], original[n] + 0.5) for n in original)
     assert all(torch.equal(base[n], original[n]) for n in original)
+
+
+def test_drift_budget_starts_and_resumes_alike_on_both_engines(tiny_model, tmp_path):
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["method=rl", "slow.kl_target=0.05"])
+    engine = TrlEngine(cfg)
+    native = SlowLearner(Policy.load(cfg.model), cfg.slow)
+    assert engine.trainer.beta == native.kl_coef > 0
+    for kl in (0.01, 0.2, 0.3):  # the same measurements move both alike
+        engine.slow.observe_drift(kl)
+        native.observe_drift(kl)
+    assert engine.trainer.beta == pytest.approx(native.kl_coef)
+    resumed = TrlEngine(cfg)
+    resumed.slow.load_state_dict(engine.slow.state_dict())
+    resumed.slow.observe_drift(0.02)
+    engine.slow.observe_drift(0.02)
+    assert resumed.trainer.beta == pytest.approx(engine.trainer.beta)
+    for e in (engine, resumed):
+        e.close()

@@ -175,3 +175,8 @@ def test_all_failed_rounds_stop_the_run_and_keep_the_checkpoint(tiny_model, tmp_
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     fast_rows = [r for r in rows if "fast/failed_reflection_calls" in r]
     assert fast_rows and fast_rows[-1]["fast/failed_reflection_calls"] > 0 and fast_rows[-1]["fast/accepted_total"] == 0
+
+
+def test_hf_reflector_on_a_missing_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="fast.reflector.*no model folder at"):
+        make_reflector(f"hf:{tmp_path / 'missing'}", FastConfig())

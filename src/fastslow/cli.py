@@ -163,7 +163,7 @@ def launch(
     config: Annotated[Path, typer.Argument(help="YAML config with engine: trl.")],
     nproc: Annotated[int | None, typer.Option(help="Processes per node (default: the config's scale.nproc).")] = None,
     accelerate_config: Annotated[str | None, typer.Option(
-        help="accelerate config (configs/accelerate/ddp.yaml; ZeRO-3/FSDP are refused); GPUs only.")] = None,
+        help="accelerate config (configs/accelerate/ddp.yaml or fsdp2.yaml; ZeRO-3 is refused); GPUs only.")] = None,
     nnodes: Annotated[int, typer.Option(help="Nodes (machines) of the run.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank (0 = the main node).")] = 0,
     main_address: Annotated[str, typer.Option(help="Main node's address (multi-node).")] = "127.0.0.1",
@@ -187,10 +187,19 @@ def launch(
     require_trl()
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
     refuse_sharding(sharding_of_accelerate_config(accelerate_config))  # before any process starts
+    if accelerate_config and not torch_has_cuda():
+        console.print(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
+                      "(accelerate shards on accelerators only)", highlight=False, soft_wrap=True)
     cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
                          accelerate_config=accelerate_config, nnodes=nnodes,
                          node_rank=node_rank, main_address=main_address, main_port=main_port)
     raise typer.Exit(start(cmd, log=lambda m: console.print(m, highlight=False, soft_wrap=True)))
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @app.command("eval")
@@ -356,15 +365,29 @@ def models_list() -> None:
     typer.echo(json.dumps(listing(), indent=2))
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m fastslow.cli`
+def _one_line_error(message: str) -> None:
+    console.print("[bold red]error:[/] ", end="")
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def main() -> int:
+    """The ``fastslow`` command: a usage error (unknown option, bad value) is one line and exit 2 too."""
     try:
-        app()
+        rc = app(standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click): what the user typed
+        ctx = getattr(exc, "ctx", None)
+        message = " ".join(exc.format_message().split()) if hasattr(exc, "format_message") else str(exc)
+        _one_line_error(f"{message} (see '{ctx.command_path if ctx else 'fastslow'} --help')")
+        return getattr(exc, "exit_code", 2)
+    except (typer.Abort, KeyboardInterrupt):
+        _one_line_error("aborted")
+        return 130
     except Exception as exc:  # noqa: BLE001 - outside any command (e.g. a plug-in failing at import): one line
         from fastslow.errors import describe, exit_code
 
-        console.print("[bold red]error:[/] ", end="")
-        console.print(describe(exc), markup=False, highlight=False, soft_wrap=True)
-        sys.exit(exit_code(exc))
+        _one_line_error(describe(exc))
+        return exit_code(exc)
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

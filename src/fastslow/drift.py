@@ -34,6 +34,11 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a parameter sharded by FSDP2 (a DTensor; gathering is a collective), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 @torch.no_grad()
 def weight_l2(policy: Policy) -> float:
     """L2 norm of (theta - theta_base) over trained weights; for LoRA, of the merged deltas B·A·scale."""
@@ -43,10 +48,11 @@ def weight_l2(policy: Policy) -> float:
             if hasattr(module, "get_delta_weight") and getattr(module, "active_adapters", None):
                 for name in module.active_adapters:
                     if name in getattr(module, "lora_A", {}):
-                        total += float(module.get_delta_weight(name).float().pow(2).sum())
+                        total += float(whole(module.get_delta_weight(name)).float().pow(2).sum())
         return total**0.5
     base = policy.base_parameters()
-    total = sum(float((p.detach() - base[n]).float().pow(2).sum()) for n, p in policy.trainable_parameters())
+    total = sum(float((whole(p.detach()) - whole(base[n])).float().pow(2).sum())
+                for n, p in policy.trainable_parameters())
     return total**0.5
 
 

@@ -59,7 +59,7 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     """Validate ``cfg`` without training or loading weights; the resolved engine settings.
 
     Loads every task of the stream and builds the reflector (no call is made to it). For engine ``trl``
-    a sharded accelerate config (ZeRO-3, FSDP) is refused (:func:`~fastslow.engines.trl.refuse_sharding`),
+    an unsupported sharding (ZeRO-3, FSDP1) is refused (:func:`~fastslow.engines.trl.refuse_sharding`),
     the GRPOConfig is built from the mapping (TRL validates it); the world size is ``world_size`` or
     ``scale.nproc``; the device is the one the config names (``model.device``), not this machine's.
     """
@@ -83,7 +83,8 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     )
 
     require_trl()
-    refuse_sharding(sharding_of_accelerate_config(cfg.scale.accelerate_config) or sharding_of_env())
+    sharding = sharding_of_accelerate_config(cfg.scale.accelerate_config) or sharding_of_env()
+    refuse_sharding(sharding)
     from fastslow.engines.trl import grpo_config
 
     size = world_size or cfg.scale.nproc
@@ -102,6 +103,7 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
         # vLLM is not a fastslow dependency (GPU wheels): say whether this machine could start it
         "vllm_installed": importlib.util.find_spec("vllm") is not None,
         "accelerate_config": cfg.scale.accelerate_config,
+        "sharding": sharding,
         "rows_per_step": cfg.slow.batch_problems * cfg.slow.group_size,
         "grpo_config": {k: kw[k] for k in sorted(kw)},
     })

@@ -151,6 +151,7 @@ class Trainer:
         try:
             return self._run()
         finally:
+            self.engine.close()
             self.lock.release()
 
     def _run(self) -> dict:
@@ -281,8 +282,9 @@ class Trainer:
         return done % self.cfg.drift.every == 0 or done == self.cfg.total_steps
 
     def _drift(self) -> dict[str, float]:
-        # Measured once, on the main process; every rank gets the numbers (the drift budget steers on them).
-        self.state.last_drift = self.engine.broadcast(self.drift.measure() if self.main else None)
+        # Every rank measures (with sharded weights each forward is a collective); every rank then takes the
+        # main process's numbers, so the drift budget steers alike everywhere.
+        self.state.last_drift = self.engine.broadcast(self.drift.measure())
         if self.slow is not None:  # the drift budget (slow.kl_target) steers on the exact reverse KL
             self.slow.observe_drift(self.state.last_drift.get("drift/kl_rev"))
         return dict(self.state.last_drift)
@@ -339,11 +341,16 @@ class Trainer:
     def _checkpoint(self) -> None:
         st = self.state
         st.policy_version = self.policy.version
+        # Gathered on every rank (collectives where the weights are sharded), written by the main process alone.
+        weights = self.policy.full_state_dict()
+        slow_state = self.slow.state_dict() if self.slow is not None else None
+        if not self.main:
+            return
 
         def write(tmp: Path) -> None:
-            self.policy.save(tmp / "model")
-            if self.slow is not None:
-                torch.save(self.slow.state_dict(), tmp / "trainer.pt")
+            self.policy.save(tmp / "model", state_dict=weights)
+            if slow_state is not None:
+                torch.save(slow_state, tmp / "trainer.pt")
             state = {
                 "loop": asdict(st),
                 "fast": self.fast.state_dict() if self.fast else None,
@@ -356,8 +363,7 @@ class Trainer:
             with self.metrics_path.open("rb") as src:
                 (tmp / "metrics.jsonl").write_bytes(src.read(st.metrics_bytes))
 
-        if self.main:
-            save_checkpoint(self.ckpt_root, st.step, write, keep=self.cfg.keep_checkpoints)
+        save_checkpoint(self.ckpt_root, st.step, write, keep=self.cfg.keep_checkpoints)
 
     def _restore(self, ckpt: Path) -> None:
         state = json.loads((ckpt / "state.json").read_text())
@@ -413,6 +419,7 @@ class Trainer:
             "fast_rollouts": st.fast_rollouts,
             "engine": self.engine.name,
             "world_size": self.engine.world_size,
+            "sharding": self.engine.sharding,
             "stages": [{"task": name, "spec": stage.task, "steps": stage.steps}
                        for name, stage in zip(self.stage_tasks, cfg.stages)],
             "tasks": names,

@@ -101,8 +101,16 @@ class Policy:
             model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)
         return cls(model, tokenizer, device, base_model=frozen)
 
-    def save(self, out: str | Path) -> None:
-        self.model.save_pretrained(str(out), safe_serialization=True)
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's whole state, where it must be gathered first (sharded weights); None: :meth:`save` reads it.
+
+        Called on every process of a run (a collective under sharding), before the main process saves.
+        """
+        return None
+
+    def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Weights (the adapter alone under LoRA) and tokenizer, loadable by ``from_pretrained``."""
+        self.model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(str(out))
 
     # ---- prompts ------------------------------------------------------------------------------

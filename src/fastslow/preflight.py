@@ -25,11 +25,18 @@ PROBE_PROMPT = (
 
 def check_model(cfg: Config) -> str:
     """``model.path`` -> a local folder holding a model, or a hub id when the hub may be used. Returns it."""
+    return check_model_spec(cfg.model.path, f"field 'model.path' {cfg.model.path!r}")
+
+
+def check_model_spec(spec: str, field: str) -> str:
+    """A model alias, folder or hub id -> a local folder holding a model, or a hub id when the hub may be used.
+
+    Raises :class:`ConfigError` naming ``field`` (one line) when neither is there.
+    """
     from fastslow.registry import resolve_model
 
-    field = f"field 'model.path' {cfg.model.path!r}"
     try:
-        path = resolve_model(cfg.model.path)
+        path = resolve_model(spec)
     except FileNotFoundError as exc:  # an alias not installed yet: its message says which command installs it
         raise ConfigError(f"{field}: {one_line(exc)}") from None
     local = Path(path).expanduser()

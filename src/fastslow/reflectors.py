@@ -229,6 +229,9 @@ def _feedback(rest: str, cfg: Any = None) -> FeedbackReflector:
 def _hf(rest: str, cfg: Any = None) -> HFReflector:
     if not rest:
         raise ConfigError(f"{FIELD}: hf: needs a model path or alias, e.g. hf:smollm2-135m")
+    from fastslow.preflight import check_model_spec
+
+    rest = check_model_spec(rest, f"{FIELD} 'hf:{rest}'")  # a missing folder says so, not "bad repo id"
     try:
         return HFReflector(rest, max_new_tokens=_setting(cfg, "reflection_max_tokens", 256),
                            temperature=_setting(cfg, "reflection_temperature", 0.0))

@@ -40,6 +40,7 @@ class Engine:
     slow: SlowChannel | None
     fast: FastChannel | None
     world_size: int = 1
+    sharding: str | None = None  # how the weights are split over the processes (None: a whole copy on each)
     is_main: bool = True
     broadcast: Callable[[Any], Any] = field(default=lambda obj: obj)
     close: Callable[[], None] = field(default=lambda: None)

@@ -20,9 +20,15 @@ sampler, the reflection model called on the main process alone and its reply (or
 (:class:`LockstepReflector`). Every rank's population is then identical by construction (checked after
 each round), and the trainer's model is never used by one rank alone during a round.
 
-Verified on CPU (one process, and two processes through torchrun/gloo, DDP). Sharded models (DeepSpeed
-ZeRO-3, FSDP) are refused in one line (:func:`refuse_sharding`): the drift meter and checkpoints still use
-the whole model on the main process alone. vLLM is wired through TRL's own switch but was not run here.
+Sharded weights (FSDP2): every forward is a collective, so every rank takes part in everything that runs
+the model: sampling (HF ``generate`` keeps ranks in step with ``synced_gpus``), the drift meter (each rank
+measures, the main process's numbers are broadcast), and checkpoints (the full weights and optimizer state
+are gathered on every rank, the main process writes them: a checkpoint does not depend on the process count).
+
+Verified on CPU: one process, and two processes through torchrun/gloo under DDP and under FSDP2 (accelerate
+applies FSDP on accelerators only; the tests force its FSDP2 path on CPU). DeepSpeed ZeRO-3 and FSDP version 1
+are refused in one line (:func:`refuse_sharding`): their checkpoint path was never run. vLLM is wired through
+TRL's own switch but was not run here.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -74,17 +81,17 @@ def world_size_from_env() -> int:
 
 
 def sharding_of_env(env: Mapping[str, str] | None = None) -> str | None:
-    """The sharding ``accelerate launch`` announced to this process ('DeepSpeed ZeRO-3', 'FSDP'), or None."""
+    """The sharding ``accelerate launch`` announced to this process ('DeepSpeed ZeRO-3', 'FSDP2', 'FSDP1'), or None."""
     env = os.environ if env is None else env
     if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "FSDP"
+        return "FSDP2" if env.get("FSDP_VERSION", "1") == "2" else "FSDP1"
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         return "DeepSpeed ZeRO-3"
     return None
 
 
 def sharding_of_accelerate_config(path: str | Path | None) -> str | None:
-    """The sharding an accelerate config file asks for ('DeepSpeed ZeRO-3', 'FSDP'), or None.
+    """The sharding an accelerate config file asks for ('DeepSpeed ZeRO-3', 'FSDP2', 'FSDP1'), or None.
 
     Raises :class:`ConfigError` when the file cannot be read as YAML.
     """
@@ -98,20 +105,22 @@ def sharding_of_accelerate_config(path: str | Path | None) -> str | None:
         raise ConfigError(f"field 'scale.accelerate_config': cannot read {str(path)!r}: {one_line(exc, 200)}") from None
     kind = str(data.get("distributed_type", "")).upper()
     if kind == "FSDP":
-        return "FSDP"
+        return "FSDP2" if str((data.get("fsdp_config") or {}).get("fsdp_version", 1)) == "2" else "FSDP1"
     if kind == "DEEPSPEED" and str((data.get("deepspeed_config") or {}).get("zero_stage")) == "3":
         return "DeepSpeed ZeRO-3"
     return None
 
 
+SUPPORTED_SHARDING = (None, "FSDP2")
+
+
 def refuse_sharding(kind: str | None) -> None:
-    """Raise :class:`ConfigError` (one line, exit 2) for a sharded model: what is and is not supported."""
-    if kind is None:
+    """Raise :class:`ConfigError` (one line, exit 2) for a sharding whose collective paths were never run."""
+    if kind in SUPPORTED_SHARDING:
         return
     raise ConfigError(
-        f"engine 'trl': {kind} shards the weights, which this version does not support: the drift meter and "
-        "checkpoints still use the whole model on the main process alone (GEPA rounds already run on every rank); "
-        "use DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-1/2"
+        f"engine 'trl': {kind} is not supported in this version (its sharded checkpoints were never run); "
+        "shard with FSDP2 (configs/accelerate/fsdp2.yaml) or use DDP (configs/accelerate/ddp.yaml)"
     )
 
 
@@ -124,10 +133,15 @@ def grpo_config(**kwargs: Any) -> Any:
         return GRPOConfig(**kwargs)
 
 
-def grpo_kwargs(cfg: Config, *, world_size: int, cuda: bool | None = None) -> dict[str, Any]:
+SCRATCH_PLACEHOLDER = "<a temporary directory per run>"
+
+
+def grpo_kwargs(cfg: Config, *, world_size: int, cuda: bool | None = None,
+                output_dir: str = SCRATCH_PLACEHOLDER) -> dict[str, Any]:
     """The one mapping of a fastslow config onto ``trl.GRPOConfig`` keyword arguments (see ``ScaleConfig``).
 
-    ``cuda`` None: the device ``model.device`` resolves to on this machine.
+    ``cuda`` None: the device ``model.device`` resolves to on this machine. ``output_dir``: TRL's own
+    directory (it saves and logs nothing there, as we never call ``train()``), kept out of the run dir.
     Raises :class:`ConfigError` when the batch cannot be split into whole groups per process.
     """
     s, sc = cfg.slow, cfg.scale
@@ -140,9 +154,7 @@ def grpo_kwargs(cfg: Config, *, world_size: int, cuda: bool | None = None) -> di
     if cuda is None:
         cuda = cfg.model.device != "cpu" and torch.cuda.is_available()
     kw: dict[str, Any] = {
-        # TRL writes nothing there (no saving, no logging) but creates it: kept out of the run dir, which
-        # holds only what fastslow owns.
-        "output_dir": str(Path(tempfile.gettempdir()) / "fastslow-trl"),
+        "output_dir": output_dir,
         "loss_type": s.loss,
         "epsilon_high": s.tau if s.loss == "cispo" else s.clip_eps,
         "epsilon": s.clip_eps,
@@ -214,6 +226,24 @@ def _no_reward(prompts, completions, **kwargs) -> list[float]:  # pragma: no cov
     raise RuntimeError("fastslow scores rollouts itself")
 
 
+@contextlib.contextmanager
+def _root_unsharded(root: Any):
+    """FSDP2 root ``root`` with its own parameters gathered (no-op for None).
+
+    Under LoRA, HF ``generate`` runs the inner model's forward, never the root's (the PEFT wrapper), so the
+    root's pre-forward hook, which gathers the root's own parameters, does not fire; the wrapped layers still
+    gather theirs in their own hooks.
+    """
+    if root is None:
+        yield
+        return
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
 class TrlPolicy(Policy):
     """A :class:`Policy` over the trainer's own model: sampling goes through the trainer's generation path."""
 
@@ -234,9 +264,22 @@ class TrlPolicy(Policy):
         from trl.models import unwrap_model_for_generation
 
         with unwrap_model_for_generation(tr.model_wrapped, tr.accelerator,
-                                         gather_deepspeed3_params=tr.args.ds3_gather_for_generation):
+                                         gather_deepspeed3_params=tr.args.ds3_gather_for_generation), \
+                _root_unsharded(tr.model_wrapped if tr.accelerator.is_fsdp2 else None):
             return super().generate(prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                     seed=seed, use_base=use_base, max_batch=max_batch)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP2 the whole weights gathered from every rank (call on all ranks); else None."""
+        accelerator = self.trainer.accelerator
+        if not accelerator.is_fsdp2:
+            return None
+        state = accelerator.get_state_dict(self.trainer.model_wrapped)
+        # Gathered copies of tied weights are separate tensors: tie them again, so they are saved once.
+        for target, source in (getattr(self.model, "all_tied_weights_keys", None) or {}).items():
+            if target in state and source in state:
+                state[target] = state[source]
+        return state
 
     def _generate_vllm(self, prompts: Sequence[str], *, seed: int) -> Batch:  # pragma: no cover - needs a GPU
         torch.manual_seed(seed)
@@ -265,7 +308,7 @@ class TrlSlowChannel:
         self.skipped_updates = 0
         slow = engine.cfg.slow
         # A drift budget (slow.kl_target) steers TRL's beta, which compute_loss reads at every call.
-        self.kl_controller = (KLController(slow.kl_target, slow.kl_target_gain, slow.kl_coef or 0.01)
+        self.kl_controller = (KLController(slow.kl_target, slow.kl_target_gain, slow.kl_coef or None)
                               if slow.kl_target else None)
         if self.kl_controller is not None:
             self.trainer.beta = self.kl_controller.coef
@@ -276,20 +319,39 @@ class TrlSlowChannel:
             self.trainer.beta = self.kl_controller.update(kl_rev)
 
     def state_dict(self) -> dict:
+        """Everything to resume the slow channel; under FSDP2 a collective (call on every rank)."""
         tr = self.trainer
-        return {"optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict(),
+        return {"optimizer": self._optimizer_state(), "scheduler": tr.lr_scheduler.state_dict(),
                 "global_step": tr.state.global_step, "nonfinite_streak": self.nonfinite_streak,
-                "skipped_updates": self.skipped_updates, "kl_coef": tr.beta}
+                "skipped_updates": self.skipped_updates, "kl_coef": tr.beta,
+                **({"kl_controller": self.kl_controller.state_dict()} if self.kl_controller else {})}
+
+    def _optimizer_state(self) -> dict:
+        tr = self.trainer
+        if not tr.accelerator.is_fsdp2:
+            return tr.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        # The unsharded state, keyed by parameter name, on the main process (which writes it).
+        return get_optimizer_state_dict(tr.model_wrapped, tr.optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dict(self, state: dict) -> None:
         tr = self.trainer
-        tr.optimizer.load_state_dict(state["optimizer"])
+        if tr.accelerator.is_fsdp2:  # every rank reads the whole state and keeps its own shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(tr.model_wrapped, tr.optimizer.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            tr.optimizer.load_state_dict(state["optimizer"])
         tr.lr_scheduler.load_state_dict(state["scheduler"])
         tr.state.global_step = state["global_step"]
         self.nonfinite_streak = state["nonfinite_streak"]
         self.skipped_updates = state["skipped_updates"]
         if self.kl_controller is not None:
-            self.kl_controller.coef = self.trainer.beta = state["kl_coef"]
+            self.kl_controller.load_state_dict(state.get("kl_controller", {"coef": state["kl_coef"]}))
+            self.trainer.beta = self.kl_controller.coef
 
     def step(self, rollouts: Rollouts, *, measure_k3: bool = False) -> dict[str, float]:
         """One update on ``rollouts`` (all ranks' rows, in group order); this rank trains its own groups."""
@@ -471,7 +533,10 @@ class TrlEngine:
         require_trl()
         refuse_sharding(sharding_of_env())  # before the model is loaded: nothing is spent on a refused run
         self.cfg = cfg
-        self.args = grpo_config(**grpo_kwargs(cfg, world_size=world_size_from_env()))
+        # TRL's output_dir: our own per-process temporary directory (removed by close()), so concurrent runs
+        # never share one and nothing of TRL's lands in the run dir.
+        self.scratch = tempfile.mkdtemp(prefix="fastslow-trl-")
+        self.args = grpo_config(**grpo_kwargs(cfg, world_size=world_size_from_env(), output_dir=self.scratch))
         # GRPOConfig set up the process group (torchrun's environment): rank and size are known from here on.
         self.world_size, self.rank = self.args.world_size, self.args.process_index
         self.is_main = self.rank == 0
@@ -516,6 +581,11 @@ class TrlEngine:
         tr.model_wrapped, tr.optimizer, tr.lr_scheduler = tr.accelerator.prepare(tr.model, tr.optimizer,
                                                                                  tr.lr_scheduler)
         tr.current_gradient_accumulation_steps = 1
+        if tr.accelerator.is_fsdp2:
+            # FSDP2 names its root at the first forward: make that the whole model, not a layer that a
+            # LoRA generate reaches first (see _root_unsharded).
+            with torch.no_grad():
+                tr.model_wrapped(input_ids=torch.tensor([[tokenizer.pad_token_id]], device=tr.accelerator.device))
         self.device = tr.accelerator.device
         self.policy = TrlPolicy(tr, tokenizer, base_model=base)
         self.slow = TrlSlowChannel(self)
@@ -531,6 +601,10 @@ class TrlEngine:
             from transformers import AutoModelForCausalLM
 
             model.load_state_dict(AutoModelForCausalLM.from_pretrained(str(weights)).state_dict())
+
+    def close(self) -> None:
+        """Remove the temporary directory this engine made for TRL."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (identity in one process)."""
@@ -613,4 +687,5 @@ def build(cfg: Config, weights: Path | None) -> Engine:
             fast.reflector = LockstepReflector(fast.reflector, is_main=eng.is_main, broadcast=eng.broadcast)
             fast = LockstepFast(fast, eng)
     return Engine("trl", policy, sampler, eng.slow if slow_on(cfg.method) else None,
-                  fast, world_size=eng.world_size, is_main=eng.is_main, broadcast=eng.broadcast)
+                  fast, world_size=eng.world_size, is_main=eng.is_main, broadcast=eng.broadcast, close=eng.close,
+                  sharding="FSDP2" if eng.trainer.accelerator.is_fsdp2 else None)
