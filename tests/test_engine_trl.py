@@ -136,14 +136,14 @@ def test_first_update_parity_with_native(tiny_model, tmp_path, lora):
 @pytest.mark.slow
 def test_one_process_run_dir_contract(tiny_model, tmp_path):
     out = tmp_path / "run"
-    extra = ["engine=trl", "model.lora={r: 4}", "slow.kl_target=0.01"]
+    extra = ["engine=trl", "model.lora={r: 4}", "slow.kl_target=1e-5"]  # a budget these steps overrun
     summary = Trainer(small_config(tiny_model, out, extra=extra)).run()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(5))
     assert all(r["rollouts"] == r["step"] * 16 for r in rows)
     assert any("slow/loss" in r for r in rows) and any("fast/front_size" in r for r in rows)
     coefs = [r["slow/kl_coef"] for r in rows if "slow/kl_coef" in r]
-    assert len(set(coefs)) > 1  # the drift budget steers TRL's beta
+    assert coefs[-1] > coefs[0]  # over budget: the drift budget raises TRL's beta
     saved = json.loads((out / "summary.json").read_text())
     assert saved["engine"] == "trl" and saved["world_size"] == 1 and saved["steps"] == 4
     assert saved["prompts"] == summary["prompts"] and saved["drift"]["weight_l2"] > 0
