@@ -26,7 +26,9 @@ class Round:
     - ``rollouts``: rollouts the round sampled (re-scoring of the carried population included);
     - ``verifier_errors``: verifier faults among them;
     - ``accepted``: new candidates GEPA accepted into its pool this round;
-    - ``reflection_errors`` / ``reflection_calls``: faults and calls of the reflection model this round;
+    - ``reflection_errors`` / ``reflection_calls``: faults (tries) and calls of the reflection model this round;
+    - ``failed_reflection_calls``: calls that failed after all their tries (None: not known; the loop then
+      counts every call failed when every try failed);
     - ``error``: one redacted line when the round failed and kept its re-scored population, else None.
     """
 
@@ -36,6 +38,7 @@ class Round:
     accepted: int = 0
     reflection_calls: int = 0
     reflection_errors: int = 0
+    failed_reflection_calls: int | None = None
     error: str | None = None
 
 

@@ -188,7 +188,8 @@ class FastChannel:
         candidates = list(dict.fromkeys([task.seed_prompt, *self.population]))
         state = seeded_state(candidates, adapter, valset)
         rescore_rollouts = adapter.generated
-        calls_before, errors_before = self.reflector.calls, self.reflector.errors
+        calls_before, errors_before, failed_before = (self.reflector.calls, self.reflector.errors,
+                                                      self.reflector.failed_calls)
         error: str | None = None  # this round's fault, one redacted line, for the run log
         accepted = 0
         tmp = Path(tempfile.mkdtemp(prefix=".fastslow-gepa-", dir=workdir))
@@ -260,4 +261,5 @@ class FastChannel:
             error = f"{new_errors} reflection errors, last: {self.reflector.last_error}"
         return Round(metrics=metrics, rollouts=adapter.generated, verifier_errors=adapter.verifier_errors,
                      accepted=accepted, reflection_calls=self.reflector.calls - calls_before,
-                     reflection_errors=new_errors, error=error)
+                     reflection_errors=new_errors, failed_reflection_calls=self.reflector.failed_calls - failed_before,
+                     error=error)

@@ -170,8 +170,6 @@ class Trainer:
             row: dict[str, float] = {}
             if self.fast is not None and (step - stage_start) % cfg.fast.every == 0:
                 t_round = time.perf_counter()
-                guard = getattr(self.fast, "reflector", None)  # the native channel's GuardedReflector
-                failed0 = guard.failed_calls if guard else 0
                 rnd = self.fast.run_round(task, workdir=self.out)
                 row.update(rnd.metrics)
                 if rnd.error:  # a faulty reflector or round is survived, never silently
@@ -181,9 +179,8 @@ class Trainer:
                 st.accepted_total += rnd.accepted
                 st.reflection_calls += rnd.reflection_calls
                 st.reflection_errors += rnd.reflection_errors
-                if guard:
-                    failed = guard.failed_calls - failed0
-                else:  # every call failed <=> every try of every call failed
+                failed = rnd.failed_reflection_calls
+                if failed is None:  # a channel that does not count them: every call failed <=> every try failed
                     all_failed = rnd.reflection_errors >= rnd.reflection_calls * (cfg.fast.reflection_retries + 1)
                     failed = rnd.reflection_calls if all_failed else 0
                 stop = self.health.record(rnd.reflection_calls, failed, rnd.accepted)

@@ -445,7 +445,7 @@ class LockstepReflector(GuardedReflector):
         self.__dict__.update(vars(guard))  # the same model, limits and counters as the guard it replaces
         self.is_main, self.broadcast = is_main, broadcast
 
-    _COUNTERS = ("calls", "errors", "consecutive_failures", "last_error")
+    _COUNTERS = ("calls", "errors", "failed_calls", "consecutive_failures", "last_error")
 
     def __call__(self, prompt: Any) -> str:
         reply = message = None
