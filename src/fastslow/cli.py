@@ -182,11 +182,11 @@ def launch(
     cfg = load_config(config, sets)
     if cfg.engine != "trl":
         fail(f"launch runs engine 'trl'; {config} has engine '{cfg.engine}' (set engine: trl or --set engine=trl)")
-    from fastslow.engines.trl import refuse_sharding, require_trl, sharding_of_accelerate_config
+    from fastslow.engines.trl import checked_sharding, require_trl
 
     require_trl()
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
-    refuse_sharding(sharding_of_accelerate_config(accelerate_config))  # before any process starts
+    checked_sharding(accelerate_config)  # before any process starts
     if accelerate_config and not torch_has_cuda():
         console.print(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
                       "(accelerate shards on accelerators only)", highlight=False, soft_wrap=True)

@@ -59,7 +59,7 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     """Validate ``cfg`` without training or loading weights; the resolved engine settings.
 
     Loads every task of the stream and builds the reflector (no call is made to it). For engine ``trl``
-    an unsupported sharding (ZeRO-3, FSDP1) is refused (:func:`~fastslow.engines.trl.refuse_sharding`),
+    an unsupported sharding (ZeRO-3, FSDP1) is refused (:func:`~fastslow.engines.trl.checked_sharding`),
     the GRPOConfig is built from the mapping (TRL validates it); the world size is ``world_size`` or
     ``scale.nproc``; the device is the one the config names (``model.device``), not this machine's.
     """
@@ -74,18 +74,10 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     if cfg.engine == "native":
         out["world_size"] = 1
         return out
-    from fastslow.engines.trl import (
-        grpo_kwargs,
-        refuse_sharding,
-        require_trl,
-        sharding_of_accelerate_config,
-        sharding_of_env,
-    )
+    from fastslow.engines.trl import checked_sharding, grpo_config, grpo_kwargs, require_trl
 
     require_trl()
-    sharding = sharding_of_accelerate_config(cfg.scale.accelerate_config) or sharding_of_env()
-    refuse_sharding(sharding)
-    from fastslow.engines.trl import grpo_config
+    sharding = checked_sharding(cfg.scale.accelerate_config)
 
     size = world_size or cfg.scale.nproc
     cuda = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())

@@ -27,7 +27,7 @@ are gathered on every rank, the main process writes them: a checkpoint does not 
 
 Verified on CPU: one process, and two processes through torchrun/gloo under DDP and under FSDP2 (accelerate
 applies FSDP on accelerators only; the tests force its FSDP2 path on CPU). DeepSpeed ZeRO-3 and FSDP version 1
-are refused in one line (:func:`refuse_sharding`): their checkpoint path was never run. vLLM is wired through
+are refused in one line (:func:`checked_sharding`): their checkpoint path was never run. vLLM is wired through
 TRL's own switch but was not run here.
 """
 
@@ -114,10 +114,14 @@ def sharding_of_accelerate_config(path: str | Path | None) -> str | None:
 SUPPORTED_SHARDING = (None, "FSDP2")
 
 
-def refuse_sharding(kind: str | None) -> None:
-    """Raise :class:`ConfigError` (one line, exit 2) for a sharding whose collective paths were never run."""
+def checked_sharding(accelerate_config: str | Path | None = None) -> str | None:
+    """The sharding asked for (by ``accelerate_config``, else by ``accelerate launch``'s environment), or None.
+
+    Raises :class:`ConfigError` (one line, exit 2) for a sharding whose collective paths were never run.
+    """
+    kind = sharding_of_accelerate_config(accelerate_config) or sharding_of_env()
     if kind in SUPPORTED_SHARDING:
-        return
+        return kind
     raise ConfigError(
         f"engine 'trl': {kind} is not supported in this version (its sharded checkpoints were never run); "
         "shard with FSDP2 (configs/accelerate/fsdp2.yaml) or use DDP (configs/accelerate/ddp.yaml)"
@@ -306,6 +310,7 @@ class TrlSlowChannel:
         self.trainer = engine.trainer
         self.nonfinite_streak = 0
         self.skipped_updates = 0
+        self.params = [p for p in self.trainer.model.parameters() if p.requires_grad]  # what the clip covers
         slow = engine.cfg.slow
         # A drift budget (slow.kl_target) steers TRL's beta, which compute_loss reads at every call.
         self.kl_controller = (KLController(slow.kl_target, slow.kl_target_gain, slow.kl_coef or None)
@@ -385,8 +390,7 @@ class TrlSlowChannel:
         for _ in range(tr.num_iterations):
             loss = tr.compute_loss(tr.model_wrapped, inputs)
             tr.accelerator.backward(loss)
-            params = [p for p in tr.model.parameters() if p.requires_grad]
-            grad_norm = tr.accelerator.clip_grad_norm_(params, tr.args.max_grad_norm or math.inf)
+            grad_norm = tr.accelerator.clip_grad_norm_(self.params, tr.args.max_grad_norm or math.inf)
             if not torch.isfinite(torch.as_tensor(grad_norm)):
                 # The all-reduced norm is the same on every rank, so every rank skips together.
                 tr.optimizer.zero_grad(set_to_none=True)
@@ -531,7 +535,7 @@ class TrlEngine:
 
     def __init__(self, cfg: Config, *, weights: str | Path | None = None, build: bool = True) -> None:
         require_trl()
-        refuse_sharding(sharding_of_env())  # before the model is loaded: nothing is spent on a refused run
+        checked_sharding()  # before the model is loaded: nothing is spent on a refused run
         self.cfg = cfg
         # TRL's output_dir: our own per-process temporary directory (removed by close()), so concurrent runs
         # never share one and nothing of TRL's lands in the run dir.
