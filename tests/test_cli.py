@@ -98,6 +98,8 @@ def test_probe_plasticity_from_a_run_and_from_the_base(tiny_model, tmp_path):
     (["run"], "Missing argument 'config'"),
     (["eval", "--model", "micro", "--task", "micro/flip", "--n", "abc"], "Invalid value for '--n'"),
     (["nosuch"], "No such command 'nosuch'"),
+    (["launch", "--nproc", "0", "configs/smoke.yaml"], "Invalid value for '--nproc'"),
+    (["world", "check", "--rl-steps", "-3"], "Invalid value for '--rl-steps'"),
 ])
 def test_usage_errors_of_the_command_are_one_line_and_exit_2(args, fragment):
     """Through the real entry point (CliRunner bypasses it): typer's usage errors, not a boxed panel."""

@@ -272,6 +272,8 @@ def test_an_unsupported_sharding_is_refused_in_one_line_before_anything_runs(tin
     cfg = small_config(tiny_model, tmp_path / "r", extra=["engine=trl", f"scale.accelerate_config={zero3}"])
     with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 is not supported.*fsdp2.yaml"):
         dry_run(cfg)
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO-3 is not supported"):  # a one-process run too
+        Trainer(cfg)
     path = tmp_path / "c.yaml"
     path.write_text(f"engine: trl\nstages: [{{task: 'conftest:vowel_task', steps: 1}}]\n"
                     f"scale: {{accelerate_config: '{zero3}'}}\n")

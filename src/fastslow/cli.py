@@ -161,13 +161,14 @@ def run(
 def launch(
     ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="YAML config with engine: trl.")],
-    nproc: Annotated[int | None, typer.Option(help="Processes per node (default: the config's scale.nproc).")] = None,
+    nproc: Annotated[int | None, typer.Option(
+        min=1, help="Processes per node (default: the config's scale.nproc).")] = None,
     accelerate_config: Annotated[str | None, typer.Option(
         help="accelerate config (configs/accelerate/ddp.yaml or fsdp2.yaml; ZeRO-3 is refused); GPUs only.")] = None,
-    nnodes: Annotated[int, typer.Option(help="Nodes (machines) of the run.")] = 1,
-    node_rank: Annotated[int, typer.Option(help="This node's rank (0 = the main node).")] = 0,
+    nnodes: Annotated[int, typer.Option(min=1, help="Nodes (machines) of the run.")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="This node's rank (0 = the main node).")] = 0,
     main_address: Annotated[str, typer.Option(help="Main node's address (multi-node).")] = "127.0.0.1",
-    main_port: Annotated[int, typer.Option(help="Main node's port (multi-node).")] = 29500,
+    main_port: Annotated[int, typer.Option(min=1, max=65535, help="Main node's port (multi-node).")] = 29500,
 ) -> None:
     """Run CONFIG (engine trl) on several processes: accelerate launch on GPUs, torchrun (gloo) on CPUs.
 
@@ -326,9 +327,9 @@ def world_build(
 @guarded
 def world_check(
     model: Annotated[str | None, typer.Option(help="Model dir (default: the shipped micro base).")] = None,
-    n: Annotated[int, typer.Option(help="Eval problems per task.")] = 200,
+    n: Annotated[int, typer.Option(min=1, help="Eval problems per task.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    rl_steps: Annotated[int, typer.Option(help="Also run RL from the seed prompt for this many steps on "
+    rl_steps: Annotated[int, typer.Option(min=0, help="Also run RL from the seed prompt for this many steps on "
                                                 "weight-dominant tasks (0: skip; 300 checks the property).")] = 0,
     task: Annotated[list[str] | None, typer.Option(help="Check only this micro task (repeatable; default: "
                                                         "all).")] = None,

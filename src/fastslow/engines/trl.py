@@ -535,7 +535,7 @@ class TrlEngine:
 
     def __init__(self, cfg: Config, *, weights: str | Path | None = None, build: bool = True) -> None:
         require_trl()
-        checked_sharding()  # before the model is loaded: nothing is spent on a refused run
+        checked_sharding(cfg.scale.accelerate_config)  # before the model loads: nothing spent on a refused run
         self.cfg = cfg
         # TRL's output_dir: our own per-process temporary directory (removed by close()), so concurrent runs
         # never share one and nothing of TRL's lands in the run dir.
