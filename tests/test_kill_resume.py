@@ -242,6 +242,20 @@ def test_unknown_format_version_is_rejected(tmp_path):
         latest_good_checkpoint(root, warn=warnings.append)
 
 
+def test_a_damaged_checkpoint_is_replaced_and_pruned_like_any_other(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake_ckpt(root, 2)
+    damaged = _fake_ckpt(root, 4)
+    (damaged / MANIFEST).write_text('{"format": 1, "fi')  # resume falls back to step 2, then reaches step 4 again
+    assert save_checkpoint(root, 4, lambda tmp: (tmp / "state.json").write_text("{}"), keep=5) == damaged
+    assert verify_checkpoint(damaged) is None
+    (damaged / MANIFEST).write_text("{")
+    for step in (6, 8):
+        _fake_ckpt(root, step)
+    save_checkpoint(root, 10, lambda tmp: (tmp / "state.json").write_text("{}"), keep=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step_000008", "step_000010"]
+
+
 def test_a_half_written_temp_dir_is_never_listed(tmp_path):
     root = tmp_path / "checkpoints"
     good = _fake_ckpt(root, 2)

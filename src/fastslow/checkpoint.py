@@ -78,7 +78,7 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], *
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2))
     _fsync_tree(tmp)
     if final.exists():  # re-writing the same step (e.g. after a resume): replace it whole, if it is ours
-        if checkpoint_format(final) not in READABLE_FORMATS:
+        if _is_foreign(final):
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"{final} was written in a format this fastslow cannot read; it is kept")
         shutil.rmtree(final)
@@ -89,7 +89,7 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], *
     finally:
         os.close(dir_fd)
     # Only checkpoints this version can read count and are pruned: another version's are never deleted.
-    for old in [p for p in list_checkpoints(ckpt_root) if checkpoint_format(p) in READABLE_FORMATS][:-keep]:
+    for old in [p for p in list_checkpoints(ckpt_root) if not _is_foreign(p)][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):  # leftovers of a killed writer
         shutil.rmtree(stale, ignore_errors=True)
@@ -112,14 +112,16 @@ def checkpoint_format(path: Path) -> object:
     return meta.get("format") if isinstance(meta, dict) else None
 
 
+def _is_foreign(path: Path) -> bool:
+    """Sealed by another fastslow version (a format this one cannot read). A damaged manifest is not foreign:
+    that checkpoint is ours, skipped on resume, replaced and pruned like any other."""
+    fmt = checkpoint_format(path)
+    return fmt is not None and fmt not in READABLE_FORMATS
+
+
 def foreign_checkpoints(ckpt_root: Path) -> list[Path]:
     """Sealed checkpoints of a format this fastslow cannot read (another version's): never to be touched."""
-    out = []
-    for path in list_checkpoints(ckpt_root):
-        fmt = checkpoint_format(path)
-        if fmt is not None and fmt not in READABLE_FORMATS:
-            out.append(path)
-    return out
+    return [path for path in list_checkpoints(ckpt_root) if _is_foreign(path)]
 
 
 def verify_checkpoint(path: Path) -> str | None:
