@@ -81,3 +81,12 @@ def test_jsonl_match_applies_per_line_and_numeric_answers_must_be_numbers(tmp_pa
         load_task(f"jsonl:{_write(tmp_path / 'n.jsonl', bad)}")
     with pytest.raises(TaskError, match=r"line 2"):
         load_task(f"jsonl:{_write(tmp_path / 'l.jsonl', [rows[0], {'question': 'x', 'answer': []}])}")
+
+
+def test_a_line_with_its_own_match_keeps_the_file_wide_extraction(tmp_path):
+    rows = [{"question": "q", "answer": "3", "match": "numeric", "split": "train"},
+            {"question": "r", "answer": "3", "split": "eval"}]
+    task = load_task(f"jsonl:{_write(tmp_path / 'b.jsonl', rows)}?extract=boxed")
+    p = task.problems("train")[0]
+    assert task.verify(p, r"\boxed{3.0}, not 4").reward == 1.0
+    assert task.verify(p, r"\boxed{4} ... 3").reward == 0.0  # the boxed answer, not the last number

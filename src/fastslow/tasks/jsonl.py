@@ -30,12 +30,17 @@ def _number(text: str) -> float:
     return value
 
 
+def _default_extract(match: str) -> str:
+    """What a match compares when no extraction is named: the last number for numeric, else the whole text."""
+    return "last_number" if match == "numeric" else "raw"
+
+
 def _rules(obj: dict, match: str, extract_kind: str | None) -> tuple[str, str, list[str]]:
     """(match, extract, accepted answers) of one line; ValueError says what is wrong with it."""
     match = obj.get("match", match)
     if match not in MATCHES:
         raise ValueError(f"match must be exact, ci or numeric (got {match!r})")
-    kind = check_kind(obj.get("extract", extract_kind or ("last_number" if match == "numeric" else "raw")))
+    kind = check_kind(obj.get("extract", extract_kind or _default_extract(match)))
     raw = obj["answer"]
     answers = raw if isinstance(raw, list) else [raw]
     if not answers or any(isinstance(a, dict | list | bool) or a is None for a in answers):
@@ -59,7 +64,7 @@ class JsonlTask:
             raise TaskError(f"{name}: match must be exact, ci or numeric (got {match!r})")
         self.name, self._problems, self.match = name, problems, match
         try:
-            self.extract = check_kind(extract or ("last_number" if match == "numeric" else "raw"))
+            self.extract = check_kind(extract or _default_extract(match))
         except ValueError as exc:
             raise TaskError(f"{name}: {exc}") from None
 
@@ -94,8 +99,8 @@ class JsonlTask:
                 bad.append(f"line {lineno}: split must be train or eval (got {split!r})")
                 continue
             meta = {"answers": answers}
-            # Only a line's own rules are stored: the rest follow the task's (file-wide) rules.
-            meta.update({k: v for k, v in (("match", line_match), ("extract", kind)) if k in obj})
+            if "match" in obj or "extract" in obj:  # a line with rules of its own keeps both, as resolved
+                meta.update(match=line_match, extract=kind)
             splits[split].append(Problem(f"{p.stem}-{lineno}", question, answers[0], meta))
         if bad:
             more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
@@ -108,10 +113,9 @@ class JsonlTask:
         return self._problems[split]
 
     def verify(self, problem: Problem, completion: str) -> Verdict:
-        # Problems built elsewhere (no meta) follow the file-wide rules.
+        # Lines without rules of their own, and problems built elsewhere (no meta), follow the file-wide rules.
         match = problem.meta.get("match", self.match)
-        default = self.extract if match == self.match else ("last_number" if match == "numeric" else "raw")
-        kind = problem.meta.get("extract", default)
+        kind = problem.meta.get("extract", self.extract)
         answers = problem.meta.get("answers", [problem.answer])
         got = extract(completion, kind)
         expected = answers[0] if len(answers) == 1 else " or ".join(repr(a) for a in answers)
