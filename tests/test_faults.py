@@ -270,6 +270,10 @@ def test_10_an_oversized_reflector_reply_or_prompt_is_a_reflection_error():
     with pytest.raises(ReflectionError, match="max_prompt_chars"):
         long_prompt("prompt")
     assert GuardedReflector(lambda p: "```\nshort\n```", retries=0)("prompt") == "```\nshort\n```"
+    # GEPA takes everything from the first fence to the last: two small blocks make one long prompt
+    split = "```\n" + "z" * 5_000 + "\n``` and ```\n" + "z" * 5_000 + "\n```"
+    with pytest.raises(ReflectionError, match="max_prompt_chars"):
+        GuardedReflector(lambda p: split, retries=0, max_prompt_chars=8_000)("prompt")
 
 
 class LongQuestion(EchoTask):

@@ -82,6 +82,13 @@ class _LiteLLM:
         return f"LiteLLM({self.model})"
 
 
+def propose_from(reply: str) -> str:
+    """The prompt GEPA takes from a reflection reply (its own extractor: first to last fence, or the whole reply)."""
+    from gepa.strategies.instruction_proposal import InstructionProposalSignature
+
+    return InstructionProposalSignature.output_extractor(reply)["new_instruction"]
+
+
 class GuardedReflector:
     """Wraps a reflection model: timeout per call, bounded retries, garbage rejected, faults counted.
 
@@ -122,8 +129,7 @@ class GuardedReflector:
                 if len(reply) > self.max_reply_chars:
                     raise ReflectionError(f"reply of {len(reply)} characters exceeds fast.max_reply_chars="
                                           f"{self.max_reply_chars}")
-                fenced = reply.split("```")
-                proposal = fenced[1] if len(fenced) >= 3 else reply  # GEPA takes the fenced text as the prompt
+                proposal = propose_from(reply)  # the size of what GEPA will take as the new prompt
                 if len(proposal.strip()) > self.max_prompt_chars:
                     raise ReflectionError(f"proposed prompt of {len(proposal.strip())} characters exceeds "
                                           f"fast.max_prompt_chars={self.max_prompt_chars}")
