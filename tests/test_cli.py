@@ -107,3 +107,10 @@ def test_usage_errors_of_the_command_are_one_line_and_exit_2(args, fragment):
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and fragment in lines[0] and lines[0].startswith("error:")
+
+
+def test_a_usage_error_does_not_echo_a_secret():
+    done = subprocess.run([sys.executable, "-c", "import sys; from fastslow.cli import main; sys.exit(main())",
+                           "run", "configs/smoke.yaml", "--sk-abcdefghijklmnopqrstuvwxyz123456"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 2 and "abcdefghijklmnopqrstuvwxyz123456" not in done.stdout + done.stderr

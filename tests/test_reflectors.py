@@ -180,3 +180,11 @@ def test_all_failed_rounds_stop_the_run_and_keep_the_checkpoint(tiny_model, tmp_
 def test_hf_reflector_on_a_missing_folder_says_so(tmp_path):
     with pytest.raises(ConfigError, match="fast.reflector.*no model folder at"):
         make_reflector(f"hf:{tmp_path / 'missing'}", FastConfig())
+
+
+def test_a_local_openai_compatible_server_needs_no_key():
+    from fastslow.reflectors import OpenAIReflector
+
+    local = ["http://[::1]:8000/v1", "http://localhost:8000/v1", "http://127.0.0.1/v1"]
+    assert not any(OpenAIReflector("m", base_url=u, key_env="K").needs_key() for u in local)
+    assert OpenAIReflector("m", base_url="https://api.example.com/v1", key_env="K").needs_key()

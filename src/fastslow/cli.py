@@ -35,11 +35,16 @@ app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2) -> None:
+def print_error(message: str) -> None:
+    """``error: <message>`` as one redacted line (user text is not markup)."""
     from fastslow.util import one_line
 
     console.print("[bold red]error:[/] ", end="")
-    console.print(one_line(message, 400), markup=False, highlight=False, soft_wrap=True)  # user text is not markup
+    console.print(one_line(message, 400), markup=False, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -366,27 +371,22 @@ def models_list() -> None:
     typer.echo(json.dumps(listing(), indent=2))
 
 
-def _one_line_error(message: str) -> None:
-    console.print("[bold red]error:[/] ", end="")
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-
 def main() -> int:
     """The ``fastslow`` command: a usage error (unknown option, bad value) is one line and exit 2 too."""
     try:
         rc = app(standalone_mode=False)
     except typer.TyperException as exc:  # click's usage errors (typer vendors click): what the user typed
         ctx = getattr(exc, "ctx", None)
-        message = " ".join(exc.format_message().split()) if hasattr(exc, "format_message") else str(exc)
-        _one_line_error(f"{message} (see '{ctx.command_path if ctx else 'fastslow'} --help')")
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print_error(f"{message} (see '{ctx.command_path if ctx else 'fastslow'} --help')")
         return getattr(exc, "exit_code", 2)
     except (typer.Abort, KeyboardInterrupt):
-        _one_line_error("aborted")
+        print_error("aborted")
         return 130
     except Exception as exc:  # noqa: BLE001 - outside any command (e.g. a plug-in failing at import): one line
         from fastslow.errors import describe, exit_code
 
-        _one_line_error(describe(exc))
+        print_error(describe(exc))
         return exit_code(exc)
     return rc if isinstance(rc, int) else 0
 

@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,7 @@ class OpenAIReflector:
         return reply["choices"][0]["message"]["content"]
 
     def needs_key(self) -> bool:
-        host = self.base_url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
-        return host not in ("localhost", "127.0.0.1", "::1", "[::1]")
+        return urllib.parse.urlsplit(self.base_url).hostname not in ("localhost", "127.0.0.1", "::1")
 
     def __repr__(self) -> str:
         return f"OpenAIReflector({self.model} at {self.base_url})"
