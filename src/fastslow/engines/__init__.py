@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastslow.channels import FastChannel, Sampler, SlowChannel
 from fastslow.config import Config, ConfigError
-from fastslow.policy import Policy
+
+if TYPE_CHECKING:  # the policy module loads torch and transformers: not needed to validate a config's engine
+    from fastslow.policy import Policy
 
 
 def slow_on(method: str) -> bool:
