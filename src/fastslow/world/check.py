@@ -109,11 +109,12 @@ def rl_baseline(name: str, steps: int, seed: int = 0, model_path: str | None = N
     return {"rl_peak": max(r for _, r in curve), "rl_steps_to_target": reach, "rl_curve": curve}
 
 
-def language_best(policy: Policy, task: MicroTask, n: int) -> dict[str, Any]:
+def language_best(policy: Policy, task: MicroTask, n: int, known: dict[str, float] | None = None) -> dict[str, Any]:
     """The best context the instruction language can write with the task's format (any transform sentence
-    or none), its reward and its gain over the seed prompt; greedy, first ``n`` eval problems."""
-    fmt = task._format
-    scores = {text: mean_reward(policy, task, text, n) for text in
+    or none), its reward and its gain over the seed prompt; greedy, first ``n`` eval problems. ``known``:
+    contexts already scored the same way (e.g. the rule text), not scored again."""
+    fmt, known = task._format, known or {}
+    scores = {text: known[text] if text in known else mean_reward(policy, task, text, n) for text in
               [rule_text(None, fmt), *(rule_text(t, fmt) for t in TRANSFORMS)]}
     text = max(scores, key=lambda k: scores[k])
     return {"text": text, "reward": round(scores[text], 4)}
@@ -161,6 +162,6 @@ def check_world(model_path: str | None = None, n: int = 200, seed: int = 0,
         report[name].update({"properties": regime_properties(task.regime, row), "n": len(problems),
                              "proposal": proposal, "rule_text": task.rule_text})
         if task.regime == "weight":
-            best = language_best(policy, task, n)
+            best = language_best(policy, task, n, known={task.rule_text: row["rule"], proposal: row["reflector"]})
             report[name]["language_best"] = {**best, "gain": round(best["reward"] - row["seed"], 4)}
     return report
