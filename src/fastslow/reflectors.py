@@ -102,22 +102,32 @@ class FeedbackReflector:
 
 # ---- hf: a local transformers model ---------------------------------------------------------------
 class HFReflector:
-    """A local transformers causal LM as reflection model: chat template, greedy or sampled; loaded once."""
+    """A local transformers causal LM as reflection model: chat template, greedy or sampled.
+
+    ``path``: a model folder (or an alias resolved to one). The weights load at the first call, once, so
+    validating a config (``--dry-run``) never loads a second model; the run's preflight call loads it.
+    """
 
     def __init__(self, path: str, *, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0) -> None:
+        self.path, self.tokenizer, self.model = path, None, None
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self._lock = threading.Lock()  # GEPA may call from a timeout thread; one generate at a time
+
+    def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from fastslow.registry import resolve_model
 
-        local = resolve_model(path)
+        local = resolve_model(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(local)
         self.model = AutoModelForCausalLM.from_pretrained(local).eval()
-        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
-        self._lock = threading.Lock()  # GEPA may call from a timeout thread; one generate at a time
 
     def __call__(self, prompt: Any) -> str:
         import torch
 
+        with self._lock:
+            if self.model is None:
+                self._load()
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(_messages(prompt), add_generation_prompt=True, tokenize=False)
@@ -232,15 +242,9 @@ def _hf(rest: str, cfg: Any = None) -> HFReflector:
     from fastslow.preflight import check_model_spec
 
     rest = check_model_spec(rest, f"{FIELD} 'hf:{rest}'")  # a missing folder says so, not "bad repo id"
-    try:
-        return HFReflector(rest, max_new_tokens=_setting(cfg, "reflection_max_tokens", 256),
-                           temperature=_setting(cfg, "reflection_temperature", 0.0))
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a model that cannot load is the user's input: one line
-        from fastslow.util import one_line
-
-        raise ConfigError(f"{FIELD} hf:{rest}: cannot load the model: {one_line(exc)}") from None
+    # A folder that holds no loadable model fails at the first call: the run's preflight call, one line.
+    return HFReflector(rest, max_new_tokens=_setting(cfg, "reflection_max_tokens", 256),
+                       temperature=_setting(cfg, "reflection_temperature", 0.0))
 
 
 def _openai(rest: str, cfg: Any = None) -> Any:
