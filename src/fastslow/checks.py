@@ -102,9 +102,13 @@ def fit_to_context(task: Task, policy, max_new_tokens: int, *, skip: bool) -> tu
     dropped = 0
     for split in ("train", "eval"):
         keep[split] = []
-        for problem in task.problems(split):
-            text = policy.format(task.seed_prompt, problem.prompt)
-            fits = len(text) <= budget * 256 and len(policy.tokenizer(text)["input_ids"]) <= budget
+        problems = list(task.problems(split))
+        texts = [policy.format(task.seed_prompt, problem.prompt) for problem in problems]
+        short = [i for i, text in enumerate(texts) if len(text) <= budget * 256]
+        # One tokenizer call per split (a dataset may hold many thousand problems), short texts only.
+        tokens = dict(zip(short, map(len, policy.tokenizer([texts[i] for i in short])["input_ids"]))) if short else {}
+        for i, problem in enumerate(problems):
+            fits = i in tokens and tokens[i] <= budget
             if fits:
                 keep[split].append(problem)
                 continue

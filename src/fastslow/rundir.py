@@ -112,16 +112,17 @@ def claim(out: Path, *, resume: bool, force: bool) -> None:
                 "--force never deletes it: move it away first"
             )
         for name in OWNED:
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            _remove(out / name)
     marker = {"tool": "fastslow", "owned": [*OWNED, LOCK, MARKER], "scratch": list(SCRATCH_GLOBS)}
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     for pattern in SCRATCH_GLOBS:  # one process per run dir (the lock): whatever matches is a dead one's
         for stale in out.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+            _remove(stale, ignore_errors=True)
+
+
+def _remove(path: Path, *, ignore_errors: bool = False) -> None:
+    """Delete ``path``: a folder with what it holds, a file or a link itself (never what a link points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
