@@ -56,19 +56,12 @@ def guarded(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from fastslow.errors import describe, exit_code
-        from fastslow.loop import TrainingError
 
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
+        except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
+            raise  # typer's own (a usage error raised by a command): main() prints it as one line
         except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
-            import click
-
-            if isinstance(exc, click.ClickException):
-                raise
-            if isinstance(exc, TrainingError):
-                fail(str(exc), code=1)
             fail(describe(exc), code=exit_code(exc))
 
     return wrapper

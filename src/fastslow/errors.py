@@ -28,6 +28,10 @@ class ModelError(ValueError):
     """The model cannot be loaded (missing, broken config.json or weights, unknown type, device absent)."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); the last good checkpoint is kept (exit 1)."""
+
+
 def check_device(device: str) -> None:
     """Refuse a device this machine does not have (``cuda`` without a GPU) before anything is loaded."""
     import torch
@@ -89,6 +93,8 @@ def exit_code(exc: BaseException) -> int:
 def describe(exc: BaseException) -> str:
     """One redacted line: the message of a user error; the type and message of a plug-in error; for a
     fastslow bug, the message and where it was raised, with the request to report it."""
+    if isinstance(exc, TrainingError):  # the run's own verdict: its message says what to do
+        return one_line(exc, 400)
     code = exit_code(exc)
     if code == 2 and isinstance(exc, _user_types()):
         text = one_line(exc) if not isinstance(exc, OSError) or not exc.strerror else _os_error(exc)

@@ -36,7 +36,7 @@ from fastslow.checks import VerifierWindow, check_splits, fit_to_context, weight
 from fastslow.config import Config, ConfigError, resume_changes
 from fastslow.drift import DriftMeter
 from fastslow.engines import build_engine, launched_rank
-from fastslow.errors import build_checked
+from fastslow.errors import TrainingError, build_checked
 from fastslow.preflight import ReflectionHealth, check_model, check_reflector
 from fastslow.rollout import score_prompt
 from fastslow.rundir import TEMP_INFIX, RunDirError, RunDirLock, check_run_dir, claim  # noqa: F401 - re-exported
@@ -48,10 +48,6 @@ from fastslow.util import derive_seed, redact
 MAX_NONFINITE_STREAK = 5
 # timing.json: per-step lists and totals of each phase (seconds). slow_step = sampling + update.
 PHASES = ("step_s", "round_s", "slow_step_s", "sampling_s", "update_s", "drift_s", "eval_s")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stays non-finite); the last good checkpoint is kept."""
 
 
 @dataclass
