@@ -36,7 +36,11 @@ def _messages(prompt: Any) -> list[dict[str, str]]:
     return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
 
 
-def _setting(cfg: Any, name: str, default: Any) -> Any:
+def _setting(cfg: Any, name: str) -> Any:
+    """``cfg.<name>`` (a FastConfig, or any object that has it), else FastConfig's own default: one source."""
+    from fastslow.config import FastConfig
+
+    default = FastConfig.model_fields[name].default
     return getattr(cfg, name, default) if cfg is not None else default
 
 
@@ -243,26 +247,26 @@ def _hf(rest: str, cfg: Any = None) -> HFReflector:
 
     rest = check_model_spec(rest, f"{FIELD} 'hf:{rest}'")  # a missing folder says so, not "bad repo id"
     # A folder that holds no loadable model fails at the first call: the run's preflight call, one line.
-    return HFReflector(rest, max_new_tokens=_setting(cfg, "reflection_max_tokens", 256),
-                       temperature=_setting(cfg, "reflection_temperature", 0.0))
+    return HFReflector(rest, max_new_tokens=_setting(cfg, "reflection_max_tokens"),
+                       temperature=_setting(cfg, "reflection_temperature"))
 
 
 def _openai(rest: str, cfg: Any = None) -> Any:
     if not rest:
         raise ConfigError(f"{FIELD}: openai: needs a model name, e.g. openai:gpt-4o-mini")
-    base_url = _setting(cfg, "reflector_base_url", None) or "https://api.openai.com/v1"
-    key_env = _setting(cfg, "reflector_key_env", None) or "OPENAI_API_KEY"
+    base_url = _setting(cfg, "reflector_base_url") or "https://api.openai.com/v1"
+    key_env = _setting(cfg, "reflector_key_env") or "OPENAI_API_KEY"
     lm = OpenAIReflector(rest, base_url=base_url, key_env=key_env,
-                         max_tokens=_setting(cfg, "reflection_max_tokens", 512),
-                         temperature=_setting(cfg, "reflection_temperature", 0.0),
-                         timeout_s=_setting(cfg, "reflection_timeout_s", 120.0))
+                         max_tokens=_setting(cfg, "reflection_max_tokens"),
+                         temperature=_setting(cfg, "reflection_temperature"),
+                         timeout_s=_setting(cfg, "reflection_timeout_s"))
     return lm  # a missing key is reported by the first call (the run's preflight), not here: dry runs need none
 
 
 def wrap_record_replay(lm: Any, cfg: Any) -> Any:
     """``fast.reflection_replay`` answers from a recording (unrecorded prompts go to ``lm``, if any);
     ``fast.reflection_record`` appends every call to a JSONL file."""
-    replay, record = _setting(cfg, "reflection_replay", None), _setting(cfg, "reflection_record", None)
+    replay, record = _setting(cfg, "reflection_replay"), _setting(cfg, "reflection_record")
     if replay:
         lm = Replay(replay, fallback=lm)
     if record:
