@@ -120,6 +120,8 @@ def build_checked(build, cfg, weights=None):
     path = str(cfg.model.path)
     try:
         return build(cfg, weights)
+    except MemoryError:  # as load_policy says it
+        raise ModelError(f"model {path!r} does not fit in memory") from None
     except OSError as exc:  # transformers' own "cannot find/read" errors do not always name the model
         raise ModelError(f"cannot load model {path[:200]!r}: {one_line(exc, 200)}") from None
     except _user_types():
