@@ -310,7 +310,6 @@ class TrlSlowChannel:
         self.trainer = engine.trainer
         self.nonfinite_streak = 0
         self.skipped_updates = 0
-        self.params = [p for p in self.trainer.model.parameters() if p.requires_grad]  # what the clip covers
         slow = engine.cfg.slow
         # A drift budget (slow.kl_target) steers TRL's beta, which compute_loss reads at every call.
         self.kl_controller = (KLController(slow.kl_target, slow.kl_target_gain, slow.kl_coef or None)
@@ -390,7 +389,9 @@ class TrlSlowChannel:
         for _ in range(tr.num_iterations):
             loss = tr.compute_loss(tr.model_wrapped, inputs)
             tr.accelerator.backward(loss)
-            grad_norm = tr.accelerator.clip_grad_norm_(self.params, tr.args.max_grad_norm or math.inf)
+            # Listed at each step: FSDP2 swaps the registered parameter objects (sharded / whole) as it runs.
+            params = [p for p in tr.model.parameters() if p.requires_grad]
+            grad_norm = tr.accelerator.clip_grad_norm_(params, tr.args.max_grad_norm or math.inf)
             if not torch.isfinite(torch.as_tensor(grad_norm)):
                 # The all-reduced norm is the same on every rank, so every rank skips together.
                 tr.optimizer.zero_grad(set_to_none=True)
