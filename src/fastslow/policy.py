@@ -142,26 +142,32 @@ class Policy:
     ) -> Batch:
         """Sample one completion per prompt (repeat a prompt for a group). ``temperature=0`` is greedy.
 
-        Seeded per call so that a run (and a resumed run) draws the same samples on CPU.
+        Seeded per call so that a run (and a resumed run) draws the same samples on CPU. Prompt tokens
+        shared by rows are run once (:func:`share_prefixes`); the draws are the same as without sharing.
         """
         torch.manual_seed(seed)
         model = self.base_model if use_base else self.model
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
         parts = []
         for start in range(0, len(prompts), max_batch):
             ids, mask = self._encode_prompts(prompts[start : start + max_batch])
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+            inputs = {"input_ids": ids, "attention_mask": mask}
             with self._eval_mode(model):
+                shared = share_prefixes(ids, mask, pad)
+                if shared is not None:
+                    # The cache holds every prompt token but the last, which generate runs as its first step.
+                    inputs = {"input_ids": shared.row_ids(), "attention_mask": shared.row_mask(),
+                              "past_key_values": prefill(model, shared, drop_last=True)[0]}
                 out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
+                    **inputs,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=eos,
                     pad_token_id=pad,
                     **(sampling if temperature > 0 else {"do_sample": False}),
                 )
-            completion = out[:, ids.shape[1] :]
+            completion = out[:, inputs["input_ids"].shape[1] :]
             # Tokens after the first eos are padding; the eos itself is the policy's choice to stop.
             is_eos = completion == eos
             after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
@@ -192,24 +198,44 @@ class Policy:
     def completion_logits(self, batch: Batch, *, use_base: bool = False) -> torch.Tensor:
         """Logits [B, C, V] (float32) predicting each completion token, given prompt and earlier tokens.
 
-        Gradients flow unless called under ``torch.no_grad()`` or with ``use_base``.
+        Gradients flow unless called under ``torch.no_grad()`` or with ``use_base``. Only completion
+        positions get logits, and prompt tokens shared by rows are run once (:func:`share_prefixes`);
+        gradients through a shared prefix sum over its rows, as they would with one copy per row.
         """
-        ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-        mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions start at 0
         p, c = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
         with contextlib.ExitStack() as stack:
             model = self.model
             if use_base:
                 stack.enter_context(torch.no_grad())
                 model = self.base_model
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-        return logits[:, p - 1 : p - 1 + c].float()
+            shared = share_prefixes(batch.prompt_ids, batch.prompt_mask, self.tokenizer.pad_token_id)
+            if shared is None:
+                ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+                mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+                position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: positions start at 0
+                # logits_to_keep: the [B, P, V] prompt logits would be thrown away (and dominate memory)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                               logits_to_keep=c + 1).logits[:, :-1]
+            else:
+                cache, first = prefill(model, shared, drop_last=False)  # first: logits of completion token 0
+                logits = first
+                if c > 1:
+                    mask = torch.cat([shared.row_mask(), batch.completion_mask[:, :-1]], dim=1)
+                    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -(c - 1) :]
+                    rest = model(input_ids=batch.completion_ids[:, :-1], attention_mask=mask,
+                                 position_ids=position_ids, past_key_values=cache).logits
+                    logits = torch.cat([first, rest], dim=1)
+        assert logits.shape[1] == c, (logits.shape, p, c)
+        return logits.float()
 
     @staticmethod
     def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
-        """log pi(y_t | ...) for the sampled tokens: [B, C]."""
-        return torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        """log pi(y_t | ...) for the sampled tokens: [B, C].
+
+        As ``log_softmax(logits).gather(y)``, without keeping a second [B, C, V] tensor for the backward pass.
+        """
+        picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
 
     # ---- base and parameters ------------------------------------------------------------------
     @property
@@ -250,6 +276,90 @@ class _AdapterDisabled:
     def generate(self, *args, **kwargs):
         with self._m.disable_adapter(), torch.no_grad():
             return self._m.generate(*args, **kwargs)
+
+
+# Below this many common leading tokens a separate prefill of them costs more than it saves.
+MIN_SHARED_TOKENS = 8
+
+
+@dataclass
+class SharedPrefixes:
+    """How the rows of a left-padded prompt batch share tokens, so that each shared token is run once.
+
+    Every row's prompt is ``shared`` (the tokens all rows start with) followed by its tail; rows with
+    the same prompt (a group's G rollouts of one context and problem) share one tail. Laid out for the
+    model as ``[shared | left-padded tail]``: the mask's hole between them changes nothing, since
+    positions come from the mask and masked keys get no attention.
+    """
+
+    shared: torch.Tensor  # [1, L] the leading tokens of every row (L may be 0)
+    inverse: torch.Tensor  # [B] row -> its distinct prompt
+    tail_ids: torch.Tensor  # [U, S] each distinct prompt after the shared tokens, left-padded
+    tail_mask: torch.Tensor  # [U, S]
+
+    def row_ids(self) -> torch.Tensor:
+        """[B, L + S] the rows' prompt tokens in this layout."""
+        b = len(self.inverse)
+        return torch.cat([self.shared.expand(b, -1), self.tail_ids[self.inverse]], dim=1)
+
+    def row_mask(self) -> torch.Tensor:
+        b, width = len(self.inverse), self.shared.shape[1]
+        ones = self.tail_mask.new_ones((b, width))
+        return torch.cat([ones, self.tail_mask[self.inverse]], dim=1)
+
+
+def share_prefixes(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> SharedPrefixes | None:
+    """The sharing in a left-padded batch, or None when no token would be run fewer times.
+
+    Every tail keeps at least one token: generation starts from a prompt's last token, and scoring
+    needs the logits at each prompt's last position.
+    """
+    rows = [tuple(r[m.bool()].tolist()) for r, m in zip(ids.cpu(), mask.cpu(), strict=True)]
+    distinct: dict[tuple[int, ...], int] = {}
+    inverse = [distinct.setdefault(r, len(distinct)) for r in rows]
+    prompts = list(distinct)
+    width = 0
+    limit = min(len(r) for r in prompts) - 1
+    while width < limit and all(r[width] == prompts[0][width] for r in prompts):
+        width += 1
+    if width < MIN_SHARED_TOKENS:
+        width = 0
+    if width == 0 and len(prompts) == len(rows):
+        return None
+    tails = [r[width:] for r in prompts]
+    s = max(len(t) for t in tails)
+    tail_ids = torch.full((len(tails), s), pad, dtype=torch.long)
+    tail_mask = torch.zeros((len(tails), s), dtype=torch.long)
+    for i, t in enumerate(tails):
+        tail_ids[i, s - len(t) :] = torch.tensor(t, dtype=torch.long)
+        tail_mask[i, s - len(t) :] = 1
+    dev = ids.device
+    return SharedPrefixes(torch.tensor([prompts[0][:width]], dtype=torch.long, device=dev),
+                          torch.tensor(inverse, dtype=torch.long, device=dev), tail_ids.to(dev), tail_mask.to(dev))
+
+
+def prefill(model, shared: SharedPrefixes, *, drop_last: bool):
+    """Run the prompt tokens once each: the shared ones in one row, each distinct tail in one row; the
+    KV cache is then expanded to every row. Returns (cache for the B rows, logits [B, 1, V] at each
+    prompt's last position; None with ``drop_last``, which leaves each prompt's last token out)."""
+    cache, width = None, shared.shared.shape[1]
+    n_tails = len(shared.tail_ids)
+    if width:
+        cache = model(input_ids=shared.shared, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_select_indices(torch.zeros(n_tails, dtype=torch.long, device=shared.shared.device))
+    ids, tmask = shared.tail_ids, shared.tail_mask
+    if drop_last:
+        ids, tmask = ids[:, :-1], tmask[:, :-1]
+    logits = None
+    if ids.shape[1]:
+        mask = torch.cat([tmask.new_ones((n_tails, width)), tmask], dim=1)
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, width:]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits
+    if cache is not None:
+        cache.batch_select_indices(shared.inverse)
+    return cache, (None if drop_last else logits[shared.inverse])
 
 
 def _pad_cat(
