@@ -79,7 +79,7 @@ class Policy:
         if not Path(path).exists() and (Path(path).is_absolute() or path.startswith(".")):
             raise FileNotFoundError(f"model path not found: {path}")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        base = _aligned(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device))
         if cfg.lora is not None:
             from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -98,7 +98,7 @@ class Policy:
         frozen = copy.deepcopy(base).eval().requires_grad_(False)
         model = base
         if weights is not None:
-            model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)
+            model = _aligned(AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device))
         return cls(model, tokenizer, device, base_model=frozen)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -208,6 +208,8 @@ class Policy:
             if use_base:
                 stack.enter_context(torch.no_grad())
                 model = self.base_model
+            elif not torch.is_grad_enabled():
+                stack.enter_context(_frozen(self.model))
             shared = share_prefixes(batch.prompt_ids, batch.prompt_mask, self.tokenizer.pad_token_id)
             if shared is None:
                 ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
@@ -261,6 +263,36 @@ class Policy:
             yield
         finally:
             self.model.train(was_training)
+
+
+@contextlib.contextmanager
+def _frozen(model) -> Iterator[None]:
+    """Weights marked as not needing gradients for a no-grad forward.
+
+    torch's matmul picks its kernel by whether the weight requires grad, even under ``no_grad``; a
+    trained model must compute exactly what its frozen copy does on the same weights (KL exactly 0).
+    """
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
+
+
+def _aligned(model):
+    """The model with its weights in memory of its own, not in the file's mapping, which may be unaligned.
+
+    Matrix kernels take other paths on unaligned data, so a model and its frozen copy (aligned) could
+    differ in the last bit on the same input: the drift meter must read exactly 0 before any update.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.data_ptr() % 64:
+                p.data = p.data.clone()
+    return model
 
 
 class _AdapterDisabled:
