@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
 import time
@@ -31,6 +30,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from fastslow import threads  # noqa: E402 - before torch loads: passive OpenMP waiting in this process and its workers
+
+threads.hygiene()
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -241,7 +243,9 @@ def run_pool(fn: Callable[[dict], Any], jobs: list[dict], workers: int, label: s
             results.append(fn(job))
             print(f"  {label} {i + 1}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return results
-    with ProcessPoolExecutor(workers) as pool:
+    # each worker its own share of the CPUs (and passive waiting, inherited from this process)
+    with ProcessPoolExecutor(workers, initializer=threads.worker_init,
+                             initargs=(threads.share(threads.usable_cpus(), workers),)) as pool:
         futures = [pool.submit(fn, job) for job in jobs]
         results = []
         for i, f in enumerate(futures):
@@ -774,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the <= 15 minute version (make bench-quick)")
     parser.add_argument("--root", type=Path, default=None, help="run dirs (default runs/bench[-quick])")
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(2, threads.usable_cpus()))
     parser.add_argument("--analyse-only", action="store_true", help="skip training; analyse existing run dirs")
     parser.add_argument("--plan", action="store_true", help="only write README.md with the settings; run nothing")
     parser.add_argument("--demo", action="store_true",
@@ -809,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     if (Path(a["run"]) / "attribution.json").exists()}
     claims, frontier = analyse(s, root, runs, probes, attributions)
     wall = time.perf_counter() - t0
-    meta = {"mode": mode, "wall_s": wall, "workers": args.workers, "cpus": os.cpu_count()}
+    meta = {"mode": mode, "wall_s": wall, "workers": args.workers, "cpus": threads.usable_cpus()}
     if args.analyse_only:
         old = args.results / "claims.json"
         if old.exists():

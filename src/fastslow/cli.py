@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from fastslow import threads as _threads  # noqa: E402 - must run before torch loads (it does not import torch)
+
+# Passive OpenMP waiting and one thread per usable CPU, unless the user chose: on a busy machine spinning
+# threads cost several-fold (see fastslow.threads). What was set here is ours to change for child processes.
+THREAD_DEFAULTS = _threads.hygiene()
+
 import warnings  # noqa: E402
 
 # peft 0.21 calls transformers' deprecated is_gradient_checkpointing on every LoRA load; not ours to fix.
@@ -108,6 +114,9 @@ def run_config(
             bits.append(f"accepted {row['fast/accepted_total']:.0f}")
         if row.get("fast/failed_reflection_calls"):
             bits.append(f"reflection errors {row['fast/failed_reflection_calls']:.0f}")
+        busy = _threads.load_note()
+        if busy:  # why steps are slow, said where the user looks
+            bits.append(busy)
         progress.update(bar, completed=done, info="  ".join(bits) or progress.tasks[bar].fields["info"])
 
     from fastslow.util import redact
@@ -184,6 +193,8 @@ def launch(
     from fastslow.engines.trl import checked_sharding, require_trl
 
     require_trl()
+    if _threads.NUM in THREAD_DEFAULTS:  # our default, not the user's: each process gets its share of the CPUs
+        os.environ[_threads.NUM] = str(_threads.share(_threads.usable_cpus(), nproc or cfg.scale.nproc))
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
     checked_sharding(accelerate_config)  # before any process starts
     if accelerate_config and not torch_has_cuda():
@@ -211,7 +222,8 @@ def eval_(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 24,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's).", min=1)] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for torch (default: the CPUs this process may use, or OMP_NUM_THREADS).", min=1)] = None,
 ) -> None:
     """Score a model on a task's eval split; prints JSON {task, reward, n}."""
     from fastslow.config import ModelConfig

@@ -204,7 +204,8 @@ class Config(_Strict):
     scale: ScaleConfig = Field(default_factory=ScaleConfig, description="Settings of engine 'trl' (GRPOTrainer).")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of everything; same seed on CPU = same metrics.")
     threads: int | None = Field(
-        None, gt=0, description="CPU threads for torch (null: torch's default). Tiny models run faster on 1."
+        None, gt=0, description="CPU threads for torch (null: OMP_NUM_THREADS, which the fastslow command sets to "
+        "the CPUs the process may use unless set). Tiny models run faster on 1."
     )
     verify_timeout_s: float = Field(30.0, gt=0, description="Wall-clock limit of one verifier call (reward 0 after).")
     verifier_error_window: int = Field(
