@@ -79,7 +79,7 @@ class Policy:
         if not Path(path).exists() and (Path(path).is_absolute() or path.startswith(".")):
             raise FileNotFoundError(f"model path not found: {path}")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = _aligned(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device))
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         if cfg.lora is not None:
             from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -96,9 +96,9 @@ class Policy:
                 model = get_peft_model(base, lcfg)
             return cls(model, tokenizer, device)
         frozen = copy.deepcopy(base).eval().requires_grad_(False)
-        model = base
         if weights is not None:
-            model = _aligned(AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device))
+            base = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)
+        model = _aligned(base)
         return cls(model, tokenizer, device, base_model=frozen)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -283,15 +283,14 @@ def _frozen(model) -> Iterator[None]:
 
 
 def _aligned(model):
-    """The model with its weights in memory of its own, not in the file's mapping, which may be unaligned.
+    """The model with its weights in memory of its own (as its frozen deep copy), not in the file's mapping.
 
-    Matrix kernels take other paths on unaligned data, so a model and its frozen copy (aligned) could
+    Matrix kernels take other paths on unaligned data, so a model read from a file and its frozen copy could
     differ in the last bit on the same input: the drift meter must read exactly 0 before any update.
     """
     with torch.no_grad():
         for p in model.parameters():
-            if p.data_ptr() % 64:
-                p.data = p.data.clone()
+            p.data = p.data.clone()
     return model
 
 
