@@ -24,9 +24,10 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ from fastslow import threads  # noqa: E402 - before torch loads: passive OpenMP 
 
 threads.hygiene()
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_progress import BenchProgress  # noqa: E402 - next to this file
+
 RESULTS = HERE / "results"
 
 # Fixed before any seed ran (written to README.md). Same for every method; LoRA's lr is 10x (usual practice
@@ -164,12 +168,58 @@ def train_job(job: dict) -> str:
 
 
 def _finished_with(out: Path, settings: dict) -> bool:
-    """A finished run in ``out`` made with exactly these settings (else it is run again)."""
+    """A finished run in ``out`` made with exactly these settings (else it is run again): its summary.json
+    is complete (written last, atomically, with every step) and its config.yaml is these settings."""
     import yaml
 
-    if not (out / "summary.json").exists() or not (out / "config.yaml").exists():
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        config = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return False
-    return yaml.safe_load((out / "config.yaml").read_text()) == settings
+    steps = sum(stage["steps"] for stage in settings["stages"])
+    return config == settings and isinstance(summary, dict) and summary.get("steps") == steps
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def job_done(fn: Callable[[dict], Any], job: dict) -> bool:
+    """Whether ``fn(job)`` would only reuse a finished result (a resumed bench skips it at once)."""
+    if fn is train_job:
+        from fastslow.config import config_from_dict
+
+        return _finished_with(Path(job["cfg"]["out"]), config_from_dict(job["cfg"]).model_dump(mode="json"))
+    if fn is probe_job:
+        out = Path(job["out"])
+        return _readable_json(out.parent / f"{out.name}.json")
+    if fn is attribution_job:
+        return _readable_json(Path(job["run"]) / "attribution.json")
+    return False
+
+
+def reused_result(fn: Callable[[dict], Any], job: dict) -> Any:
+    """What ``fn(job)`` returns for a finished job, read without loading torch in this (the pool's) process."""
+    if fn is train_job:
+        return str(Path(job["cfg"]["out"]))
+    if fn is probe_job:
+        out = Path(job["out"])
+        return json.loads((out.parent / f"{out.name}.json").read_text())
+    return json.loads((Path(job["run"]) / "attribution.json").read_text())
+
+
+def job_cost(fn: Callable[[dict], Any], job: dict) -> float:
+    """Relative cost of a job in loop steps (for the ETA): a run's steps, a probe's steps, an attribution ~10."""
+    if fn is train_job:
+        return float(sum(stage["steps"] for stage in job["cfg"]["stages"]))
+    if fn is probe_job:
+        return float(sum(stage["steps"] for stage in job["template"]["stages"]))
+    return 10.0
 
 
 def merged_weights(run_dir: Path, lora_cfg: dict) -> Path:
@@ -235,23 +285,38 @@ def attribution_job(job: dict) -> dict:
     return result
 
 
-def run_pool(fn: Callable[[dict], Any], jobs: list[dict], workers: int, label: str) -> list[Any]:
-    t0 = time.perf_counter()
-    if workers <= 1:
-        results = []
-        for i, job in enumerate(jobs):
-            results.append(fn(job))
-            print(f"  {label} {i + 1}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+def run_pool(fn: Callable[[dict], Any], jobs: list[dict], workers: int, label: str,
+             progress: BenchProgress | None = None) -> list[Any]:
+    """``fn`` on every job (finished ones reused at once), reporting progress and an ETA run by run."""
+    own = progress is None
+    if progress is None:
+        progress = BenchProgress(label, sum(job_cost(fn, j) for j in jobs), len(jobs))
+    results: list[Any] = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        if job_done(fn, job):
+            results[i] = reused_result(fn, job)
+            progress.advance(job_cost(fn, job), reused=True, what=f"{label} reused")
+        else:
+            todo.append(i)
+    try:
+        if workers <= 1:
+            for i in todo:
+                results[i] = fn(jobs[i])
+                progress.advance(job_cost(fn, jobs[i]), what=label)
+            return results
+        # each worker its own share of the CPUs (and passive waiting, inherited from this process)
+        with ProcessPoolExecutor(workers, initializer=threads.worker_init,
+                                 initargs=(threads.share(threads.usable_cpus(), workers),)) as pool:
+            futures = {pool.submit(fn, jobs[i]): i for i in todo}
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                progress.advance(job_cost(fn, jobs[i]), what=label)
         return results
-    # each worker its own share of the CPUs (and passive waiting, inherited from this process)
-    with ProcessPoolExecutor(workers, initializer=threads.worker_init,
-                             initargs=(threads.share(threads.usable_cpus(), workers),)) as pool:
-        futures = [pool.submit(fn, job) for job in jobs]
-        results = []
-        for i, f in enumerate(futures):
-            results.append(f.result())
-            print(f"  {label} {i + 1}/{len(jobs)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        return results
+    finally:
+        if own:
+            progress.close()
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -806,9 +871,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             for j in runs if is_main_stream(j) and j["method"] == "fst"]
     print(f"{mode}: {len(runs)} runs, {len(probes)} probes, {len(atts)} attributions -> {root}", flush=True)
     if not args.analyse_only:
-        run_pool(train_job, runs, args.workers, "run")
-        run_pool(probe_job, probes, args.workers, "probe")
-        run_pool(attribution_job, atts, args.workers, "attribution")
+        # one bar and one ETA for the whole study; a killed bench reuses every finished run, probe, attribution
+        kinds = [(train_job, runs, "run"), (probe_job, probes, "probe"), (attribution_job, atts, "attribution")]
+        progress = BenchProgress(mode, sum(job_cost(fn, j) for fn, jobs, _ in kinds for j in jobs),
+                                 sum(len(jobs) for _, jobs, _ in kinds))
+        try:
+            for fn, jobs, label in kinds:
+                run_pool(fn, jobs, args.workers, label, progress)
+        finally:
+            progress.close()
     attributions = {a["run"]: json.loads((Path(a["run"]) / "attribution.json").read_text()) for a in atts
                     if (Path(a["run"]) / "attribution.json").exists()}
     claims, frontier = analyse(s, root, runs, probes, attributions)

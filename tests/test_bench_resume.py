@@ -1,0 +1,66 @@
+"""`make bench` is resumable run by run: finished runs (a complete summary.json, the same settings) are reused,
+the rest run; progress is a line per run with elapsed time and an ETA when not on a terminal."""
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+_SPEC = importlib.util.spec_from_file_location("claims", BENCH / "claims.py")
+claims = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(claims)
+sys.path.insert(0, str(BENCH))
+import bench_progress  # noqa: E402
+
+
+def _finish(job: dict, *, steps: int | None = None, summary: str | None = None) -> None:
+    from fastslow.config import config_from_dict
+
+    out = Path(job["cfg"]["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    settings = config_from_dict(job["cfg"]).model_dump(mode="json")
+    (out / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    total = sum(s["steps"] for s in job["cfg"]["stages"])
+    (out / "summary.json").write_text(summary if summary is not None else
+                                      json.dumps({"steps": total if steps is None else steps}))
+
+
+def test_a_killed_bench_reruns_only_the_runs_without_a_complete_summary(tmp_path, monkeypatch, capsys):
+    runs, _ = claims.plan(claims.SETTINGS["quick"], tmp_path)
+    runs = runs[:5]
+    _finish(runs[0])  # finished
+    _finish(runs[1], steps=3)  # a summary from a shorter run: not this run's
+    _finish(runs[2], summary='{"steps": ')  # cut short
+    _finish(runs[3])
+    changed = dict(runs[3], cfg={**runs[3]["cfg"], "seed": 99})  # same dir, other settings: run again
+    jobs = [runs[0], runs[1], runs[2], changed, runs[4]]
+    ran = []
+
+    def fake_train(job):
+        ran.append(job["cfg"]["out"])
+        return job["cfg"]["out"]
+
+    monkeypatch.setattr(claims, "train_job", fake_train)
+    results = claims.run_pool(claims.train_job, jobs, 1, "run")
+    assert ran == [j["cfg"]["out"] for j in jobs[1:]]
+    assert results == [j["cfg"]["out"] for j in jobs]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("run 1/5 (1 reused)") and "ETA ?" in lines[0]
+    assert lines[-1].startswith("run 5/5 (1 reused)") and "ETA 0:00:00" in lines[-1]
+
+
+def test_eta_counts_only_work_run_in_this_session():
+    now = [0.0]
+    out = io.StringIO()
+    p = bench_progress.BenchProgress("full", total_weight=100, count=4, stream=out, tty=False, clock=lambda: now[0])
+    p.advance(50, reused=True)  # instant: says nothing about the rate
+    assert p.eta() is None
+    now[0] = 100.0
+    p.advance(10)  # 10 units in 100 s -> 40 units left take 400 s
+    assert p.eta() == 400.0
+    assert out.getvalue().splitlines()[-1] == "full 2/4 (1 reused)  elapsed 0:01:40  ETA 0:06:40"
+    assert bench_progress.hms(3725) == "1:02:05"
