@@ -50,6 +50,22 @@ bench-engines: models
 bench-demo: $(STAMP)
 	$(BIN)/python benchmarks/claims.py --demo
 
+.PHONY: bench-mfu bench-speed bench-oversubscription
+
+# Tokens/s, GFLOP/s and share of a matmul peak (same run) for sampling, update, drift; micro and SmolLM2 (~5 min).
+bench-mfu: models
+	$(BIN)/python benchmarks/mfu.py
+
+# Before/after speed against older code, interleaved (old, new, old, new): BASE = the old checkout's src/, e.g.
+# `git worktree add --detach /tmp/speed-base <commit>` then `make bench-speed BASE=/tmp/speed-base/src` (~20 min).
+BASE ?= /tmp/speed-base/src
+bench-speed: models
+	$(BIN)/python benchmarks/speed.py --base $(BASE)
+
+# The SmolLM2 eval beside a second CPU-bound fastslow process: default threads vs the best manual setting (~5 min).
+bench-oversubscription: models
+	$(BIN)/python benchmarks/oversubscription.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 

@@ -1,0 +1,147 @@
+"""Before/after speed of this checkout against another (e.g. main before the speed work), as interleaved ratios.
+
+    python benchmarks/speed.py --base /tmp/speed-base/src [--reps 2] [--only sampling,smollm2,micro]
+    (make bench-speed BASE=/path/to/old/src)
+
+Each measurement runs in a fresh process with PYTHONPATH pointing at one source tree, in the order
+old, new, old, new, ... so that a shared machine's load falls on both alike; the figure reported for each
+pair is new/old, and the median over pairs. Short settings that fit a shared 2-core machine:
+
+- sampling: SmolLM2-135M + LoRA, one slow step's rows of configs/smollm2-cpu.yaml (4 problems x 4 rollouts,
+  2 prompts, 32 new tokens, T=1): completion tokens per second of ``Policy.generate``;
+- smollm2: ``fastslow run configs/smollm2-cpu.yaml`` (fst, then rl) for ``--steps`` steps with eval.n 8:
+  wall of the command, FST/RL, peak RSS (timing.json);
+- micro: ``fastslow run configs/demo.yaml`` on one stage of ``--micro-steps`` steps: mean seconds per step.
+
+Writes benchmarks/results/speed.json (merged per part, so parts can run in separate commands) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+NEW_SRC = ROOT / "src"
+SMOLLM = ROOT / "configs" / "smollm2-cpu.yaml"
+DEMO = ROOT / "configs" / "demo.yaml"
+
+SAMPLING_CHILD = r"""
+import json, sys, time
+from fastslow import threads
+threads.hygiene()
+from fastslow.config import load_config
+from fastslow.policy import Policy
+from fastslow.tasks import load_task
+cfg = load_config(sys.argv[1], [])
+policy = Policy.load(cfg.model)
+task = load_task(cfg.stages[0].task)
+b, g, k = cfg.slow.batch_problems, cfg.slow.group_size, cfg.fast.population
+contexts = [task.seed_prompt] + [task.seed_prompt + " Think step by step, then give the number."] * (k - 1)
+problems = list(task.problems("train"))[:b]
+prompts = [policy.format(contexts[i * k // g], p.prompt) for p in problems for i in range(g)]
+policy.generate(prompts[:2], temperature=1.0, max_new_tokens=2, seed=0)  # warm-up
+t0 = time.perf_counter()
+batch = policy.generate(prompts, temperature=1.0, max_new_tokens=cfg.slow.max_new_tokens, seed=1)
+s = time.perf_counter() - t0
+tokens = int(batch.completion_mask.sum())
+print(json.dumps({"seconds": s, "tokens": tokens, "tokens_per_s": tokens / s, "texts": batch.texts}))
+"""
+
+
+def env_for(src: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(src)
+    return env
+
+
+def run_cli(src: Path, config: Path, sets: list[str], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "fastslow.cli", "run", str(config), "--out", str(out), "--force"]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env_for(src), cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    timing = json.loads((out / "timing.json").read_text())
+    return {"wall_s": wall, "mean_step_s": timing["mean_step_s"], "peak_rss_mb": timing["peak_rss_mb"],
+            "total_s": timing["total_s"]}
+
+
+def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
+    if part == "sampling":
+        done = subprocess.run([sys.executable, "-c", SAMPLING_CHILD, str(SMOLLM)], env=env_for(src), cwd=ROOT,
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"sampling failed: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    if part == "smollm2":
+        sets = [f"stages.0.steps={args.steps}", "eval.n=8", "checkpoint_every=1000"]
+        fst = run_cli(src, SMOLLM, sets, tmp / "fst")
+        rl = run_cli(src, SMOLLM, [*sets, "method=rl"], tmp / "rl")
+        return {"fst": fst, "rl": rl, "fst_over_rl": fst["wall_s"] / rl["wall_s"]}
+    if part == "micro":
+        sets = [f"stages=[{{task: micro/flip, steps: {args.micro_steps}}}]", "eval.n=32",
+                f"fast.every={args.micro_steps}", f"eval.every={args.micro_steps}", f"drift.every={args.micro_steps}"]
+        return run_cli(src, DEMO, sets, tmp / "micro")
+    raise SystemExit(f"unknown part {part!r}")
+
+
+def ratios(pairs: list[tuple[dict, dict]], key) -> dict:
+    r = [key(new) / key(old) for old, new in pairs]
+    return {"old": [key(old) for old, _ in pairs], "new": [key(new) for _, new in pairs], "new_over_old": r,
+            "median": statistics.median(r)}
+
+
+def summarise(part: str, pairs: list[tuple[dict, dict]]) -> dict:
+    if part == "sampling":
+        same = [old["texts"] == new["texts"] for old, new in pairs]
+        return {"tokens_per_s": ratios(pairs, lambda m: m["tokens_per_s"]), "same_texts": same}
+    if part == "smollm2":
+        return {"fst_wall_s": ratios(pairs, lambda m: m["fst"]["wall_s"]),
+                "rl_wall_s": ratios(pairs, lambda m: m["rl"]["wall_s"]),
+                "fst_over_rl": ratios(pairs, lambda m: m["fst_over_rl"]),
+                "fst_peak_rss_mb": ratios(pairs, lambda m: m["fst"]["peak_rss_mb"]),
+                "rl_peak_rss_mb": ratios(pairs, lambda m: m["rl"]["peak_rss_mb"])}
+    return {"mean_step_s": ratios(pairs, lambda m: m["mean_step_s"]), "wall_s": ratios(pairs, lambda m: m["wall_s"])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True, help="the old code's src/ (e.g. a worktree of main)")
+    ap.add_argument("--reps", type=int, default=2, help="old/new pairs per part")
+    ap.add_argument("--only", default="sampling,smollm2,micro")
+    ap.add_argument("--steps", type=int, default=3, help="SmolLM2 run length")
+    ap.add_argument("--micro-steps", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
+    args = ap.parse_args(argv)
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for part in args.only.split(","):
+        pairs = []
+        for rep in range(args.reps):
+            row = {}
+            for arm, src in (("old", args.base), ("new", NEW_SRC)):
+                with tempfile.TemporaryDirectory(prefix=f"speed-{part}-{arm}-") as tmp:
+                    row[arm] = measure(part, src, args, Path(tmp))
+                print(f"{part} rep {rep} {arm}: {json.dumps({k: v for k, v in row[arm].items() if k != 'texts'})}",
+                      file=sys.stderr, flush=True)
+            pairs.append((row["old"], row["new"]))
+        result[part] = {"summary": summarise(part, pairs), "load_after": os.getloadavg()[0],
+                        "settings": {"reps": args.reps, "steps": args.steps, "micro_steps": args.micro_steps},
+                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps({part: result[part]["summary"]}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
