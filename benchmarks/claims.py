@@ -674,6 +674,16 @@ def settings_section() -> list[str]:
     return lines
 
 
+def kept_blocks(path: Path) -> list[str]:
+    """Sections other benchmarks own in ``path`` (``<!-- name:start -->`` ... ``<!-- name:end -->``, e.g. the MFU
+    table of benchmarks/mfu.py): a regenerated README keeps them."""
+    import re
+
+    text = path.read_text() if path.exists() else ""
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", text, re.S)
+            if not m.group(0).startswith(DEMO_START)]
+
+
 def write_plan_readme(path: Path) -> None:
     """benchmarks/README.md before any results exist: what will run, with which settings."""
     runs = {m: plan(SETTINGS[m], Path("runs"))[0:2] for m in SETTINGS}
@@ -686,7 +696,7 @@ def write_plan_readme(path: Path) -> None:
          f"Regimes: prompt-dominant stream {' -> '.join(r['prompt']['stream'])} (probe `{r['prompt']['heldout']}`);"
          f" weight-dominant stream {' -> '.join(r['weight']['stream'])} (probe `{r['weight']['heldout']}`).", "",
          *settings_section(), ""]
-    path.write_text("\n".join(L) + "\n")
+    path.write_text("\n".join(L + [*(b + "\n" for b in kept_blocks(path))]) + "\n")
 
 
 def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
@@ -761,7 +771,7 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
     L += ["", f"Drift budget {b['target']} nats/token: final KL / target {_fmt_spread(b['final_ratio'])}; "
           f"mean |log(KL/target)| over the second half {_fmt_spread(b['late_mean_abs_log_err'])}; "
           f"without a budget (kl 0, full) the final KL was {_fmt_spread(b['unbudgeted_final_kl'])}.", ""]
-    path.write_text("\n".join(L) + "\n")
+    path.write_text("\n".join(L + [*(b + "\n" for b in kept_blocks(path))]) + "\n")
 
 
 DEMO_START, DEMO_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"

@@ -64,3 +64,14 @@ def test_eta_counts_only_work_run_in_this_session():
     assert p.eta() == 400.0
     assert out.getvalue().splitlines()[-1] == "full 2/4 (1 reused)  elapsed 0:01:40  ETA 0:06:40"
     assert bench_progress.hms(3725) == "1:02:05"
+
+
+def test_a_regenerated_benchmarks_readme_keeps_the_mfu_table(tmp_path):
+    readme = tmp_path / "README.md"
+    block = "<!-- mfu:start -->\n## Utilisation\n| a | b |\n<!-- mfu:end -->"
+    readme.write_text(f"# old study text\n\n{block}\n")
+    claims.write_plan_readme(readme)
+    text = readme.read_text()
+    assert "old study text" not in text and text.count(block) == 1
+    claims.write_plan_readme(readme)
+    assert readme.read_text().count(block) == 1
