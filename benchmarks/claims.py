@@ -36,7 +36,7 @@ from fastslow import threads  # noqa: E402 - before torch loads: passive OpenMP 
 threads.hygiene()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_progress import BenchProgress  # noqa: E402 - next to this file
+from benchutil import BenchProgress  # noqa: E402 - next to this file
 
 RESULTS = HERE / "results"
 

@@ -36,6 +36,9 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from benchutil import put_section  # noqa: E402
+
 MFU_START, MFU_END = "<!-- mfu:start -->", "<!-- mfu:end -->"
 
 
@@ -157,17 +160,6 @@ def readme_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def put_section(path: Path, block: str, start: str, end: str) -> None:
-    """Replace the marked block in ``path`` (or append it)."""
-    text = path.read_text() if path.exists() else ""
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="micro,smollm2-135m")
@@ -193,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     if str(args.readme):
-        put_section(args.readme, readme_table(result), MFU_START, MFU_END)
+        put_section(args.readme, readme_table(result), "mfu")
     print(readme_table(result))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_progress import BenchProgress  # noqa: E402
+from benchutil import BenchProgress  # noqa: E402
 
 # (name, argv, relative cost for the ETA)
 BENCHES = [

@@ -31,6 +31,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NEW_SRC = ROOT / "src"
+sys.path.insert(0, str(HERE))
+from benchutil import put_section  # noqa: E402
+
 SMOLLM = ROOT / "configs" / "smollm2-cpu.yaml"
 DEMO = ROOT / "configs" / "demo.yaml"
 
@@ -115,6 +118,29 @@ def summarise(part: str, pairs: list[tuple[dict, dict]]) -> dict:
     return {"mean_step_s": ratios(pairs, lambda m: m["mean_step_s"]), "wall_s": ratios(pairs, lambda m: m["wall_s"])}
 
 
+def readme_block(result: dict) -> str:
+    """The before/after table for benchmarks/README.md."""
+    rows = [("sampling tokens/s (SmolLM2, 16 rows x 32)", "sampling", "tokens_per_s"),
+            ("SmolLM2 fst wall (s)", "smollm2", "fst_wall_s"), ("SmolLM2 rl wall (s)", "smollm2", "rl_wall_s"),
+            ("SmolLM2 fst / rl", "smollm2", "fst_over_rl"), ("SmolLM2 fst peak RSS (MB)", "smollm2", "fst_peak_rss_mb"),
+            ("SmolLM2 rl peak RSS (MB)", "smollm2", "rl_peak_rss_mb"),
+            ("micro demo config, s per step", "micro", "mean_step_s")]
+    lines = ["<!-- speed:start -->", "## Speed before/after", "",
+             "`make bench-speed BASE=<old src>`: each figure measured in fresh processes, old and new interleaved "
+             "(old, new, old, new); new/old per pair and its median. The machine is shared, so single figures move "
+             "with its load; the ratios of neighbouring runs are the comparison.", "",
+             "| measure | old | new | new/old (median) | settings |", "|---|---|---|---|---|"]
+    for label, part, key in rows:
+        if part not in result:
+            continue
+        r = result[part]["summary"][key]
+        st = result[part]["settings"]
+        where = {"sampling": "", "smollm2": f"{st['steps']} steps, eval.n 8", "micro": f"{st['micro_steps']} steps"}
+        lines.append(f"| {label} | {', '.join(f'{v:.4g}' for v in r['old'])} | {', '.join(f'{v:.4g}' for v in r['new'])}"
+                     f" | **{r['median']:.2f}** | {where[part]} ({result[part]['date']}) |")
+    return "\n".join([*lines, "<!-- speed:end -->"])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="the old code's src/ (e.g. a worktree of main)")
@@ -123,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="SmolLM2 run length")
     ap.add_argument("--micro-steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
+    ap.add_argument("--readme", type=Path, default=HERE / "README.md", help="where the table goes ('' for nowhere)")
     args = ap.parse_args(argv)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     for part in args.only.split(","):
@@ -141,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
         print(json.dumps({part: result[part]["summary"]}, indent=1), flush=True)
+    if str(args.readme):
+        put_section(args.readme, readme_block(result), "speed")
 
 
 if __name__ == "__main__":

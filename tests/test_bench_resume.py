@@ -14,7 +14,7 @@ _SPEC = importlib.util.spec_from_file_location("claims", BENCH / "claims.py")
 claims = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(claims)
 sys.path.insert(0, str(BENCH))
-import bench_progress  # noqa: E402
+import benchutil  # noqa: E402
 
 
 def _finish(job: dict, *, steps: int | None = None, summary: str | None = None) -> None:
@@ -56,14 +56,14 @@ def test_a_killed_bench_reruns_only_the_runs_without_a_complete_summary(tmp_path
 def test_eta_counts_only_work_run_in_this_session():
     now = [0.0]
     out = io.StringIO()
-    p = bench_progress.BenchProgress("full", total_weight=100, count=4, stream=out, tty=False, clock=lambda: now[0])
+    p = benchutil.BenchProgress("full", total_weight=100, count=4, stream=out, tty=False, clock=lambda: now[0])
     p.advance(50, reused=True)  # instant: says nothing about the rate
     assert p.eta() is None
     now[0] = 100.0
     p.advance(10)  # 10 units in 100 s -> 40 units left take 400 s
     assert p.eta() == 400.0
     assert out.getvalue().splitlines()[-1] == "full 2/4 (1 reused)  elapsed 0:01:40  ETA 0:06:40"
-    assert bench_progress.hms(3725) == "1:02:05"
+    assert benchutil.hms(3725) == "1:02:05"
 
 
 def test_a_regenerated_benchmarks_readme_keeps_the_mfu_table(tmp_path):

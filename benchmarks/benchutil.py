@@ -1,7 +1,8 @@
-"""Progress of a long benchmark, run by run: a bar with an ETA on a terminal (rich), plain lines otherwise.
+"""Helpers of the benchmark scripts: progress with an ETA, and sections of benchmarks/README.md they own.
 
-Runs reused from an earlier, interrupted bench finish at once; they count as done but not towards the
-rate, so the ETA is the time the remaining work took per unit so far in *this* session.
+Progress of a long benchmark, run by run: a bar with an ETA on a terminal (rich), plain lines otherwise. Runs
+reused from an earlier, interrupted bench finish at once; they count as done but not towards the rate, so the
+ETA is the time the remaining work took per unit so far in *this* session.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def eta_s(elapsed_s: float, ran_weight: float, remaining_weight: float) -> float | None:
@@ -70,3 +72,17 @@ class BenchProgress:
     def close(self) -> None:
         if self._rich is not None:
             self._rich.stop()
+
+
+def put_section(path: Path, block: str, name: str) -> None:
+    """Replace the block ``<!-- name:start -->`` ... ``<!-- name:end -->`` in ``path`` (or append it); ``block``
+    includes both markers. benchmarks/claims.py keeps such blocks when it regenerates the README."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    assert block.startswith(start) and block.endswith(end), name
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
