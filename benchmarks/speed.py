@@ -136,8 +136,8 @@ def readme_block(result: dict) -> str:
         r = result[part]["summary"][key]
         st = result[part]["settings"]
         where = {"sampling": "", "smollm2": f"{st['steps']} steps, eval.n 8", "micro": f"{st['micro_steps']} steps"}
-        lines.append(f"| {label} | {', '.join(f'{v:.4g}' for v in r['old'])} | {', '.join(f'{v:.4g}' for v in r['new'])}"
-                     f" | **{r['median']:.2f}** | {where[part]} ({result[part]['date']}) |")
+        old, new = (", ".join(f"{v:.4g}" for v in r[arm]) for arm in ("old", "new"))
+        lines.append(f"| {label} | {old} | {new} | **{r['median']:.2f}** | {where[part]} ({result[part]['date']}) |")
     return "\n".join([*lines, "<!-- speed:end -->"])
 
 
