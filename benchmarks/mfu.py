@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="micro,smollm2-135m")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "mfu.json")
-    ap.add_argument("--readme", type=Path, default=HERE / "README.md", help="where the table goes ('' for nowhere)")
+    ap.add_argument("--readme", default=str(HERE / "README.md"), help="where the table goes ('' for nowhere)")
     args = ap.parse_args(argv)
     n_threads = threads.apply(None)
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "threads": n_threads,
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             p["share_of_peak"] = p["gflops"] / result["peak_gflops"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    if str(args.readme):
-        put_section(args.readme, readme_table(result), "mfu")
+    if args.readme:
+        put_section(Path(args.readme), readme_table(result), "mfu")
     print(readme_table(result))
 
 

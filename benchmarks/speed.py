@@ -39,8 +39,8 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 SAMPLING_CHILD = r"""
 import json, sys, time
-from fastslow import threads
-threads.hygiene()
+import torch
+torch.set_num_threads(int(sys.argv[2]))
 from fastslow.config import load_config
 from fastslow.policy import Policy
 from fastslow.tasks import load_task
@@ -82,7 +82,10 @@ def run_cli(src: Path, config: Path, sets: list[str], out: Path) -> dict:
 
 def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
     if part == "sampling":
-        done = subprocess.run([sys.executable, "-c", SAMPLING_CHILD, str(SMOLLM)], env=env_for(src), cwd=ROOT,
+        # the same threads and waiting for both trees (the old code has no thread hygiene): sampling alone compared
+        env = {**env_for(src), "OMP_WAIT_POLICY": "PASSIVE"}
+        done = subprocess.run([sys.executable, "-c", SAMPLING_CHILD, str(SMOLLM), str(len(os.sched_getaffinity(0)))],
+                              env=env, cwd=ROOT,
                               capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"sampling failed: {done.stderr[-2000:]}")
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="SmolLM2 run length")
     ap.add_argument("--micro-steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
-    ap.add_argument("--readme", type=Path, default=HERE / "README.md", help="where the table goes ('' for nowhere)")
+    ap.add_argument("--readme", default=str(HERE / "README.md"), help="where the table goes ('' for nowhere)")
     args = ap.parse_args(argv)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     for part in args.only.split(","):
@@ -168,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
         print(json.dumps({part: result[part]["summary"]}, indent=1), flush=True)
-    if str(args.readme):
-        put_section(args.readme, readme_block(result), "speed")
+    if args.readme:
+        put_section(Path(args.readme), readme_block(result), "speed")
 
 
 if __name__ == "__main__":
