@@ -1,5 +1,6 @@
 """Thread hygiene: how many threads, passive waiting, pool shares, and the 'machine busy' note."""
 
+import io
 import os
 import subprocess
 import sys
@@ -82,3 +83,19 @@ def test_load_note_names_load_and_cpus(monkeypatch):
     assert threads.load_note(2) == "machine busy: load 7.2 on 2 CPUs"
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     assert threads.load_note(2) is None
+
+
+def test_the_progress_line_says_when_the_machine_is_busy(tiny_model, tmp_path, monkeypatch):
+    from conftest import small_config
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    from fastslow.cli import run_config
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    out = io.StringIO()
+    progress = Progress(TextColumn("{task.fields[info]}"), console=Console(file=out, width=200), auto_refresh=False)
+    with progress:
+        run_config(small_config(tiny_model, tmp_path / "run", method="rl", steps=1), progress=progress)
+    assert "machine busy: load 9.0 on 2 CPUs" in out.getvalue()
