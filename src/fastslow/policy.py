@@ -239,6 +239,32 @@ class Policy:
         picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
 
+    def passes(self, batch: Batch, group: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of ``batch`` split into forward/backward passes of whole groups (``group``: each row's group, rows
+        of a group adjacent), each pass's activations within :data:`PASS_BYTES` (on CPU; one pass elsewhere).
+
+        The update's memory is its activations, proportional to the tokens of a pass; gradients of the
+        passes add up to the whole batch's.
+        """
+        rows = torch.arange(len(batch))
+        cfg = getattr(self.model, "config", None)
+        hidden, layers = getattr(cfg, "hidden_size", None), getattr(cfg, "num_hidden_layers", None)
+        if self.device.type != "cpu" or not hidden or not layers:
+            return [rows]
+        c = batch.completion_ids.shape[1]
+        per_row = batch.prompt_mask.sum(1) + c  # tokens each row runs (an upper bound under shared prefixes)
+        row_bytes = per_row * hidden * layers * ACTIVATION_FLOATS * 4 + c * cfg.vocab_size * 4 * 3
+        passes, current, used = [], [], 0
+        for g in torch.unique_consecutive(group):
+            members = rows[group == g]
+            cost = int(row_bytes[members].sum())
+            if current and used + cost > PASS_BYTES:
+                passes.append(torch.cat(current))
+                current, used = [], 0
+            current.append(members)
+            used += cost
+        return [*passes, torch.cat(current)] if current else [rows]
+
     # ---- base and parameters ------------------------------------------------------------------
     @property
     def base_model(self):
@@ -308,6 +334,12 @@ class _AdapterDisabled:
         with self._m.disable_adapter(), torch.no_grad():
             return self._m.generate(*args, **kwargs)
 
+
+# The update's passes (Policy.passes): activations kept for the backward pass, in floats per token, hidden unit
+# and layer (a Llama layer keeps its norms, projections, attention and MLP inputs: ~16 hidden-sized tensors),
+# and the bytes one pass may hold.
+ACTIVATION_FLOATS = 16
+PASS_BYTES = 1 << 30
 
 # Below this many common leading tokens a separate prefill of them costs more than it saves.
 MIN_SHARED_TOKENS = 8

@@ -10,7 +10,8 @@ One step, for B problems with G rollouts each (the G rollouts of a problem may u
      is adapted after each drift measurement by KLController, a drift budget on the exact reverse KL)
     loss  = mean over kept groups of (token-mean of l_t within the group)     "per-prompt" averaging
 
-Groups whose rewards are all equal carry no signal and are dropped (counted, not refilled).
+Groups whose rewards are all equal carry no signal and are dropped (counted, not refilled). On CPU the loss is
+computed in passes of whole groups (``Policy.passes``), gradients accumulated: the same update, bounded memory.
 """
 
 from __future__ import annotations
@@ -205,6 +206,16 @@ class SlowLearner:
         elif self.kl_controller is not None and "kl_coef" in state:
             self.kl_controller.coef = state["kl_coef"]
 
+    def _logprobs(self, batch: Batch, passes: list[torch.Tensor], *, use_base: bool = False) -> torch.Tensor:
+        """log pi(y_t) [R, C] of ``batch``'s completions, computed pass by pass (no gradients)."""
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
+        with torch.no_grad():
+            for rows in passes:
+                part = batch.select(rows)
+                out[rows] = Policy.token_logprobs(self.policy.completion_logits(part, use_base=use_base),
+                                                  part.completion_ids)
+        return out
+
     @torch.no_grad()
     def _k3(self, batch: Batch) -> float:
         """Mean per-token k3 estimate of KL(pi || base) on ``batch`` (samples from pi)."""
@@ -233,38 +244,52 @@ class SlowLearner:
         batch = ro.batch.select(rows)
         advantages = adv[keep].flatten().to(policy.device)
         group = torch.arange(n).unsqueeze(1).expand(n, g)[keep].flatten()
-        mask = batch.completion_mask
-        base_logp = None
         kl_coef = self.kl_coef
+        passes = policy.passes(batch, group)  # whole groups per forward/backward pass: bounded activations
+        base_logp = old_logp = None
         if kl_coef > 0 or measure_k3:
-            base_logp = Policy.token_logprobs(policy.completion_logits(batch, use_base=True), batch.completion_ids)
-        old_logp = None
+            base_logp = self._logprobs(batch, passes, use_base=True)
         if cfg.updates_per_batch > 1:
             with torch.no_grad():
-                old_logp = Policy.token_logprobs(policy.completion_logits(batch), batch.completion_ids)
+                old_logp = self._logprobs(batch, passes)
         policy.model.train()
+        n_groups = len(torch.unique(group))
         for update in range(cfg.updates_per_batch):
-            logits = policy.completion_logits(batch)
-            logp = Policy.token_logprobs(logits, batch.completion_ids)
-            # One update per batch: the sampler is the current policy, so pi_old = sg(pi_theta), rho = 1.
-            loss, stats = policy_loss(
-                logp,
-                logp.detach() if old_logp is None else old_logp,
-                advantages,
-                mask,
-                group,
-                loss=cfg.loss,
-                tau=cfg.tau,
-                clip_eps=cfg.clip_eps,
-                kl_coef=kl_coef,
-                base_logp=base_logp,
-            )
+            self.optimizer.zero_grad(set_to_none=True)
+            # loss = mean over groups of their token-mean: each pass adds its groups' share, gradients accumulate
+            loss, tokens, clipped, k3_sum, ent_sum = torch.zeros((), device=policy.device), 0.0, 0.0, 0.0, 0.0
+            for rows in passes:
+                part = batch.select(rows)
+                logits = policy.completion_logits(part)
+                logp = Policy.token_logprobs(logits, part.completion_ids)
+                # One update per batch: the sampler is the current policy, so pi_old = sg(pi_theta), rho = 1.
+                part_loss, stats = policy_loss(
+                    logp,
+                    logp.detach() if old_logp is None else old_logp[rows],
+                    advantages[rows],
+                    part.completion_mask,
+                    group[rows],
+                    loss=cfg.loss,
+                    tau=cfg.tau,
+                    clip_eps=cfg.clip_eps,
+                    kl_coef=kl_coef,
+                    base_logp=None if base_logp is None else base_logp[rows],
+                )
+                share = len(torch.unique(group[rows])) / n_groups
+                (part_loss * share).backward()
+                loss = loss + part_loss.detach() * share
+                n_tok = float(part.completion_mask.sum())
+                tokens += n_tok
+                clipped += stats["clip_frac"] * n_tok
+                k3_sum += stats.get("k3", 0.0) * n_tok
+                if update == 0:
+                    ent_sum += token_entropy(logits, part.completion_mask) * n_tok
+                del logits, logp, part_loss
+            stats = {"clip_frac": clipped / max(tokens, 1.0), "k3": k3_sum / max(tokens, 1.0)}
             if update == 0:
-                metrics["slow/entropy"] = token_entropy(logits, mask)
+                metrics["slow/entropy"] = ent_sum / max(tokens, 1.0)
                 if measure_k3:
                     metrics["drift/k3_train"] = stats["k3"]
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             params = [p for p in self.optimizer.param_groups[0]["params"] if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
