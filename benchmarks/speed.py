@@ -60,9 +60,14 @@ print(json.dumps({"seconds": s, "tokens": tokens, "tokens_per_s": tokens / s, "t
 """
 
 
+SAME_THREADS = False  # --same-threads: both trees get passive waiting and one thread per usable CPU
+
+
 def env_for(src: Path) -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = str(src)
+    if SAME_THREADS:
+        env.update(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))))
     return env
 
 
@@ -134,13 +139,15 @@ def readme_block(result: dict) -> str:
              "with its load; the ratios of neighbouring runs are the comparison.", "",
              "| measure | old | new | new/old (median) | settings |", "|---|---|---|---|---|"]
     for label, part, key in rows:
-        if part not in result:
-            continue
-        r = result[part]["summary"][key]
-        st = result[part]["settings"]
-        where = {"sampling": "", "smollm2": f"{st['steps']} steps, eval.n 8", "micro": f"{st['micro_steps']} steps"}
-        old, new = (", ".join(f"{v:.4g}" for v in r[arm]) for arm in ("old", "new"))
-        lines.append(f"| {label} | {old} | {new} | **{r['median']:.2f}** | {where[part]} ({result[part]['date']}) |")
+        for variant in (part, f"{part}-same-threads"):
+            if variant not in result:
+                continue
+            r, st = result[variant]["summary"][key], result[variant]["settings"]
+            where = {"sampling": "", "smollm2": f"{st['steps']} steps, eval.n 8", "micro": f"{st['micro_steps']} steps"}
+            threads = "; both with passive waiting, 1 thread/CPU" if st.get("same_threads") else ""
+            old, new = (", ".join(f"{v:.4g}" for v in r[arm]) for arm in ("old", "new"))
+            lines.append(f"| {label} | {old} | {new} | **{r['median']:.2f}** | {where[part]}{threads} "
+                         f"({result[variant]['date']}) |")
     return "\n".join([*lines, "<!-- speed:end -->"])
 
 
@@ -151,9 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default="sampling,smollm2,micro")
     ap.add_argument("--steps", type=int, default=3, help="SmolLM2 run length")
     ap.add_argument("--micro-steps", type=int, default=10)
+    ap.add_argument("--same-threads", action="store_true",
+                    help="give the old code this checkout's thread defaults (passive waiting, one thread per CPU): "
+                    "measures the other changes alone")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
     ap.add_argument("--readme", default=str(HERE / "README.md"), help="where the table goes ('' for nowhere)")
     args = ap.parse_args(argv)
+    global SAME_THREADS
+    SAME_THREADS = args.same_threads
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     for part in args.only.split(","):
         pairs = []
@@ -165,12 +177,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{part} rep {rep} {arm}: {json.dumps({k: v for k, v in row[arm].items() if k != 'texts'})}",
                       file=sys.stderr, flush=True)
             pairs.append((row["old"], row["new"]))
-        result[part] = {"summary": summarise(part, pairs), "load_after": os.getloadavg()[0],
-                        "settings": {"reps": args.reps, "steps": args.steps, "micro_steps": args.micro_steps},
+        part_key = f"{part}-same-threads" if args.same_threads else part
+        result[part_key] = {"summary": summarise(part, pairs), "load_after": os.getloadavg()[0],
+                        "settings": {"reps": args.reps, "steps": args.steps, "micro_steps": args.micro_steps,
+                                     "same_threads": args.same_threads},
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-        print(json.dumps({part: result[part]["summary"]}, indent=1), flush=True)
+        print(json.dumps({part_key: result[part_key]["summary"]}, indent=1), flush=True)
     if args.readme:
         put_section(Path(args.readme), readme_block(result), "speed")
 
