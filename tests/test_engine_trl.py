@@ -49,10 +49,12 @@ def test_mapping_carries_every_slow_field():
     kw = grpo_kwargs(cfg, world_size=2, cuda=False)
     assert kw["loss_type"] == "cispo" and kw["epsilon_high"] == 3.5 and kw["beta"] == 0.002
     assert kw["num_generations"] == 6 and kw["per_device_train_batch_size"] == 2 * 6  # 4 problems over 2 ranks
-    assert (kw["learning_rate"], kw["warmup_steps"], kw["adam_beta1"], kw["adam_beta2"]) == (0.0003, 7, 0.8, 0.95)
+    assert (kw["learning_rate"], kw["adam_beta1"], kw["adam_beta2"]) == (0.0003, 0.8, 0.95)
+    assert kw["lr_scheduler_type"] == "constant"  # the warm-up is fastslow's schedule, not TRL's
     assert (kw["weight_decay"], kw["max_grad_norm"], kw["max_completion_length"]) == (0.01, 0.5, 33)
     assert (kw["temperature"], kw["top_p"], kw["num_iterations"]) == (0.7, 0.9, 2)
     assert kw["use_vllm"] and kw["vllm_mode"] == "server" and kw["vllm_server_port"] == 9001
+    assert kw["vllm_importance_sampling_correction"] and kw["vllm_importance_sampling_mode"] == "sequence_mask"
     with pytest.raises(ConfigError, match="batch_problems"):
         grpo_kwargs(cfg, world_size=3)
 
@@ -250,7 +252,7 @@ def test_sharded_accelerate_configs_are_recognised(tmp_path):
     assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "ddp.yaml") is None
     zero2 = tmp_path / "zero2.yaml"
     zero2.write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 2}\n")
-    assert sharding_of_accelerate_config(zero2) is None
+    assert sharding_of_accelerate_config(zero2) == "DeepSpeed ZeRO-2"
     fsdp1 = tmp_path / "fsdp1.yaml"
     fsdp1.write_text("distributed_type: FSDP\nfsdp_config: {fsdp_sharding_strategy: FULL_SHARD}\n")
     assert sharding_of_accelerate_config(fsdp1) == "FSDP1"
@@ -260,7 +262,8 @@ def test_sharded_accelerate_configs_are_recognised(tmp_path):
         "DeepSpeed ZeRO-3")
     assert sharding_of_env({"ACCELERATE_USE_FSDP": "true"}) == "FSDP1"
     assert sharding_of_env({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "FSDP2"
-    assert sharding_of_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) is None
+    assert sharding_of_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) == (
+        "DeepSpeed ZeRO-2")
 
 
 def test_an_unsupported_sharding_is_refused_in_one_line_before_anything_runs(tiny_model, tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     """Validate ``cfg`` without training or loading weights; the resolved engine settings.
 
     Loads every task of the stream and builds the reflector (no call is made to it). For engine ``trl``
-    an unsupported sharding (ZeRO-3, FSDP1) is refused (:func:`~fastslow.engines.trl.checked_sharding`),
+    an unsupported sharding (DeepSpeed ZeRO, FSDP1) is refused (:func:`~fastslow.engines.trl.checked_sharding`),
     the GRPOConfig is built from the mapping (TRL validates it); the world size is ``world_size`` or
     ``scale.nproc``; the device is the one the config names (``model.device``), not this machine's.
     """
@@ -75,6 +75,7 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
         out["world_size"] = 1
         return out
     from fastslow.engines.trl import checked_sharding, grpo_config, grpo_kwargs, require_trl
+    from fastslow.slow import schedule_summary
 
     require_trl()
     sharding = checked_sharding(cfg.scale.accelerate_config)
@@ -97,6 +98,11 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
         "accelerate_config": cfg.scale.accelerate_config,
         "sharding": sharding,
         "rows_per_step": cfg.slow.batch_problems * cfg.slow.group_size,
+        "lr_schedule": schedule_summary(cfg.slow),  # fastslow's, the same for any process count
+        "gradient_checkpointing": cfg.scale.gradient_checkpointing,
+        "vllm_importance_sampling": None if cfg.scale.vllm == "off" else {
+            "mode": cfg.scale.vllm_importance_sampling, "cap": cfg.scale.vllm_importance_sampling_cap,
+            "ratio": "exp(trainer log-prob - vLLM's sampling log-prob), per TRL's mode"},
         "grpo_config": {k: kw[k] for k in sorted(kw)},
     })
     return out

@@ -37,7 +37,7 @@ from fastslow.config import Config, ConfigError, resume_changes
 from fastslow.drift import DriftMeter
 from fastslow.engines import build_engine, launched_rank
 from fastslow.errors import TrainingError, build_checked
-from fastslow.preflight import ReflectionHealth, check_model, check_reflector
+from fastslow.preflight import ReflectionHealth, check_model
 from fastslow.rollout import score_prompt
 from fastslow.rundir import TEMP_INFIX, RunDirError, RunDirLock, check_run_dir, claim  # noqa: F401 - re-exported
 from fastslow.slow import Rollouts
@@ -113,8 +113,7 @@ class Trainer:
                                                       saved["loop"]["step"])
         self.engine = build_checked(build_engine, cfg, ckpt / "model" if ckpt else None)
         self.policy, self.slow, self.fast = self.engine.policy, self.engine.slow, self.engine.fast
-        if self.fast is not None and hasattr(self.fast, "reflector"):
-            check_reflector(cfg, self.fast.reflector.lm)  # one short real call: a dead reflector never starts a run
+        self.engine.preflight()  # e.g. one short real reflector call: a dead reflector never starts a run
         self.health = ReflectionHealth(cfg.fast.stop_after_failed_rounds)
         self.oversize_skipped = self._fit_tasks_to_context()
         probes = []
@@ -156,7 +155,7 @@ class Trainer:
         if st.step == 0 and st.metrics_bytes == 0:
             row = {**self._drift(), **self._evaluate(step=0)}
             st.base_rewards = {name: r["reward_seed_prompt"] for name, r in st.last_eval.items()}
-            self._log_row(0, row)
+            self._together(lambda: self._log_row(0, row))
         while st.step < total:
             t0 = time.perf_counter()
             step = st.step
@@ -204,7 +203,9 @@ class Trainer:
             if done == stage_end:
                 st.matrix.append([st.last_eval[name]["reward"] for name in stream_columns(self.stage_tasks)])
             row["slow/verifier_errors"] = float(st.verifier_errors)
-            self._log_row(done, row)
+            # What one process does alone (writing, the verifier-error verdict) may fail on it alone: every
+            # rank learns it here and stops with the same line, none waits in a collective for a dead peer.
+            self._together(lambda: self._log_row(done, row))  # noqa: B023 - called at once
             self.timing["step_s"].append(time.perf_counter() - t0)
             if self.on_step:
                 self.on_step(done, total, row)
@@ -331,14 +332,33 @@ class Trainer:
         st.metrics_rows += 1
         st.metrics_sha256 = self._metrics_hash.hexdigest()
 
+    def _together(self, work: Callable[[], None]) -> None:
+        """``work()``; its failure on any rank is raised on every rank alike (:meth:`Engine.agree`)."""
+        error = None
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - handed to every rank, then raised
+            error = exc
+        self.engine.agree(error)
+
     def _checkpoint(self) -> None:
         st = self.state
         st.policy_version = self.policy.version
         # Gathered on every rank (collectives where the weights are sharded), written by the main process alone.
         weights = self.policy.full_state_dict()
         slow_state = self.slow.state_dict() if self.slow is not None else None
-        if not self.main:
-            return
+        # Each rank's hash of its whole weights, recorded in the checkpoint: ranks that drifted apart stop the run.
+        digests = self.engine.gather(self.policy.weights_sha256(weights))
+        if len(set(digests)) > 1:
+            raise TrainingError(f"the processes hold different weights at step {st.step} (sha256 {digests}): "
+                                f"the last good checkpoint is in {self.ckpt_root}")
+        if self.main:
+            self._together(lambda: self._write_checkpoint(weights, slow_state, digests))
+        else:
+            self.engine.agree(None)
+
+    def _write_checkpoint(self, weights, slow_state, digests: list[str]) -> None:
+        st = self.state
 
         def write(tmp: Path) -> None:
             self.policy.save(tmp / "model", state_dict=weights)
@@ -350,6 +370,8 @@ class Trainer:
                 "reflection_health": self.health.state_dict(),
                 "torch_rng": torch.get_rng_state().tolist(),
                 "config": self.cfg.model_dump(mode="json"),
+                "world_size": self.engine.world_size,
+                "weights_sha256": digests,  # one per rank
             }
             (tmp / "state.json").write_text(json.dumps(state))
             # The rows so far travel with the checkpoint: a metrics file cut short is rebuilt from them.
@@ -373,6 +395,12 @@ class Trainer:
         if not self.main:
             return
         self._restore_metrics(ckpt)
+        saved_size = state.get("world_size", self.engine.world_size)
+        if saved_size != self.engine.world_size:  # rollouts are sharded and seeded per rank: another run from here
+            self._append_metrics(json.dumps({"step": self.state.step, "event": "resume_world_size_changed",
+                                             "from": saved_size, "to": self.engine.world_size}) + "\n")
+            self.log(f"resume: {saved_size} processes wrote the checkpoint, {self.engine.world_size} resume it: "
+                     "the run continues, but not as the uninterrupted run would have")
         if self._resume_changes:  # safe changes only (the others were refused before anything was written)
             self._append_metrics(json.dumps({"step": self.state.step, "event": "resume_config_changed",
                                              "changed": self._resume_changes}) + "\n")

@@ -32,8 +32,11 @@ def fast_on(method: str) -> bool:
 class Engine:
     """What the loop runs on. ``is_main``: this process writes the run dir (rank 0 of ``world_size``).
 
-    ``broadcast(obj)`` returns rank 0's ``obj`` on every rank (identity in one process); ``close()`` frees
-    what the engine holds (processes, servers).
+    ``broadcast(obj)`` returns rank 0's ``obj`` on every rank (identity in one process); ``gather(obj)`` every
+    rank's ``obj`` in rank order; ``agree(error)`` is called by every rank at the same point with what it raised
+    there (or None) and raises on every rank, as one line, when any rank failed; ``preflight()`` makes what a run
+    needs fail before step 0 (the one reflector test call, on the main process, its outcome on every rank);
+    ``describe()`` the resolved settings; ``close()`` frees what the engine holds (processes, servers).
     """
 
     name: str
@@ -46,6 +49,15 @@ class Engine:
     is_main: bool = True
     broadcast: Callable[[Any], Any] = field(default=lambda obj: obj)
     close: Callable[[], None] = field(default=lambda: None)
+    preflight: Callable[[], None] = field(default=lambda: None)
+    agree: Callable[[BaseException | None], None] = field(default=lambda error: _raise(error))
+    gather: Callable[[Any], list[Any]] = field(default=lambda obj: [obj])
+    describe: Callable[[], dict[str, Any]] = field(default=lambda: {})
+
+
+def _raise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
 
 
 def launched_rank() -> int:
