@@ -12,7 +12,7 @@ lists what no longer matches (a test calls it, so a TRL upgrade that moves one f
 - the inputs ``compute_loss`` reads (``advantages``, ``num_items_in_batch``, ``ref_per_token_logps``,
   ``old_per_token_logps``, ``importance_sampling_ratio``) and the trainer state it writes
   (``state.global_step``, ``current_gradient_accumulation_steps``);
-- ``trl.trainer.utils.use_adapter`` / ``nanstd`` and ``trl.models.unwrap_model_for_generation``.
+- ``trl.trainer.utils.use_adapter`` / ``nanstd`` / ``add_fused_lm_head`` and ``trl.models.unwrap_model_for_generation``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ def logps(trainer: Any, model: Any, input_ids: torch.Tensor, attention_mask: tor
     out, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, keep,
                                                            batch_size=len(input_ids))
     return out
+
+
+def as_reference(model: Any, args: Any) -> Any:
+    """``model`` (a frozen copy of the initial weights) made callable by :func:`logps` as TRL makes its own
+    reference model: TRL's fused LM head (temperature-scaled log-probs) added; plain calls are unchanged."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model, temperature=args.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+    return model
 
 
 def loss(trainer: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -158,6 +167,10 @@ def problems() -> list[str]:
     from trl.trainer.utils import nanstd as trl_nanstd
     from trl.trainer.utils import use_adapter
 
+    from trl.trainer.utils import add_fused_lm_head
+
+    if params(add_fused_lm_head)[:3] != ["model", "temperature", "cast_lm_head_to_fp32"]:
+        found.append("trl.trainer.utils.add_fused_lm_head changed its arguments")
     if "adapter_name" not in params(use_adapter):
         found.append("trl.trainer.utils.use_adapter no longer takes adapter_name")
     if params(trl_nanstd)[:3] != ["tensor", "dim", "keepdim"]:

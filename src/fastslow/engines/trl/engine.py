@@ -165,7 +165,7 @@ class TrlEngine:
         # forward (whose closure would keep calling the live policy) and before resumed weights replace them.
         frozen = None
         if cfg.model.lora is None and not self.args.beta:
-            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            frozen = adapter.as_reference(copy.deepcopy(model).eval().requires_grad_(False), self.args)
         # A placeholder row: GRPOTrainer wants a dataset, our loop supplies the problems.
         self.trainer = tr = GRPOTrainer(
             model=model, reward_funcs=[_no_reward], args=self.args, processing_class=tokenizer,
