@@ -135,6 +135,10 @@ def problems() -> list[str]:
     def params(fn) -> list[str]:
         return list(inspect.signature(fn).parameters)
 
+    def source(owner: Any, name: str) -> str:  # "" when gone (reported once, below or above)
+        fn = getattr(owner, name, None)
+        return inspect.getsource(fn) if fn is not None else ""
+
     want = {
         "_get_per_token_logps_and_entropies": ["self", "model", "input_ids", "attention_mask", "logits_to_keep",
                                                "batch_size"],
@@ -147,21 +151,21 @@ def problems() -> list[str]:
             found.append(f"GRPOTrainer.{name} is gone")
         elif params(fn)[: len(args)] != args:
             found.append(f"GRPOTrainer.{name}{inspect.signature(fn)} no longer takes {args}")
-    loss_src = inspect.getsource(GRPOTrainer._compute_loss)
+    loss_src = source(GRPOTrainer, "_compute_loss")
     found += [f"GRPOTrainer._compute_loss no longer reads {k!r}" for k in LOSS_INPUTS if k not in loss_src]
     found += [f"GRPOTrainer._compute_loss no longer logs {k!r}" for k in METRICS if f'"{k}"' not in loss_src]
-    init_src = inspect.getsource(GRPOTrainer.__init__)
+    init_src = source(GRPOTrainer, "__init__")
     for attr in ("self._metrics", "self._last_loaded_step", "self.vllm_generation", "self.use_vllm",
                  "self.vllm_importance_sampling_correction", "self.vllm_importance_sampling_mode",
                  "self.vllm_importance_sampling_clip_min", "self.vllm_importance_sampling_clip_max"):
         if attr not in init_src:
             found.append(f"GRPOTrainer.__init__ no longer sets {attr}")
-    turn_src = inspect.getsource(GRPOTrainer._generate_single_turn)
-    if "self.vllm_generation.generate(" not in turn_src or "lp[0]" not in turn_src:
+    turn_src = source(GRPOTrainer, "_generate_single_turn")
+    if turn_src and ("self.vllm_generation.generate(" not in turn_src or "lp[0]" not in turn_src):
         found.append("GRPOTrainer._generate_single_turn no longer returns vLLM's sampled-token log-probs")
     gen_init = params(VLLMGeneration.__init__)
     found += [f"VLLMGeneration no longer takes {k!r}" for k in VLLM_SAMPLING if k not in gen_init]
-    gen_src = inspect.getsource(VLLMGeneration.generate)
+    gen_src = source(VLLMGeneration, "generate")
     found += [f"VLLMGeneration.generate no longer reads self.{k}" for k in VLLM_SAMPLING if f"self.{k}" not in gen_src]
     from trl.models import unwrap_model_for_generation
     from trl.trainer.utils import nanstd as trl_nanstd
