@@ -168,10 +168,8 @@ def problems() -> list[str]:
     gen_src = source(VLLMGeneration, "generate")
     found += [f"VLLMGeneration.generate no longer reads self.{k}" for k in VLLM_SAMPLING if f"self.{k}" not in gen_src]
     from trl.models import unwrap_model_for_generation
+    from trl.trainer.utils import add_fused_lm_head, use_adapter
     from trl.trainer.utils import nanstd as trl_nanstd
-    from trl.trainer.utils import use_adapter
-
-    from trl.trainer.utils import add_fused_lm_head
 
     if params(add_fused_lm_head)[:3] != ["model", "temperature", "cast_lm_head_to_fp32"]:
         found.append("trl.trainer.utils.add_fused_lm_head changed its arguments")
