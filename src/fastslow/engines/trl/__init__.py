@@ -26,7 +26,7 @@ tests run it with a stand-in for vLLM's generator (``fastslow selftest --engine 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastslow.config import Config
 from fastslow.engines.trl.lockstep import LockstepFast, LockstepReflector
@@ -44,13 +44,13 @@ from fastslow.engines.trl.mapping import (
 )
 
 if TYPE_CHECKING:
-    from fastslow.engines import Engine
+    from fastslow.engines.base import ChannelEngine
     from fastslow.engines.trl.engine import TrlEngine
 
 __all__ = [
-    "INSTALL_HINT", "EngineUnavailable", "LockstepFast", "LockstepReflector", "TrlEngine", "build", "checked_sharding",
-    "grpo_config", "grpo_kwargs", "lora_config", "require_trl", "sharding_of_accelerate_config",
-    "sharding_of_env", "world_size_from_env",
+    "INSTALL_HINT", "EngineUnavailable", "LockstepFast", "LockstepReflector", "TrlEngine", "build", "check_launch",
+    "checked_sharding", "describe", "grpo_config", "grpo_kwargs", "lora_config", "require_trl",
+    "sharding_of_accelerate_config", "sharding_of_env", "world_size_from_env",
 ]
 
 
@@ -62,12 +62,12 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def build(cfg: Config, weights: Path | None) -> Engine:
-    """The ``trl`` engine of :mod:`fastslow.engines` (registered there as ``engine: trl``)."""
-    from fastslow.engines import Engine, fast_on, slow_on
+def build(cfg: Config, weights: Path | None) -> ChannelEngine:
+    """The ``trl`` engine (registered by :mod:`fastslow.engines` as ``engine: trl``)."""
+    from fastslow.channels import fast_on, slow_on
+    from fastslow.engines.base import ChannelEngine
     from fastslow.engines.trl.engine import TrlEngine, TrlSampler
     from fastslow.fast import FastChannel
-    from fastslow.preflight import check_reflector
     from fastslow.reflect import make_reflector
     from fastslow.rollout import PolicySampler
 
@@ -77,24 +77,66 @@ def build(cfg: Config, weights: Path | None) -> Engine:
         policy.model.requires_grad_(False)
     fast = None
     sampler = TrlSampler(eng, cfg.verify_timeout_s)
-    lm = None
     if fast_on(cfg.method):
         lockstep = eng.world_size > 1
         # One process: the plain sampler. Several: every rank runs the round through the collective sampler.
         fast_sampler = sampler if lockstep else PolicySampler(policy, verify_timeout_s=cfg.verify_timeout_s)
-        lm = make_reflector(cfg.fast.reflector, cfg.fast)
-        fast = FastChannel(fast_sampler, cfg.fast, lm, seed=cfg.seed, max_new_tokens=cfg.slow.max_new_tokens,
-                           version=lambda: policy.version)
+        fast = FastChannel(fast_sampler, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
+                           max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
         if lockstep:
             fast.reflector = LockstepReflector(fast.reflector, is_main=eng.is_main, broadcast=eng.broadcast)
             fast = LockstepFast(fast, eng)
+    return ChannelEngine("trl", policy, sampler, eng.slow if slow_on(cfg.method) else None, fast,
+                         world_size=eng.world_size, is_main=eng.is_main, broadcast_fn=eng.broadcast,
+                         close_fn=eng.close, gather_fn=eng.gather,
+                         sharding="FSDP2" if eng.trainer.accelerator.is_fsdp2 else None)
 
-    def preflight() -> None:
-        """The one reflector test call, on the main process; every rank raises its failure alike."""
-        if lm is not None:
-            eng.preflight(lambda: check_reflector(cfg, lm))
 
-    return Engine("trl", policy, sampler, eng.slow if slow_on(cfg.method) else None,
-                  fast, world_size=eng.world_size, is_main=eng.is_main, broadcast=eng.broadcast, close=eng.close,
-                  sharding="FSDP2" if eng.trainer.accelerator.is_fsdp2 else None, preflight=preflight,
-                  agree=eng.agree, gather=eng.gather, describe=eng.describe)
+def check_launch(cfg: Config, accelerate_config: str | None) -> None:
+    """What the processes would refuse, refused before any starts: TRL missing, an unsupported sharding."""
+    require_trl()
+    checked_sharding(accelerate_config)
+
+
+def describe(cfg: Config, world_size: int | None) -> dict[str, Any]:
+    """``--dry-run`` for engine ``trl``: an unsupported sharding (DeepSpeed ZeRO, FSDP1) is refused
+    (:func:`checked_sharding`), the GRPOConfig is built from the mapping (TRL validates it); the world size is
+    ``world_size`` or ``scale.nproc``; the device is the one the config names (``model.device``), not this
+    machine's. No weights are loaded. Shows the learning-rate schedule (in optimizer updates, whatever the
+    process count), gradient checkpointing, and how vLLM's sampling log-probs correct the loss."""
+    import importlib.util
+
+    import torch
+
+    from fastslow.config import ConfigError
+    from fastslow.slow import schedule_summary
+
+    require_trl()
+    sharding = checked_sharding(cfg.scale.accelerate_config)
+    size = world_size or cfg.scale.nproc
+    cuda = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
+    kw = grpo_kwargs(cfg, world_size=size, cuda=cuda)
+    check = dict(kw)
+    if cuda and not torch.cuda.is_available():  # validating a GPU config here: TRL refuses bf16 without a GPU
+        check.update(bf16=False, fp16=False, use_cpu=True)
+    try:
+        grpo_config(**check)  # TRL's own checks of the mapped arguments (built for one process here)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"engine 'trl': GRPOConfig refuses the settings: {' '.join(str(exc).split())}") from None
+    sc = cfg.scale
+    return {
+        "world_size": size,
+        "vllm": sc.vllm,
+        # vLLM is not a fastslow dependency (GPU wheels): say whether this machine could start it
+        "vllm_installed": importlib.util.find_spec("vllm") is not None,
+        "vllm_importance_sampling": None if sc.vllm == "off" else {
+            "mode": sc.vllm_importance_sampling, "cap": sc.vllm_importance_sampling_cap,
+            "ratio": "exp(trainer log-prob - vLLM's sampling log-prob) per TRL's mode; off: none"},
+        "accelerate_config": sc.accelerate_config,
+        "sharding": sharding,
+        "rows_per_step": cfg.slow.batch_problems * cfg.slow.group_size,
+        "lr_schedule": schedule_summary(cfg.slow),
+        "gradient_checkpointing": sc.gradient_checkpointing,
+        "advantages": sc.advantages,
+        "grpo_config": {k: kw[k] for k in sorted(kw)},
+    }

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from fastslow.config import Config, ConfigError
-from fastslow.engines.trl import adapter
+import fastslow.engines.trl.adapter as adapter
+from fastslow.config import Config
 from fastslow.engines.trl.mapping import (
     checked_sharding,
     grpo_config,
@@ -298,19 +298,6 @@ class TrlEngine:
             errors = sum(s[4] for s in shares)
             return Scored(self.policy.batch_from_ids(prompt_ids, comp, lps), verdicts, errors)
         return Scored(batch, verdicts, errors)
-
-    def preflight(self, check: Any) -> None:
-        """``check()`` (the one reflector call) on the main process; its outcome (None or the error as one line)
-        is broadcast, and every rank raises the same :class:`ConfigError`."""
-        message = None
-        if self.is_main:
-            try:
-                check()
-            except ConfigError as exc:
-                message = str(exc)
-        message = self.broadcast(message)
-        if message is not None:
-            raise ConfigError(message)
 
 
 class TrlSampler:

@@ -89,6 +89,9 @@ class LockstepFast:
     def prompts_for_group(self, task: Task, group_size: int) -> list[str]:
         return self.inner.prompts_for_group(task, group_size)
 
+    def preflight(self) -> None:
+        self.inner.preflight()  # the engine calls it on the main process and broadcasts the verdict
+
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 

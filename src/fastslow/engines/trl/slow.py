@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastslow.engines.trl import adapter
+import fastslow.engines.trl.adapter as adapter
 from fastslow.slow import KLController, Rollouts, group_advantages
 
 if TYPE_CHECKING:
