@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -657,3 +658,53 @@ def test_deepspeed_zero_1_and_2_are_refused_in_one_line(tiny_model, tmp_path, mo
     with pytest.raises(ConfigError, match=f"DeepSpeed ZeRO-{stage} is not supported"):
         Trainer(small_config(tiny_model, tmp_path / "r", extra=["engine=trl"]))
     assert not (tmp_path / "r").exists()
+
+
+def _launch(tmp_path: Path, config: str, out: Path) -> tuple[int, list[str]]:
+    """``fastslow launch --nproc 2 CONFIG`` (torchrun, gloo): its exit status and the error messages of all ranks
+    (each rank prints ``error: <message>``; two ranks' lines may interleave, so they are split at ``error:``)."""
+    path = tmp_path / "launch.yaml"
+    path.write_text(config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "fastslow.cli", "launch", "--nproc", "2", str(path), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)  # a hung rank fails the test here
+    text = "\n".join(line for line in done.stderr.splitlines() if "error:" in line)
+    return done.returncode, [m.strip() for m in re.split(r"error:", text) if m.strip()]
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_stops_every_rank_with_the_same_line(tiny_model, tmp_path):
+    """The verifier fails in rank 0's share only; the verdict is rank 0's alone: both ranks stop with it."""
+    code, errors = _launch(tmp_path, f"""method: rl
+engine: trl
+model: {{path: '{tiny_model}'}}
+stages: [{{task: 'rank_tasks:rank0_broken_task', steps: 4}}]
+slow: {{batch_problems: 4, group_size: 4, max_new_tokens: 8, lr: 0.01, warmup_steps: 0}}
+drift: {{every: 2, probe_size: 4, max_new_tokens: 8}}
+eval: {{every: 2, n: 8}}
+verifier_error_window: 16
+max_verifier_error_share: 0.2
+threads: 1
+""", tmp_path / "run")
+    assert code != 0
+    assert len(errors) == 2 and errors[0] == errors[1] and "the verifier failed" in errors[0], errors
+    rows = _metric_rows(tmp_path / "run")
+    assert rows[-1]["step"] == 1  # the row that showed the counts, then the stop
+
+
+@pytest.mark.slow
+def test_the_reflector_preflight_runs_with_two_processes(tiny_model, tmp_path):
+    import lockstep_reflectors
+
+    code, errors = _launch(tmp_path, f"""method: gepa
+engine: trl
+model: {{path: '{tiny_model}'}}
+stages: [{{task: 'conftest:vowel_task', steps: 2}}]
+fast: {{reflector: 'lockstep_reflectors:failing_reflector', budget: 8, val_size: 4}}
+threads: 1
+""", tmp_path / "run")
+    assert lockstep_reflectors  # the reflector module the processes load
+    assert code != 0  # torchrun's own status: 1 whenever a process failed (each exited 2)
+    assert len(errors) == 2 and errors[0] == errors[1] and "test call failed" in errors[0], errors
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
