@@ -198,6 +198,8 @@ class ScaleConfig(_Strict):
                                                                        then over groups   slow.loss_aggregation: tokens
     temperature scaling    log-probs of logits / slow.temperature      log-probs of raw logits  slow.temperature: 1
                            (loss, k3, entropy)
+    KL penalty gradient    k3 x importance ratio (value 1, gradient    plain k3 gradient
+                           not): the unbiased reverse-KL gradient             scale.kl_bias_correction: false
     weight decay           not on biases and norm weights              on every trained weight  slow.weight_decay: 0
     vLLM rollouts          importance-sampling correction (above)      no vLLM                  scale.vllm: off
     =====================  ==========================================  ===========================================
@@ -206,6 +208,9 @@ class ScaleConfig(_Strict):
     whose groups are all flat makes no update, the CISPO/GRPO token loss and the k3 penalty.
     """
 
+    kl_bias_correction: bool = Field(
+        True, description="TRL's use_bias_correction_kl: the k3 penalty times the (differentiable) importance ratio, "
+        "the unbiased reverse-KL gradient (false: native's plain k3 gradient).")
     advantages: Literal["trl", "native"] = Field(
         "trl", description="Advantage definition of engine trl: trl (TRL's: unbiased group std + 1e-4, flat groups "
         "count in the token normaliser) or native (fastslow's: population std + 1e-6, flat groups left out).")
