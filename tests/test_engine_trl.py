@@ -667,8 +667,8 @@ def _launch(tmp_path: Path, config: str, out: Path) -> tuple[int, list[str]]:
     path.write_text(config)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "fastslow.cli", "launch", "--nproc", "2", str(path), "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)  # a hung rank fails the test here
+    cmd = [sys.executable, "-m", "fastslow.cli", "launch", "--nproc", "2", str(path), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # a hung rank fails here
     text = "\n".join(line for line in done.stderr.splitlines() if "error:" in line)
     return done.returncode, [m.strip() for m in re.split(r"error:", text) if m.strip()]
 
