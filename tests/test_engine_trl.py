@@ -85,6 +85,22 @@ def test_8_gpu_config_dry_runs_from_the_cli_without_a_gpu():
     assert info["engine"] == "trl" and info["world_size"] == 8 and info["vllm"] == "colocate"
     assert info["grpo_config"]["per_device_train_batch_size"] == 4 * 8  # 32 problems over 8 GPUs, G = 8
     assert info["accelerate_config"].endswith("fsdp2.yaml") and info["sharding"] == "FSDP2"
+    assert info["lr_schedule"]["warmup_updates"] == 10 and info["gradient_checkpointing"] is True
+    assert info["vllm_importance_sampling"]["mode"] == info["grpo_config"]["vllm_importance_sampling_mode"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 8])
+def test_8_gpu_config_warms_up_over_10_updates_whatever_the_process_count(nproc, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    info = dry_run(load_config(ROOT / "configs" / "qwen3-8b.yaml"), world_size=nproc)
+    assert info["world_size"] == nproc and info["lr_schedule"]["warmup_updates"] == 10
+    assert info["lr_schedule"]["first_update_lr"] == pytest.approx(1e-6)  # lr / 10, not 0
+    assert info["grpo_config"]["lr_scheduler_type"] == "constant"  # TRL's own schedule is not used
+    assert info["gradient_checkpointing"] is True and info["grpo_config"]["gradient_checkpointing"] is True
+    assert info["vllm_importance_sampling"] == {
+        "mode": "sequence_mask", "cap": 3.0,
+        "ratio": "exp(trainer log-prob - vLLM's sampling log-prob) per TRL's mode; off: none"}
+    assert info["grpo_config"]["vllm_importance_sampling_correction"] is True
 
 
 @pytest.mark.parametrize("config", ["qwen3-8b.yaml", "qwen3-0.6b-1gpu.yaml"])
