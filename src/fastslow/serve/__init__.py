@@ -16,11 +16,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastslow.config import Config, ConfigError
+from fastslow.rundir import RunDirLock
 
-__all__ = ["run_server", "serve_plan", "resolve_target"]
+if TYPE_CHECKING:  # torch, transformers, fastapi: loaded when a server is built, not to validate a config
+    from fastslow.serve.app import ServerState
+    from fastslow.serve.learner import Learner
+
+__all__ = ["Server", "open_server", "resolve_target", "run_server", "serve_plan"]
 
 
 def resolve_target(target: Path, out: str | None, overrides: list[str]) -> tuple[Config, Path, Path | None]:
@@ -93,10 +100,32 @@ def serve_plan(cfg: Config, out: Path, *, host: str, port: int, learn: bool) -> 
     return plan
 
 
-def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8000, learn: bool = False,
-               source: Path | None = None, log: Callable[[str], None] = print) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM): load, claim the run dir, start the threads, run uvicorn."""
-    import uvicorn
+@dataclass
+class Server:
+    """A loaded server, not yet listening: :func:`run_server` runs it under uvicorn; tests drive ``asgi``."""
+
+    state: ServerState
+    asgi: Any  # the FastAPI app behind the body-size limit
+    learner: Learner | None
+    lock: RunDirLock
+
+    def start(self) -> None:
+        self.state.generator.start()
+        if self.learner is not None:
+            self.learner.start()
+
+    def close(self) -> None:
+        if self.learner is not None:
+            self.learner.stop()
+        self.state.generator.stop()
+        self.state.store.close()
+        self.lock.release()
+
+
+def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool = False, source: Path | None = None,
+                log: Callable[[str], None] = print) -> Server:
+    """Check everything, claim the run dir, load the served version (the newest saved one on a restart) and
+    build the app and the threads (not started)."""
     import yaml
 
     from fastslow.checkpoint import latest_good_checkpoint
@@ -108,17 +137,9 @@ def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8
     from fastslow.preflight import check_model, check_reflector
     from fastslow.reflect import make_reflector
     from fastslow.rollout import PolicySampler
-    from fastslow.rundir import RunDirLock, check_run_dir, claim
+    from fastslow.rundir import check_run_dir, claim
     from fastslow.serve.app import ServerState, _BodyLimit, create_app
-    from fastslow.serve.learner import (
-        Learner,
-        MetricsLog,
-        Served,
-        ServedState,
-        latest_version,
-        policy_view,
-        save_version,
-    )
+    from fastslow.serve.learner import MetricsLog, Served, ServedState, latest_version, policy_view, save_version
     from fastslow.serve.store import FeedbackStore
     from fastslow.util import redact
 
@@ -181,6 +202,8 @@ def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8
                        "drift/kl_rev": state.kl_rev, "serve/learn": learn})
         learner = None
         if learn:
+            from fastslow.serve.learner import Learner  # noqa: F811 - the runtime import of the TYPE_CHECKING name
+
             def on_gate(promoted: bool, _state) -> None:
                 server_state.metrics.gates.labels("promoted" if promoted else "rejected").inc()
 
@@ -189,19 +212,24 @@ def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8
             if restored is None:
                 save_version(out, served, fast.state_dict() if fast else None, cfg.serve.keep_versions)
         app = create_app(server_state)
-        server_state.generator.start()
-        if learner is not None:
-            learner.start()
-        log(f"serving {cfg.serve.model_name} ({served.fingerprint}) on http://{host}:{port}/v1"
-            f"{'  learning from feedback' if learn else ''}  run dir {out}")
-        config = uvicorn.Config(_BodyLimit(app, cfg.serve.max_body_bytes), host=host, port=port,
-                                log_level="warning", access_log=False, lifespan="off")
-        try:
-            uvicorn.Server(config).run()
-        finally:
-            if learner is not None:
-                learner.stop()
-            server_state.generator.stop()
-            store.close()
-    finally:
+        return Server(server_state, _BodyLimit(app, cfg.serve.max_body_bytes), learner, lock)
+    except BaseException:
         lock.release()
+        raise
+
+
+def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8000, learn: bool = False,
+               source: Path | None = None, log: Callable[[str], None] = print) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM)."""
+    import uvicorn
+
+    server = open_server(cfg, out, host=host, learn=learn, source=source, log=log)
+    try:
+        server.start()
+        log(f"serving {cfg.serve.model_name} ({server.state.served.fingerprint}) on http://{host}:{port}/v1"
+            f"{'  learning from feedback' if learn else ''}  run dir {out}")
+        config = uvicorn.Config(server.asgi, host=host, port=port, log_level="warning", access_log=False,
+                                lifespan="off")
+        uvicorn.Server(config).run()
+    finally:
+        server.close()

@@ -190,7 +190,8 @@ class Generator:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        if self._thread.is_alive():
+            self._thread.join(30)
 
     def submit(self, job: Job) -> None:
         try:

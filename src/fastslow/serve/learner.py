@@ -159,6 +159,7 @@ class Learner:
         probes = [served.policy.format(self.task.seed_prompt, p.prompt)
                   for p in list(self.task.problems("eval"))[: cfg.drift.probe_size]]
         self.meter = DriftMeter(self.candidate, probes, cfg.drift, seed=cfg.seed) if self.candidate else None
+        self.gated_version = self.candidate.version if self.candidate else 0  # the weights last gated (or reset)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastslow-learner", daemon=True)
         self.t0 = time.time()
@@ -172,7 +173,8 @@ class Learner:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
@@ -251,7 +253,7 @@ class Learner:
             st.slow_cursor, st.steps, st.rollouts = rows[-1].seq, st.steps + 1, st.rollouts + len(rows)
             trained += 1
             self.metrics.write(self._row("serve_train", metrics))
-        if trained:
+        if trained and self.candidate.version != self.gated_version:  # flat rewards leave the weights as they were
             self.gate()
 
     def heldout(self, policy: Policy, context: str) -> float:
@@ -264,6 +266,7 @@ class Learner:
         """Measure the candidate; promote it (atomic swap) or discard it, with a metrics row either way."""
         st, scfg = self.served.state, self.cfg.serve
         st.gates += 1
+        self.gated_version = self.candidate.version
         context = st.context
         kl = self.meter.measure()["drift/kl_rev"]
         served_reward = self.heldout(self.view, context)  # the served version, with the context served now
@@ -300,4 +303,5 @@ class Learner:
         """Back to the served weights, with a fresh optimizer (a rejected candidate's moments are not reused)."""
         self.candidate.model.load_state_dict(self.served.policy.model.state_dict())
         self.candidate.version += 1  # new weights: the drift meter must measure again
+        self.gated_version = self.candidate.version
         self.slow = SlowLearner(self.candidate, self.cfg.slow)
