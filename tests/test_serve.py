@@ -191,9 +191,10 @@ def test_kill_9_while_learning_loses_no_acknowledged_feedback_and_restart_resume
     assert set(acked) <= stored
     promoted = [row["serve/weights_version"] for row in rows(out) if row.get("event") == "serve_promoted"]
     assert promoted
-    # Restart on the same run dir (the RUN_DIR form): the last promoted version is served again.
+    # Restart on the same run dir (the RUN_DIR form; without --learn, so nothing is promoted meanwhile): the last
+    # promoted version is served again.
     port2 = free_port()
-    proc = start_server([str(out), "--learn"], port2, tmp_path / "log2")
+    proc = start_server([str(out)], port2, tmp_path / "log2")
     try:
         health = httpx.get(f"http://127.0.0.1:{port2}/healthz").json()
     finally:
