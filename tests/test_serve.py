@@ -330,3 +330,7 @@ def test_gate_rejects_a_candidate_over_the_kl_budget_and_logs_why(server, tmp_pa
     assert len(rejected) == 1 and "serve.max_kl" in rejected[0]["reason"] and rejected[0]["serve/candidate_kl"] > 0
     assert srv.state.served.fingerprint == "fastslow-w0-c0"
     assert client.get("/healthz").json()["system_fingerprint"] == "fastslow-w0-c0"
+    from fastslow.report import build_report  # `fastslow report` shows the gate's decisions of a serving run
+
+    page = build_report([tmp_path / "run"], tmp_path / "report").read_text()
+    assert "Serving: run" in page and "rejected" in page and "serve.max_kl" in page

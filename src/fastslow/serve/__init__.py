@@ -155,6 +155,10 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
         raise ConfigError(f"field 'serve.task': {name!r} is not a task of the stream ({', '.join(tasks)})")
     task = tasks[name]
     check_model(cfg)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     check_run_dir(out, resume=True, force=False)  # a file or the user's folder: refused, nothing written
     lock = RunDirLock(out)
     lock.acquire()
