@@ -334,3 +334,28 @@ def test_gate_rejects_a_candidate_over_the_kl_budget_and_logs_why(server, tmp_pa
 
     page = build_report([tmp_path / "run"], tmp_path / "report").read_text()
     assert "Serving: run" in page and "rejected" in page and "serve.max_kl" in page
+
+
+def test_server_side_verifier_scores_known_problems(server, tmp_path):
+    srv, client = server(["serve.score=verifier"])
+    known, unknown = user_turns(1)[0], "zzz-not-a-problem"
+    for turn in (known, unknown):
+        assert client.post(CHAT, json={"model": "fastslow", "messages": [{"role": "user", "content": turn}]}
+                           ).status_code == 200
+    rows_ = srv.state.store.feedback_after(0, 10)
+    assert [(r.source, r.problem_id is not None) for r in rows_] == [("verifier", True)]  # the unknown: none
+    assert known in rows_[0].prompt and 0 <= rows_[0].reward <= 1
+
+
+def test_learner_trains_when_idle_or_after_n_feedbacks_only(server):
+    srv, client = server(["serve.every_n_feedbacks=1000", "serve.train_batch=4", "serve.idle_rps=1"])
+    learner = srv.learner
+    for i, turn in enumerate(user_turns(4)):
+        r = client.post(CHAT, json={"model": "fastslow", "messages": [{"role": "user", "content": turn}]}).json()
+        client.post("/v1/feedback", json={"id": r["id"], "reward": i % 2})
+    learner.rate = lambda: 5.0  # busy, and fewer than every_n_feedbacks new: no training
+    learner.tick()
+    assert learner.served.state.steps == 0
+    learner.rate = lambda: 0.0  # idle, train_batch feedbacks waiting: a step, then the gate
+    learner.tick()
+    assert learner.served.state.steps == 1 and learner.served.state.gates == 1
