@@ -128,9 +128,9 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     build the app and the threads (not started)."""
     import yaml
 
+    from fastslow.channels import fast_on
     from fastslow.checkpoint import latest_good_checkpoint
     from fastslow.drift import DriftMeter
-    from fastslow.engines import fast_on
     from fastslow.errors import load_policy
     from fastslow.fast import FastChannel
     from fastslow.loop import load_stream
@@ -187,8 +187,8 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
                                max_new_tokens=cfg.slow.max_new_tokens, version=lambda: served.state.weights_version)
             if fast_state:
                 fast.load_state_dict(fast_state)
-            if learn and cfg.fast.preflight:
-                check_reflector(cfg, fast.reflector.lm)
+            if learn:
+                check_reflector(cfg.fast, fast.reflector.lm)  # one short real call (fast.preflight: false skips)
         if restored is None and fast is not None and task.name in fast.best:
             state.context = fast.best[task.name]
         if restored is None and weights is not None:  # a trained start: its drift is measured, not assumed 0

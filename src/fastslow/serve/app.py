@@ -350,6 +350,7 @@ class ServerState:
     def __init__(self, cfg: Config, served: Served, store: FeedbackStore, *, learn: bool, api_key: str | None,
                  problems: dict[str, Problem]) -> None:
         self.cfg, self.served, self.store, self.learn, self.api_key = cfg, served, store, learn, api_key
+        self.scrub = lambda text: redact(text).replace(api_key, "***") if api_key else redact(text)  # stored text
         self.problems = problems  # user turn -> problem of the served task (server-side verifier, problem ids)
         self.metrics = ServeMetrics()
         self.generator = Generator(served, cfg, self._store_answers)
@@ -374,14 +375,14 @@ class ServerState:
             problem = self.problems.get(job.user.strip())
             prompt = format_prompt(self.served.policy.tokenizer, self.served.system_for(job.user, job.system),
                                    job.history, job.user)
-            rows.append((job.id, task.name, problem.id if problem else None, redact(prompt), redact(answer.text),
-                         answer.finish_reason == "stop", answer.fingerprint))
+            rows.append((job.id, task.name, problem.id if problem else None, self.scrub(prompt),
+                         self.scrub(answer.text), answer.finish_reason == "stop", answer.fingerprint))
             if problem is not None and self.cfg.serve.score == "verifier":
                 verdicts.append((job.id, problem, answer.text))
         self.store.add_answers(rows)
         for answer_id, problem, text in verdicts:
             verdict, _ = safe_verify(task, problem, text, timeout_s=self.cfg.verify_timeout_s)
-            if self.store.add_feedback(answer_id, verdict.reward, redact(verdict.feedback), "verifier") == "ok":
+            if self.store.add_feedback(answer_id, verdict.reward, self.scrub(verdict.feedback), "verifier") == "ok":
                 self.metrics.feedback.labels("verifier").inc()
 
     def sync_gauges(self) -> None:
@@ -479,7 +480,7 @@ def create_app(state: ServerState) -> FastAPI:
         if not state.learn:
             raise ApiError(400, "this server does not learn: start it with --learn to send feedback",
                            code="not_learning")
-        text = redact(req.text) if req.text is not None else None
+        text = state.scrub(req.text) if req.text is not None else None
         status = await asyncio.to_thread(state.store.add_feedback, req.id, req.reward, text, "feedback")
         if status == "unknown":
             raise ApiError(404, f"no answer with id {req.id[:128]!r}", code="unknown_id", param="id")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fastslow.channels import slow_on
 from fastslow.checkpoint import latest_good_checkpoint, save_checkpoint
 from fastslow.config import Config
 from fastslow.drift import DriftMeter
@@ -153,7 +154,7 @@ class Learner:
         self.fast, self.rate, self.log, self.on_gate = fast, rate, log, on_gate
         self.task = served.task
         self.view = view or policy_view(served.policy)  # the learner's sampler on the served weights
-        self.slow_on = cfg.method in ("rl", "fst")
+        self.slow_on = slow_on(cfg.method)
         self.candidate = trainable_copy(served.policy) if self.slow_on else None
         self.slow = SlowLearner(self.candidate, cfg.slow) if self.candidate is not None else None
         probes = [served.policy.format(self.task.seed_prompt, p.prompt)
