@@ -96,6 +96,7 @@ def main() -> int:
             except httpx.HTTPError:
                 time.sleep(0.5)
         result = drive(args, base, task, problems, run_dir)
+        result["metrics"] = scrape(httpx.get(f"{base}/metrics", timeout=10).text)
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -113,6 +114,18 @@ def main() -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     Path(log.name).unlink(missing_ok=True)
     return 0 if summary["failed_requests"] == 0 else 1
+
+
+def scrape(text: str) -> dict[str, float]:
+    """The server's own Prometheus counters the report quotes (samples without labels, and per-label feedback)."""
+    keep = ("fastslow_serve_batch_size_sum", "fastslow_serve_batch_size_count", "fastslow_serve_kl_rev",
+            "fastslow_serve_weights_version", "fastslow_serve_context_version", "fastslow_serve_feedback_total")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(keep):
+            name, _, value = line.rpartition(" ")
+            found[name] = float(value)
+    return found
 
 
 def drive(args, base: str, task, problems, run_dir: Path) -> dict:
@@ -201,6 +214,10 @@ def analyse(args, cfg, result: dict, rows: list[dict]) -> dict:
         "context_changes": [{"at_s": round(r["time"] - t0, 1), "version": r["serve/context_version"]}
                             for r in contexts],
         "final_kl_rev": promoted[-1]["serve/candidate_kl"] if promoted else 0.0,
+        "server_metrics": result.get("metrics", {}),
+        "mean_batch_size": round(result["metrics"]["fastslow_serve_batch_size_sum"]
+                                 / max(result["metrics"]["fastslow_serve_batch_size_count"], 1), 2)
+        if result.get("metrics", {}).get("fastslow_serve_batch_size_count") else None,
         "gate": {"max_kl": cfg.serve.max_kl, "max_regression": cfg.serve.max_regression},
         "train_steps": max((r.get("step", 0) for r in rows), default=0),
         "trained_rollouts": max((r.get("rollouts", 0) for r in rows), default=0),
@@ -219,6 +236,7 @@ def table(s: dict) -> str:
         f"| promoted versions | {len(s['promotions'])} |",
         f"| rejected candidates | {len(s['rejections'])} |",
         f"| fast-context changes | {len(s['context_changes'])} |",
+        f"| mean generation batch (server's histogram) | {s['mean_batch_size']} |",
         f"| KL(pi‖base) of the final served version | {s['final_kl_rev']:.4f} (gate max_kl {s['gate']['max_kl']}) |",
         f"| latency p50 / p99, all (ms) | {lat['p50']} / {lat['p99']} |",
         f"| latency p50 / p99, requests overlapping a swap (ms, n={lat['requests_overlapping_swap']}) | "

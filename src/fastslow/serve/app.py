@@ -353,7 +353,7 @@ class ServerState:
         self.scrub = lambda text: redact(text).replace(api_key, "***") if api_key else redact(text)  # stored text
         self.problems = problems  # user turn -> problem of the served task (server-side verifier, problem ids)
         self.metrics = ServeMetrics()
-        self.generator = Generator(served, cfg, self._store_answers)
+        self.generator = Generator(served, cfg, self._after_batch)
         self.tokenizer = copy.deepcopy(served.policy.tokenizer)  # HTTP threads count tokens with their own copy
         self.tokenizer_lock = threading.Lock()
         self.arrivals: collections.deque[float] = collections.deque(maxlen=100_000)
@@ -366,7 +366,9 @@ class ServerState:
         now = time.monotonic()
         return sum(1 for t in reversed(self.arrivals) if now - t <= window) / window
 
-    def _store_answers(self, jobs: list[Job], answers: list[Answer]) -> None:
+    def _after_batch(self, jobs: list[Job], answers: list[Answer]) -> None:
+        """Count the batch; with --learn store its answers (and verdicts) before any client sees them."""
+        self.metrics.batch_size.observe(len(jobs))
         if not self.learn:
             return
         task = self.served.task
