@@ -361,3 +361,25 @@ def test_learner_trains_when_idle_or_after_n_feedbacks_only(server):
     learner.rate = lambda: 0.0  # idle, train_batch feedbacks waiting: a step, then the gate
     learner.tick()
     assert learner.served.state.steps == 1 and learner.served.state.gates == 1
+
+
+def test_waiting_requests_are_generated_as_one_batch(server):
+    srv, client = server(["serve.max_batch=8"], start=False)
+    answers: list = []
+
+    def ask(turn: str) -> None:
+        answers.append(client.post(CHAT, json={"model": "fastslow", "messages": [{"role": "user", "content": turn}]}))
+
+    threads = [threading.Thread(target=ask, args=(turn,)) for turn in user_turns(4)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while srv.state.generator.queue.qsize() < 4 and time.time() < deadline:  # all four wait in the queue
+        time.sleep(0.05)
+    srv.state.generator.start()
+    for t in threads:
+        t.join(60)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len({a.json()["system_fingerprint"] for a in answers}) == 1
+    metrics = client.get("/metrics").text
+    assert "fastslow_serve_batch_size_count 1.0" in metrics and "fastslow_serve_batch_size_sum 4.0" in metrics
