@@ -179,7 +179,8 @@ def analyse(args, cfg, result: dict, rows: list[dict]) -> dict:
     t0, records = result["t0"], result["records"]
     promoted = [r for r in rows if r.get("event") == "serve_promoted"]
     rejected = [r for r in rows if r.get("event") == "serve_rejected"]
-    contexts = [r for r in rows if r.get("event") == "serve_fast_round" and r.get("serve/context_changed")]
+    rounds = [r for r in rows if r.get("event") == "serve_fast_round"]
+    contexts = [r for r in rounds if r.get("serve/context_changed")]
     swaps = [r["time"] for r in promoted]
     overlapped = [x for x in records if any(x["start"] <= s <= x["end"] for s in swaps)]
     clear = [x for x in records if not any(x["start"] <= s <= x["end"] for s in swaps)]
@@ -213,6 +214,9 @@ def analyse(args, cfg, result: dict, rows: list[dict]) -> dict:
                         "heldout_reward": r["serve/candidate_reward"], "reason": r["reason"]} for r in rejected],
         "context_changes": [{"at_s": round(r["time"] - t0, 1), "version": r["serve/context_version"]}
                             for r in contexts],
+        "fast_rounds": len(rounds),
+        "fast_round_s": {"mean": round(sum(r["serve/round_s"] for r in rounds) / len(rounds), 2),
+                         "max": round(max(r["serve/round_s"] for r in rounds), 2)} if rounds else None,
         "final_kl_rev": promoted[-1]["serve/candidate_kl"] if promoted else 0.0,
         "server_metrics": result.get("metrics", {}),
         "mean_batch_size": round(result["metrics"]["fastslow_serve_batch_size_sum"]
@@ -235,7 +239,10 @@ def table(s: dict) -> str:
         "| | value |", "|---|---|",
         f"| promoted versions | {len(s['promotions'])} |",
         f"| rejected candidates | {len(s['rejections'])} |",
-        f"| fast-context changes | {len(s['context_changes'])} |",
+        f"| fast rounds (GEPA on the served weights), seconds each: mean / max | {s['fast_rounds']}: "
+        f"{(s['fast_round_s'] or {}).get('mean')} / {(s['fast_round_s'] or {}).get('max')} |",
+        f"| fast-context changes (at s) | {len(s['context_changes'])} "
+        f"({', '.join(str(c['at_s']) for c in s['context_changes'])}) |",
         f"| mean generation batch (server's histogram) | {s['mean_batch_size']} |",
         f"| KL(pi‖base) of the final served version | {s['final_kl_rev']:.4f} (gate max_kl {s['gate']['max_kl']}) |",
         f"| latency p50 / p99, all (ms) | {lat['p50']} / {lat['p99']} |",

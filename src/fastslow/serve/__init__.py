@@ -137,7 +137,7 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     from fastslow.preflight import check_model, check_reflector
     from fastslow.reflect import make_reflector
     from fastslow.rollout import PolicySampler
-    from fastslow.rundir import check_run_dir, claim
+    from fastslow.rundir import RunDirError, check_run_dir, claim
     from fastslow.serve.app import ServerState, _BodyLimit, create_app
     from fastslow.serve.learner import MetricsLog, Served, ServedState, latest_version, policy_view, save_version
     from fastslow.serve.store import FeedbackStore
@@ -160,6 +160,9 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
 
         torch.set_num_threads(cfg.threads)
     check_run_dir(out, resume=True, force=False)  # a file or the user's folder: refused, nothing written
+    if (out / "checkpoints").exists():
+        raise RunDirError(f"{out} holds a training run: serve it with `fastslow serve {out}` (which writes "
+                          f"{out / 'serve'}), or choose another --out")
     lock = RunDirLock(out)
     lock.acquire()
     try:
@@ -225,8 +228,16 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
 def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8000, learn: bool = False,
                source: Path | None = None, log: Callable[[str], None] = print) -> None:
     """Serve until interrupted (SIGINT/SIGTERM)."""
+    import socket
+
     import uvicorn
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:  # a taken port is one line before anything loads, not uvicorn's exit
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     server = open_server(cfg, out, host=host, learn=learn, source=source, log=log)
     try:
         server.start()
