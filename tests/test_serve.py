@@ -383,3 +383,22 @@ def test_waiting_requests_are_generated_as_one_batch(server):
     assert len({a.json()["system_fingerprint"] for a in answers}) == 1
     metrics = client.get("/metrics").text
     assert "fastslow_serve_batch_size_count 1.0" in metrics and "fastslow_serve_batch_size_sum 4.0" in metrics
+
+
+def test_serving_a_training_run_starts_from_its_weights_and_best_prompt(tmp_path, tiny_model, monkeypatch):
+    from conftest import small_config
+
+    from fastslow.loop import train
+    from fastslow.serve import open_server, resolve_target
+
+    monkeypatch.delenv("FASTSLOW_SERVE_KEY", raising=False)
+    summary = train(small_config(tiny_model, tmp_path / "fst", steps=2))
+    cfg, out, source = resolve_target(tmp_path / "fst", None, [])
+    assert out == tmp_path / "fst" / "serve" and source == tmp_path / "fst"
+    srv = open_server(cfg, out, source=source, log=lambda m: None)
+    try:
+        assert srv.state.served.state.context == summary["best_prompts"]["vowel"]
+        assert srv.state.served.state.kl_rev == pytest.approx(summary["drift"]["kl_rev"], abs=1e-5)
+    finally:
+        srv.close()
+    assert not (tmp_path / "fst" / "serve.sqlite").exists()  # the training run's own files are left alone
