@@ -32,10 +32,10 @@ TESTS = Path(__file__).resolve().parent
 VOWEL = "conftest:vowel_task"
 
 
-def serve_config(model: Path, out: Path, method: str = "fst", extra: list[str] = ()) -> list[str]:
-    """Overrides of a small serving config on the tiny model and the dense vowel task."""
+def serve_config(model: Path, out: Path, method: str = "fst", extra: list[str] = (), task: str = VOWEL) -> list[str]:
+    """Overrides of a small serving config on the tiny model and (by default) the dense vowel task."""
     return [
-        f"method={method}", f"model.path={model}", f"stages=[{{task: '{VOWEL}', steps: 1}}]", f"out={out}",
+        f"method={method}", f"model.path={model}", f"stages=[{{task: '{task}', steps: 1}}]", f"out={out}",
         "fast.budget=8", "fast.val_size=4", "fast.reflector=conftest:canned_reflector", "fast.population=2",
         "drift.probe_size=4", "slow.max_new_tokens=8", "slow.lr=0.01", "slow.warmup_steps=0", "threads=1",
         "serve.every_n_feedbacks=4", "serve.train_batch=4", "serve.train_steps=1", "serve.fast_every_n_feedbacks=4",
@@ -210,12 +210,12 @@ def server(tmp_path, tiny_model, monkeypatch):
     from fastslow.serve import open_server
 
     def make(extra: list[str] = (), key: str | None = None, learn: bool = True, start: bool = True,
-             key_env: str = "FASTSLOW_SERVE_KEY"):
+             key_env: str = "FASTSLOW_SERVE_KEY", task: str = VOWEL):
         if key is None:
             monkeypatch.delenv(key_env, raising=False)
         else:
             monkeypatch.setenv(key_env, key)
-        cfg = load_config(None, serve_config(tiny_model, tmp_path / "run", method="rl",
+        cfg = load_config(None, serve_config(tiny_model, tmp_path / "run", method="rl", task=task,
                                              extra=["serve.every_n_feedbacks=1000", *extra]))
         srv = open_server(cfg, tmp_path / "run", learn=learn, log=lambda m: None)
         made.append(srv)
@@ -402,3 +402,28 @@ def test_serving_a_training_run_starts_from_its_weights_and_best_prompt(tmp_path
     finally:
         srv.close()
     assert not (tmp_path / "fst" / "serve.sqlite").exists()  # the training run's own files are left alone
+
+
+def test_answers_to_held_out_problems_never_train(server):
+    """The gate's held-out reward is measured on the eval split: traffic on those problems is not trained on."""
+    srv, client = server(["serve.train_batch=4", "serve.idle_rps=1"], task="test_serve:numbered_task")
+    for i, problem in enumerate(list(numbered_task().problems("eval"))[:4]):
+        r = client.post(CHAT, json={"model": "fastslow", "messages": [{"role": "user", "content": problem.prompt}]})
+        client.post("/v1/feedback", json={"id": r.json()["id"], "reward": i % 2})
+    srv.learner.rate = lambda: 0.0
+    srv.learner.tick()
+    state = srv.learner.served.state
+    assert state.steps == 0 and state.gates == 0 and state.slow_cursor == 4
+
+
+def numbered_task():
+    """A vowel-reward task whose every problem text is distinct (the conftest tasks repeat 3-letter words)."""
+    from conftest import VowelTask
+
+    from fastslow.tasks import Problem
+
+    task = VowelTask("numbered")
+    words = [f"w{i:03d}" for i in range(80)]
+    task._split = {"train": [Problem(f"n-{i}", w, w) for i, w in enumerate(words[:64])],
+                   "eval": [Problem(f"n-{i}", w, w) for i, w in enumerate(words[64:], 64)]}
+    return task

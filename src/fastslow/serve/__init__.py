@@ -201,7 +201,8 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
         (out / "config.yaml").write_text(redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))
         metrics = MetricsLog(out / "metrics.jsonl")
         store = FeedbackStore(out / "serve.sqlite")
-        problems = {p.prompt.strip(): p for split in ("train", "eval") for p in task.problems(split)}
+        # user turn -> problem; a text in both splits counts as the train problem (answering it may train)
+        problems = {p.prompt.strip(): p for split in ("eval", "train") for p in task.problems(split)}
         server_state = ServerState(cfg, served, store, learn=learn, api_key=key, problems=problems)
         metrics.write({"step": state.steps, "rollouts": state.rollouts, "fast_rollouts": state.fast_rollouts,
                        "event": "serve_start", "time": round(time.time(), 3), "serve/restored": restored is not None,

@@ -144,6 +144,20 @@ def latest_version(out: Path, warn: Callable[[str], None]) -> tuple[Path, Served
     return ckpt / "model", ServedState(**state["served"]), state.get("fast")
 
 
+class _Asked:
+    """The served task with the problems users asked as its train split (for a fast round)."""
+
+    def __init__(self, task: Task, asked: list) -> None:
+        self._task, self._asked = task, asked
+        self.name, self.seed_prompt = task.name, task.seed_prompt
+
+    def problems(self, split: str):
+        return self._asked if split == "train" else self._task.problems(split)
+
+    def verify(self, problem, completion: str):
+        return self._task.verify(problem, completion)
+
+
 class Learner:
     """The background thread: fast rounds on the served weights, slow training on a copy, the drift gate."""
 
@@ -153,6 +167,9 @@ class Learner:
         self.cfg, self.out, self.served, self.store, self.metrics = cfg, out, served, store, metrics
         self.fast, self.rate, self.log, self.on_gate = fast, rate, log, on_gate
         self.task = served.task
+        self.known = {p.id: p for p in self.task.problems("train")}
+        # Answers to held-out problems never train either channel: the gate's held-out reward stays held out.
+        self.heldout_ids = {p.id for p in self.task.problems("eval")}
         self.view = view or policy_view(served.policy)  # the learner's sampler on the served weights
         self.slow_on = slow_on(cfg.method)
         self.candidate = trainable_copy(served.policy) if self.slow_on else None
@@ -219,11 +236,17 @@ class Learner:
 
     # ---- fast channel -----------------------------------------------------------------------------
     def fast_round(self) -> None:
+        """A GEPA round on the served weights, on the problems users asked since the last round when enough of
+        them are known problems of the task (its verifier can then score new prompts on them), else on its own."""
         st = self.served.state
-        st.fast_cursor = self._last_seq()
+        rows = self.store.feedback_after(st.fast_cursor, 1_000_000)
+        st.fast_cursor = rows[-1].seq if rows else st.fast_cursor
+        asked = list(dict.fromkeys(r.problem_id for r in rows if r.problem_id in self.known))
+        task = _Asked(self.task, [self.known[i] for i in asked]) if len(asked) >= self.cfg.fast.val_size else self.task
         t0 = time.perf_counter()
-        rnd = self.fast.run_round(self.task, workdir=self.out)
+        rnd = self.fast.run_round(task, workdir=self.out)
         st.fast_rollouts += rnd.rollouts
+        rnd.metrics["serve/round_problems_from_traffic"] = float(len(asked) if task is not self.task else 0)
         best = self.fast.best.get(self.task.name, st.context)
         changed = best != st.context
         if changed:
@@ -235,10 +258,6 @@ class Learner:
         if changed:
             save_version(self.out, self.served, self.fast.state_dict(), self.cfg.serve.keep_versions)
 
-    def _last_seq(self) -> int:
-        rows = self.store.feedback_after(self.served.state.fast_cursor, 1_000_000)
-        return rows[-1].seq if rows else self.served.state.fast_cursor
-
     # ---- slow channel and gate --------------------------------------------------------------------
     def train_and_gate(self) -> None:
         st, scfg = self.served.state, self.cfg.serve
@@ -247,11 +266,16 @@ class Learner:
             rows = self.store.feedback_after(st.slow_cursor, scfg.train_batch)
             if len(rows) < 2:
                 break
+            cursor = rows[-1].seq
+            rows = [r for r in rows if r.problem_id not in self.heldout_ids]
+            if len(rows) < 2:
+                st.slow_cursor = cursor
+                continue
             batch = self.candidate.make_batch([r.prompt for r in rows], [r.completion for r in rows],
                                               add_eos=[r.stopped for r in rows])
             rewards = torch.tensor([[r.reward for r in rows]], dtype=torch.float32)
             metrics = self.slow.step(Rollouts(batch, rewards))
-            st.slow_cursor, st.steps, st.rollouts = rows[-1].seq, st.steps + 1, st.rollouts + len(rows)
+            st.slow_cursor, st.steps, st.rollouts = cursor, st.steps + 1, st.rollouts + len(rows)
             trained += 1
             self.metrics.write(self._row("serve_train", metrics))
         if trained and self.candidate.version != self.gated_version:  # flat rewards leave the weights as they were
