@@ -68,6 +68,7 @@ class LoopState:
     metrics_rows: int = 0
     metrics_sha256: str = ""  # of the first metrics_bytes of metrics.jsonl ("" in format-1 checkpoints)
     verifier_calls: int = 0
+    fast_rounds: list[dict] = field(default_factory=list)  # per round: step, population, front_size, val_flat
 
 
 class Trainer:
@@ -173,6 +174,8 @@ class Trainer:
                 st.fast_rollouts += rnd.rollouts
                 self._verified(rnd.verifier_errors, rnd.rollouts)
                 st.accepted_total += rnd.accepted
+                st.fast_rounds.append({"step": step, "population": rnd.population, "front_size": rnd.front_size,
+                                       "val_flat": rnd.val_flat})
                 st.reflection_calls += rnd.reflection_calls
                 st.reflection_errors += rnd.reflection_errors
                 failed = rnd.failed_reflection_calls
@@ -426,7 +429,10 @@ class Trainer:
             "best_prompts": self.fast.best if self.fast else {},
             "fast": {"accepted_total": st.accepted_total, "reflection_calls": st.reflection_calls,
                      "reflection_errors": st.reflection_errors, "failed_reflection_calls": self.health.failed_calls,
-                     "rounds_nothing_accepted": self.health.rounds_nothing_accepted} if self.fast else None,
+                     "rounds_nothing_accepted": self.health.rounds_nothing_accepted,
+                     **{f"round_{k}": [r[k] for r in st.fast_rounds] for k in ("step", "population", "front_size",
+                                                                               "val_flat")}}
+            if self.fast else None,
             "verifier_errors": st.verifier_errors,
             "verifier_calls": st.verifier_calls,
             "oversize_problems_skipped": self.oversize_skipped,
