@@ -157,7 +157,7 @@ def plot_frontier(frontier: dict, regime: str, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     series = sorted({p["series"] for p in pts})
-    markers = {"rl": "o", "fst": "^"}
+    markers = {m: "o^sDvP"[i % 6] for i, m in enumerate(sorted({p["method"] for p in pts}))}
     for row, y in enumerate(("plasticity_auc", "forgetting")):
         for col, kl in enumerate(("kl_rev", "kl_fwd")):
             ax = axes[row][col]
@@ -169,7 +169,7 @@ def plot_frontier(frontier: dict, regime: str, path: Path) -> Path | None:
                         ax.scatter([a for a, _ in xy], [b for _, b in xy], marker=marker, s=28,
                                    color=_FALLBACK_COLORS[i % len(_FALLBACK_COLORS)],
                                    label=f"{method} {ser}" if row == col == 0 else None)
-            rho = (frontier.get("spearman") or {}).get(f"{regime}/{kl}~{y}") or {}
+            rho = ((frontier.get("spearman") or {}).get(f"{regime}/{kl}~{y}") or {}).get("pooled") or {}
             tag = "" if rho.get("rho") is None else f"  rho={rho['rho']:.2f}"
             ax.set_xscale("symlog", linthresh=1e-3)
             ax.set_xlabel({"kl_rev": "final KL(pi || base)", "kl_fwd": "final KL(base || pi)"}[kl])
@@ -195,10 +195,16 @@ def _bench_html(claims: dict | None, frontier: dict | None, plots: Path) -> list
             png = plot_frontier(frontier, regime, plots / f"frontier_{regime}.png")
             if png:
                 body.append(_img(png, f"drift-plasticity frontier ({regime})"))
-        rows = [[html.escape(k), _fmt(v.get("rho"), 2),
-                 "n/a" if not v.get("ci") else f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]", str(v.get("n"))]
+        def rho(v: dict) -> str:
+            ci = "" if not v.get("ci") else f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]"
+            return _fmt(v.get("rho"), 2) + ci
+
+        rows = [[html.escape(k), rho(v["pooled"]), rho(v["partial"]),
+                 "; ".join(f"{html.escape(m)} {rho(w)}" for m, w in v["within"].items()), str(v["pooled"]["n"])]
                 for k, v in (frontier.get("spearman") or {}).items()]
-        body.append(_table(["regime / pair", "Spearman rho", "95% CI", "points"], rows))
+        body.append(_table(["regime / pair", "pooled rho [95% CI]", "partial (method held)", "within each method",
+                            "points"], rows)
+                    + '<p class="meta">Intervals: cluster bootstrap over seeds (one point per run).</p>')
         out.append(_section("Drift-plasticity frontier", "".join(body)))
     return out
 
