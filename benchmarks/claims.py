@@ -182,7 +182,7 @@ def _cached(path: Path, protocol: str) -> dict | None:
     return data if data.get("protocol") == protocol else None
 
 
-def merged_weights(run_dir: Path, lora_cfg: dict) -> Path:
+def merged_weights(run_dir: Path, lora_cfg: dict, model: str = "micro") -> Path:
     """A LoRA run's adapter merged into its base and saved as a plain model dir (probes start from weights)."""
     from fastslow.checkpoint import run_weights
     from fastslow.config import ModelConfig
@@ -190,7 +190,7 @@ def merged_weights(run_dir: Path, lora_cfg: dict) -> Path:
 
     dest = run_dir / "merged"
     if not (dest / "config.json").exists():
-        policy = Policy.load(ModelConfig(path="micro", device="cpu", lora=lora_cfg), weights=run_weights(run_dir))
+        policy = Policy.load(ModelConfig(path=model, device="cpu", lora=lora_cfg), weights=run_weights(run_dir))
         merged = policy.model.merge_and_unload()
         merged.save_pretrained(str(dest), safe_serialization=True)
         policy.tokenizer.save_pretrained(str(dest))
