@@ -873,6 +873,7 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
         was = before.get((v["claim"], v["regime"]))
         change = f" (was {was})" if was and was != v["verdict"] else ""
         L.append(f"| {v['claim']} | {v['regime']} | **{v['verdict']}**{change} | {v['evidence']} |")
+    L += ["", *other_modes(meta["mode"])]
     for regime, r in claims["regimes"].items():
         L += ["", f"## {regime}-dominant regime: single-task runs", "",
               "| task | method | peak | final | asymptote | KL(pi‖base) | KL(base‖pi) | entropy |",
@@ -933,6 +934,23 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
           f"mean |log(KL/target)| over the second half {_fmt_spread(b['late_mean_abs_log_err'])}; "
           f"without a budget (kl 0, full) the final KL was {_fmt_spread(b['unbudgeted_final_kl'])}.", ""]
     path.write_text("\n".join(L) + "\n")
+
+
+def other_modes(mode: str) -> list[str]:
+    """The verdicts of the modes this README was not generated from: the real model's when results exist."""
+    L = ["### Other modes", ""]
+    if mode != "full":
+        L.append("- full (`make bench`): not run under this protocol yet.")
+    real = RESULTS / "real_claims.json"
+    if not real.exists():
+        L.append("- real model (`make bench-real`, SmolLM2-135M on reasoning-gym): not run under this protocol yet.")
+        return L
+    r = json.loads(real.read_text())
+    L += [f"- real model (`make bench-real`), protocol `{r['protocol']['sha256'][:12]}`, {r['finished_runs']} of "
+          f"{r['planned_runs']} runs finished, stream {', '.join(r['regimes']['real']['stream'])}:", "",
+          "| claim | verdict | evidence |", "|---|---|---|"]
+    L += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |" for v in r["verdicts"]]
+    return L
 
 
 def rules_section(claims: dict) -> list[str]:
