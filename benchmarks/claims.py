@@ -1085,6 +1085,10 @@ def reverdict(results: Path, readme: Path) -> list[tuple[str, str, str, str]]:
     frontier["protocol"] = claims["protocol"]
     (results / "claims.json").write_text(json.dumps(claims, indent=1))
     (results / "frontier.json").write_text(json.dumps(frontier, indent=1))
+    from fastslow.report import plot_frontier
+
+    for regime in claims["regimes"]:
+        plot_frontier(frontier, regime, results / f"frontier_{regime}.png")
     write_readme(claims, frontier, claims["meta"], readme)
     old = {(v["claim"], v["regime"]): v["verdict"] for v in before}
     return [(v["claim"], v["regime"], old.get((v["claim"], v["regime"]), "?"), v["verdict"])
