@@ -858,7 +858,9 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
          f"{meta['workers']} worker process(es) ({meta.get('cpus', '?')} CPUs visible). Every number is the mean "
          "over seeds with [min, max] and n; claims.json has each seed; verdicts use the protocol's paired "
          "intervals.", "",
-         "Reproduce: `make bench-quick` (quick mode) or `make bench` (full mode).", "",
+         "Reproduce: `make bench-quick` (quick mode), `make bench` (full mode) or `make bench-real` (SmolLM2-135M); "
+         "`python benchmarks/claims.py --reverdict` decides committed results again under the current protocol "
+         "(no runs).", "",
          *settings_section()]
     L += ["", "Regimes: **prompt**-dominant stream " + " -> ".join(claims["regimes"]["prompt"]["stream"])
           + f" (held-out probe task `{claims['regimes']['prompt']['heldout']}`); **weight**-dominant stream "

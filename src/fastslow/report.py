@@ -20,7 +20,15 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are built on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastslow.analysis import Run, compare_runs, eval_curve, load_run, matrix_columns, run_label  # noqa: E402
+from fastslow.analysis import (  # noqa: E402
+    Run,
+    compare_runs,
+    eval_curve,
+    load_run,
+    matrix_columns,
+    reward_halfwidth,
+    run_label,
+)
 from fastslow.stream import normalise_stage_curves, stage_spans  # noqa: E402
 
 _METHOD_ORDER = ["base", "rl", "gepa", "fst"]
@@ -488,21 +496,30 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
             if lab in reliable and base in reliable:
                 diff = (f["A"] - fits[base]["A"]) * 100
                 out.append(f"Fitted asymptote A: {lab} {f['A']:.3f} vs RL {fits[base]['A']:.3f} "
-                           f"({diff:+.1f} pp).")
+                           f"({diff:+.1f} pp; one fit per run, no interval: read it beside the final evals).")
             else:
                 shaky = ", ".join(x for x in (lab, base) if x not in reliable)
                 out.append(f"No asymptote comparison for {lab} vs RL: the sigmoid fit of {shaky} is not "
                            "reliable (curve has not bent yet, or A sits on its bound).")
     for lab, d in info.items():
         cl = d.get("cl") or {}
-        if cl.get("forgetting") is not None and cl["forgetting"] > 0.02:
-            out.append(f"{lab} forgot: mean max-based forgetting {cl['forgetting']:.3f}, "
+        if cl.get("forgetting") is None or cl["forgetting"] <= 0.02:
+            continue
+        # a difference of two evals of one task: its margin is sqrt(2) times one eval's
+        h = reward_halfwidth(d["final_eval"] or 0.5, d.get("eval_n"))
+        margin = None if h is None else math.sqrt(2) * h
+        if margin is not None and cl["forgetting"] <= margin:
+            out.append(f"{lab}'s forgetting {cl['forgetting']:.3f} is within the eval margin "
+                       f"&plusmn;{margin:.3f} (eval n={d.get('eval_n')}): too little evidence that it forgot.")
+        else:
+            out.append(f"{lab} forgot: mean max-based forgetting {cl['forgetting']:.3f} "
+                       f"({'margin unknown' if margin is None else f'eval margin &plusmn;{margin:.3f}'}), "
                        f"BWT {_fmt(cl.get('bwt'))}.")
     if plast and plast.get("arms"):
         arms = plast["arms"]
         parts = ", ".join(f"{n} {_fmt(arms[n].get('final'))}" for n in sorted(arms, key=_method_key))
         task = html.escape(str(plast.get("task", "?")))
-        out.append(f"Plasticity (final reward of fresh RL on {task}): {parts}.")
+        out.append(f"Plasticity (final reward of fresh RL on {task}; one probe each, no interval): {parts}.")
         floor = (arms.get("base") or {}).get("final")
         if floor is not None:
             lost = [n for n in arms if n != "base" and (arms[n].get("final") or 0) < floor - 0.02]
