@@ -171,7 +171,8 @@ def cost(runs: list[dict], probes: list[dict], atts: list[dict], s_per_rollout: 
         stages, steps = len(j["cfg"]["stages"]), r["stage_steps"] * len(j["cfg"]["stages"])
         slow = steps * r["batch_problems"] * r["group_size"] if j["cfg"]["method"] != "gepa" else 0
         rounds = stages * -(-r["stage_steps"] // r["fast_every"]) if j["cfg"]["method"] != "rl" else 0
-        evals = (steps // r["eval_every"] + 1) * stages * r["eval_n"] * 2  # best and seed prompt
+        prompts = 1 if j["cfg"]["method"] == "rl" else 2  # seed and best prompt (rl: the same one, scored once)
+        evals = (steps // r["eval_every"] + 1) * stages * r["eval_n"] * prompts
         drift = (steps // r["drift_every"] + 1) * stages * r["probe_size"] * 2
         total += slow + rounds * r["fast_budget"] + evals + drift
     for _ in probes:
