@@ -154,3 +154,18 @@ def test_matched_reward_headline_says_too_little_evidence_when_eval_n_cannot_car
     else:  # a huge eval set makes the same curves decisive
         assert "76% less drift" in happened and "too little evidence" not in happened
         assert kl["evidence"]["enough"] is True and kl["evidence"]["interval"][1] < 1
+
+
+def test_task_agnostic_numbers_are_reported_beside_the_task_aware_ones(tmp_path: Path):
+    # A memory-style run with per-task contexts: its summary carries the task-agnostic scenario too
+    run = write_run(tmp_path / "fst", "fst")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["cl_agnostic"] = {"acc": 0.123, "bwt": -0.045, "fwt": 0.0, "forgetting": 0.067}
+    for j, t in enumerate(TASKS):
+        summary["final"][t]["reward_agnostic"] = 0.301 + j / 100
+    (run / "summary.json").write_text(json.dumps(summary))
+    build_report([run, write_run(tmp_path / "rl", "rl")], tmp_path / "out")
+    text = re.sub(r"<[^>]+>", " ", (tmp_path / "out" / "report.html").read_text())
+    assert "fst (task-agnostic)" in text and "0.123" in text and "0.067" in text
+    assert "task-agnostic" in text.split("Final reward per task", 1)[1][:200] and "0.311" in text
+    assert "rl (task-agnostic)" not in text  # rl has one context for every task: nothing separate to report
