@@ -271,3 +271,17 @@ def test_a_changed_protocol_invalidates_cached_runs_and_probes(tmp_path):
     claims.preregister(tmp_path / "root", "quick", sha)  # named before any run starts
     pre = json.loads((tmp_path / "root" / "claims.json").read_text())
     assert pre["protocol"]["sha256"] == sha and pre["status"] == "running"
+
+
+def test_stream_entries_keep_the_task_agnostic_scenario_when_a_run_reports_it(tmp_path):
+    from fastslow.analysis import Run
+
+    jobs, loaded = [], {}
+    for m, agnostic in (("fst", {"acc": 0.2, "bwt": -0.1, "fwt": 0.0, "forgetting": 0.1}), ("rl", None)):
+        out = str(tmp_path / f"{m}-full-kl0-s0")
+        jobs.append({"kind": "stream", "regime": "r", "method": m, "seed": 0, "cfg": {"out": out}})
+        summary = {"stages": [], "cl": {"acc": 0.5}, "drift": {}, **({"cl_agnostic": agnostic} if agnostic else {})}
+        loaded[out] = Run(path=Path(out), summary=summary, rows=[])
+    entries = claims.stream_entries("r", jobs, loaded, {}, {})
+    assert entries["fst"]["0"]["cl_agnostic"]["acc"] == 0.2 and entries["fst"]["0"]["cl"]["acc"] == 0.5
+    assert entries["rl"]["0"]["cl_agnostic"] is None
