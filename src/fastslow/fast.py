@@ -323,7 +323,7 @@ class FastChannel:
         metrics["fast/val_flat"] = float(flat)
         if flat:  # nothing can beat its parent on this set: a larger one next round (fast.val_growth)
             self.val_size = min(max(self.val_size + 1, math.ceil(self.val_size * cfg.val_growth)),
-                                cfg.val_max or 4 * cfg.val_size, len(train))
+                                max(cfg.val_max or 4 * cfg.val_size, cfg.val_size), len(train))
         self.population = population
         self.best[task.name] = population[0]
         self.rounds += 1
