@@ -12,9 +12,14 @@
 3. the drift-plasticity frontier: KL penalty x {full, LoRA} x {rl, fst} on each stream, plus the drift
    budget (slow.kl_target) as its own series; Spearman's rho of final KL vs plasticity and forgetting.
 
-Every hyper-parameter is in SETTINGS, fixed before any seed ran; all methods share them; all seeds are
-reported. Runs already finished (summary.json present) are reused, so an interrupted bench resumes.
+Every hyper-parameter, the method lists and the verdict rules are pre-registered in benchmarks/protocol.yaml; all
+methods share them; all seeds are reported. Its sha256 is written to <root>/claims.json before any run starts and
+to every finished run dir; runs, probes and attributions already finished under the same hash are reused (an
+interrupted bench resumes), those made under another are run again. Verdicts: four-way (reproduced, partly,
+refuted, inconclusive) from paired per-seed intervals (see protocol.yaml and :func:`verdicts`).
 Writes benchmarks/results/{claims,frontier}.json, plots and benchmarks/README.md (generated).
+
+    python benchmarks/claims.py --reverdict      # decide the committed results again under the current protocol
 """
 
 from __future__ import annotations
