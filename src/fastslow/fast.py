@@ -127,11 +127,11 @@ def seeded_state(candidates: list[str], adapter: FastAdapter, valset: list[Probl
 
 
 class FillAcceptance:
-    """GEPA's minibatch gate: strict improvement, or a tie while the pool holds fewer than ``k`` distinct prompts.
+    """GEPA's minibatch gate: strict improvement, or any new prompt while the pool holds fewer than ``k`` distinct ones.
 
-    A tie is then scored on validation, so a flat round (every prompt scores the same, as a real model's first
-    rounds on a hard task do) still yields K prompts to mix; it can fill the population, never lead the front
-    (:func:`top_k_front` requires a strict gain on validation).
+    Such a prompt is then scored on validation, so that a round whose proposals do not win their minibatch (a
+    flat or hard task, a weak reflector) still yields K prompts to mix. It can fill the population, never lead
+    the front: :func:`top_k_front` requires a strict gain over its parent on validation.
     """
 
     def __init__(self, k: int) -> None:
@@ -141,7 +141,7 @@ class FillAcceptance:
         old, new = sum(proposal.subsample_scores_before or []), sum(proposal.subsample_scores_after or [])
         distinct = {c[COMPONENT] for c in state.program_candidates}
         short = len(distinct) < self.k and proposal.candidate[COMPONENT] not in distinct
-        return new > old or (new == old and short)
+        return new > old or short
 
 
 def beats_parent(result: Any, i: int) -> bool:
