@@ -191,3 +191,22 @@ def test_groups_mix_k_distinct_prompts_on_a_smollm2_shaped_config(tiny_model, tm
     assert summary["fast"]["round_population"] == [2, 2]
     assert len(summary["fast"]["round_front_size"]) == 2 and len(summary["prompts"]) == 2
     assert len(groups) == 4 * 4 and all(len(g) == 2 for g in groups)
+
+
+def test_a_round_short_of_k_prompts_scores_worse_proposals_to_fill_but_never_lets_them_lead():
+    # Every proposal is worse than the seed on every problem: GEPA alone would score none of them on validation
+    calls = []
+
+    def reflector(prompt):  # a new hint each call, so proposals differ
+        calls.append(1)
+        current = (prompt if isinstance(prompt, str) else prompt[-1]["content"]).split("```", 2)[1].strip()
+        return f"```\n{current} Hint{len(calls)}.\n```"
+
+    cfg = FastConfig(population=3, budget=60, val_size=4, minibatch=2)
+    channel = FastChannel(_scripted(lambda t, p: 0.8 if "Hint" not in t else 0.05 * int(t.split("Hint")[1][0])),
+                          cfg, reflector, seed=0, max_new_tokens=6, version=lambda: 0)
+    rnd = channel.run_round(echo_task())
+    assert rnd.accepted == 0 and rnd.front_size == 1 and channel.best["echo"] == echo_task().seed_prompt
+    assert rnd.population == 3 == len(set(channel.population)) and rnd.metrics["fast/filled"] == 2.0
+    hints = [int(t.split("Hint")[1][0]) for t in channel.population[1:]]
+    assert hints == sorted(hints, reverse=True)  # fillers by validation score
