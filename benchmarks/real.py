@@ -69,12 +69,14 @@ def select(n: int | None = None, limit: int | None = None, out: Path = RESULTS /
             rows.append({"candidate": cand, "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         problems = list(task.problems("train"))[:n]
+        t2 = time.perf_counter()
         scored = sample(task, [(task.seed_prompt, p) for p in problems], temperature=0.0,
                         max_new_tokens=REAL["max_new_tokens"], seed=0)
+        sampling = time.perf_counter() - t2
         reward = sum(scored.rewards) / len(problems)
         ok = rule["min_base"] <= reward <= rule["max_base"]
         rows.append({"candidate": cand, "task": task.name, "reward": reward, "n": len(problems), "qualifies": ok,
-                     "seconds": time.perf_counter() - t1, "rollouts": len(problems)})
+                     "seconds": time.perf_counter() - t1, "sampling_s": sampling, "rollouts": len(problems)})
         print(f"  {cand}: base reward {reward:.3f} on {len(problems)} train problems "
               f"({'qualifies' if ok else 'out of range'}; {time.perf_counter() - t1:.0f} s)", flush=True)
     qualified = [r["candidate"] for r in rows if r.get("qualifies")]
@@ -84,7 +86,9 @@ def select(n: int | None = None, limit: int | None = None, out: Path = RESULTS /
               "n": n, "candidates_scored": len(rows), "candidates_total": len(rule["candidates"]), "scores": rows,
               "stream": qualified[: rule["stream_len"]], "heldout": qualified[rule["stream_len"]: need][:1] or None,
               "complete": len(qualified) >= need and n >= rule["select_n"] and limit is None,
-              "seconds_per_rollout": (time.perf_counter() - t0) / max(sum(r.get("rollouts", 0) for r in rows), 1)}
+              "seconds": time.perf_counter() - t0,  # sampling only below: model and dataset loading excluded
+              "seconds_per_rollout": sum(r.get("sampling_s", 0) for r in rows) / max(sum(r.get("rollouts", 0)
+                                                                                         for r in rows), 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     return result
