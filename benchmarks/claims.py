@@ -1069,10 +1069,12 @@ def reverdict(results: Path, readme: Path) -> list[tuple[str, str, str, str]]:
     claims = json.loads((results / "claims.json").read_text())
     frontier = json.loads((results / "frontier.json").read_text())
     sha = protocol_sha256()
-    before = claims.get("reverdict", {}).get("before") or claims["verdicts"]
+    earlier = claims.get("reverdict") or {}
+    before = earlier.get("before") or claims["verdicts"]
     claims["verdicts"] = verdicts(claims)
-    was = (claims.get("protocol") or {}).get("sha256")
-    claims["reverdict"] = {"before": before, "note": (
+    # the protocol the runs were made under (None: before protocol.yaml), kept across repeated re-decisions
+    was = earlier["runs_made_under"] if "runs_made_under" in earlier else (claims.get("protocol") or {}).get("sha256")
+    claims["reverdict"] = {"before": before, "runs_made_under": was, "note": (
         f"Verdicts decided under protocol {sha[:12]} from the per-seed numbers of runs made "
         + (f"under protocol {was[:12]}" if was else "before the protocol existed (and before FST's population fix)")
         + "; no run was repeated. `make bench-quick` replaces them with fresh runs.")}
