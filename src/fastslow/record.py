@@ -213,6 +213,7 @@ def summary(cfg: Config, state: LoopState, engine: Engine, health: ReflectionHea
                                                                               "val_flat")}} if fast else None,
         "verifier_errors": state.verifier_errors,
         "verifier_calls": state.verifier_calls,
+        "eval_n": cfg.eval.n,  # problems per task of each evaluation: the reports' intervals need it
         "oversize_problems_skipped": oversize_skipped,
     }
 

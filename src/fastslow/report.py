@@ -452,7 +452,7 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
             best = info[lab]["peak"]
             out.append(f"{lab} did not reach RL's peak eval reward {se['target']:.3f} (its best: "
                        f"{_fmt(best)}), so it has no sample-efficiency ratio.")
-        elif not ev.get("enough"):
+        elif ev.get("interval") is not None and not ev["enough"]:
             out.append(f"Sample efficiency of {lab} vs RL: <b>too little evidence</b> for a ratio: with RL's peak "
                        f"{se['target']:.3f} known to {_pm(ev.get('halfwidth'))} ({_evals(info, lab, base)}), the "
                        f"slow-rollout ratio could be anywhere in {_ci(ev.get('interval'), 2)}, which includes 1 "
@@ -460,8 +460,9 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
         else:
             slow, total = se["slow"], se["total"]
             s = (f"{lab} reached RL's peak ({se['target']:.3f}) after {_count(slow['fst'])} slow rollouts vs "
-                 f"RL's {_count(slow['rl'])}: {_times(slow['ratio'], 'slow rollouts')} (interval "
-                 f"{_ci(ev['interval'], 2)}, {_evals(info, lab, base)})")
+                 f"RL's {_count(slow['rl'])}: {_times(slow['ratio'], 'slow rollouts')} ("
+                 + (f"interval {_ci(ev['interval'], 2)}, {_evals(info, lab, base)})" if ev.get("interval")
+                    else "no interval: eval n not recorded)"))
             if total["ratio"] is not None:
                 s += (f"; counting fast-channel rollouts too, {_count(total['fst'])} vs "
                       f"{_count(total['rl'])}: "
@@ -473,7 +474,7 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
         if mk.get("ratio") is not None and mk["kl_fst"] == 0:
             out.append(f"{lab}'s weights did not move (KL 0) while reaching reward {mk['reward']:.3f}; "
                        f"RL was at KL {mk['kl_rl']:.4f} there.")
-        elif mk.get("ratio") is not None and not kv_.get("enough"):
+        elif mk.get("ratio") is not None and kv_.get("interval") is not None and not kv_["enough"]:
             out.append(f"Drift at matched reward {mk['reward']:.3f} (known to {_pm(kv_.get('halfwidth'))}): "
                        f"<b>too little evidence</b> to compare: the KL ratio {lab}/RL could be anywhere in "
                        f"{_ci(kv_.get('interval'), 2)}, which includes 1 (interpolated: {lab} "
@@ -482,8 +483,9 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
             change = (1 - mk["ratio"]) * 100
             word = f"{change:.0f}% less" if change > 0 else f"{-change:.0f}% more"
             out.append(f"At matched reward {mk['reward']:.3f}, {lab}'s KL(pi||base) is {mk['kl_fst']:.4f} vs "
-                       f"RL's {mk['kl_rl']:.4f} (interpolated): {word} drift ({mk['ratio']:.2f}&times;, interval "
-                       f"{_ci(kv_['interval'], 2)}); {final}.")
+                       f"RL's {mk['kl_rl']:.4f} (interpolated): {word} drift ({mk['ratio']:.2f}&times;, "
+                       + (f"interval {_ci(kv_['interval'], 2)}" if kv_.get("interval")
+                          else "no interval: eval n not recorded") + (f"); {final}." if final else ")."))
     if base is None and len(info) > 1:
         out.append("No rl run was given, so no comparison against RL was made.")
     # An asymptote only means something when the curve has bent: midpoint inside the data, A off its bound.
