@@ -188,7 +188,7 @@ def test_groups_mix_k_distinct_prompts_on_a_smollm2_shaped_config(tiny_model, tm
         "fast.population=2", "fast.val_size=4", "fast.minibatch=2", "fast.budget=24",
         "model.lora={r: 8, alpha: 16, target_modules: all-linear}"])
     summary = train(cfg)
-    assert summary["fast"]["round_population"] == [2, 2]
+    assert summary["fast"]["round_population"] == [2, 2] and summary["eval_n"] == 8
     assert len(summary["fast"]["round_front_size"]) == 2 and len(summary["prompts"]) == 2
     assert len(groups) == 4 * 4 and all(len(g) == 2 for g in groups)
 
