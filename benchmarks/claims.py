@@ -923,7 +923,8 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
           "Spearman's rho of final KL against the outcome, one point per run; intervals are a cluster bootstrap over "
           "seeds (a seed's runs are resampled together). *partial*: controlling for method (ranks centred within "
           "each method), i.e. does drift predict the outcome beyond which method ran; *within*: inside one "
-          "method's runs. Methods that never move the weights are points at KL 0.", "",
+          "method's runs. Methods that never move the weights are points at KL 0. With 3 seeds the bootstrap has "
+          "only 10 distinct resamples: the intervals are coarse, not optimistic.", "",
           "| regime / pair | pooled rho [95% CI] | partial rho (method held) | within each method | points (seeds) |",
           "|---|---|---|---|---|"]
     for pair, v in frontier["spearman"].items():
