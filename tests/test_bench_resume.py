@@ -24,6 +24,7 @@ def _finish(job: dict, *, steps: int | None = None, summary: str | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     settings = config_from_dict(job["cfg"]).model_dump(mode="json")
     (out / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    (out / "protocol.sha256").write_text(job["protocol"] + "\n")
     total = sum(s["steps"] for s in job["cfg"]["stages"])
     (out / "summary.json").write_text(summary if summary is not None else
                                       json.dumps({"steps": total if steps is None else steps}))
@@ -36,6 +37,8 @@ def test_a_killed_bench_reruns_only_the_runs_without_a_complete_summary(tmp_path
     _finish(runs[1], steps=3)  # a summary from a shorter run: not this run's
     _finish(runs[2], summary='{"steps": ')  # cut short
     _finish(runs[3])
+    _finish(runs[4])
+    (Path(runs[4]["cfg"]["out"]) / "protocol.sha256").write_text("another protocol\n")  # run again
     changed = dict(runs[3], cfg={**runs[3]["cfg"], "seed": 99})  # same dir, other settings: run again
     jobs = [runs[0], runs[1], runs[2], changed, runs[4]]
     ran = []

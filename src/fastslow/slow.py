@@ -9,9 +9,12 @@ One step, for B problems with G rollouts each (the G rollouts of a problem may u
     (+ kl_coef * k3(pi_theta, pi_base) per token, when kl_coef > 0; with kl_target the coefficient
      is adapted after each drift measurement by KLController, a drift budget on the exact reverse KL)
     loss  = mean over kept groups of (token-mean of l_t within the group)     "per-prompt" averaging
+            (slow.loss_aggregation: tokens -> sum of l_t over kept tokens / kept tokens, TRL's cispo)
 
-Groups whose rewards are all equal carry no signal and are dropped (counted, not refilled). On CPU the loss is
-computed in passes of whole groups (``Policy.passes``), gradients accumulated: the same update, bounded memory.
+Groups whose rewards are all equal carry no signal and are dropped (counted, not refilled); a batch of flat
+groups makes no update. On CPU the loss is computed in passes of whole groups (``Policy.passes``), gradients
+accumulated: the same update, bounded memory. Learning rate: update k (1, 2, ...) uses lr * min(1, k / warmup_steps)
+(:func:`lr_schedule`, the one definition of every engine); ``slow/lr`` is the rate the step's update used.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ def policy_loss(
     clip_eps: float = 0.2,
     kl_coef: float = 0.0,
     base_logp: torch.Tensor | None = None,
+    aggregation: str = "group",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-level RL loss averaged per group (problem).
+    """Token-level RL loss averaged per group (problem), or over all tokens (``aggregation="tokens"``).
 
     logp, old_logp, base_logp, mask: [R, C] over rollouts R; advantages, group: [R] (group = problem index).
     """
@@ -75,12 +79,15 @@ def policy_loss(
         kl = k3(logp, base_logp.detach())
         if kl_coef > 0:
             token_loss = token_loss + kl_coef * kl
-    groups, inverse = torch.unique(group, return_inverse=True)
-    zeros = torch.zeros(len(groups), dtype=logp.dtype, device=logp.device)
-    per_group_sum = zeros.index_add(0, inverse, (token_loss * mask).sum(1))
-    per_group_tokens = zeros.index_add(0, inverse, mask.sum(1))
-    total = (per_group_sum / per_group_tokens.clamp(min=1)).mean()
     n_tok = mask.sum().clamp(min=1)
+    if aggregation == "tokens":
+        total = (token_loss * mask).sum() / n_tok
+    else:
+        groups, inverse = torch.unique(group, return_inverse=True)
+        zeros = torch.zeros(len(groups), dtype=logp.dtype, device=logp.device)
+        per_group_sum = zeros.index_add(0, inverse, (token_loss * mask).sum(1))
+        per_group_tokens = zeros.index_add(0, inverse, mask.sum(1))
+        total = (per_group_sum / per_group_tokens.clamp(min=1)).mean()
     stats = {"clip_frac": float((clipped.float() * mask).sum() / n_tok)}
     if kl is not None:
         stats["k3"] = float((kl.detach() * mask).sum() / n_tok)
@@ -98,6 +105,27 @@ class Rollouts:
 
     batch: Batch
     rewards: torch.Tensor  # [N, G]
+
+
+def warmup_factor(update: int, warmup_steps: int) -> float:
+    """The share of ``slow.lr`` that update number ``update`` (0, 1, ...) uses: min(1, (update + 1) / warmup_steps).
+
+    The first update uses lr / warmup_steps (never 0), update ``warmup_steps`` the full rate.
+    """
+    return min(1.0, (update + 1) / max(warmup_steps, 1))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` optimizer updates, then constant; step it once per update, on every
+    process (one schedule whatever the process count)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: warmup_factor(update, warmup_steps))
+
+
+def schedule_summary(cfg: SlowConfig) -> dict:
+    """The learning-rate schedule in numbers (what ``--dry-run`` prints), the same on every engine."""
+    return {"warmup_updates": cfg.warmup_steps, "lr": cfg.lr,
+            "first_update_lr": cfg.lr * warmup_factor(0, cfg.warmup_steps),
+            "rule": "update k uses lr * min(1, k / warmup_updates); one schedule step per update, any process count"}
 
 
 class KLController:
@@ -168,8 +196,7 @@ class SlowLearner:
         self.policy, self.cfg = policy, cfg
         params = [p for _, p in policy.trainable_parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        warm = max(cfg.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.scheduler = lr_schedule(self.optimizer, cfg.warmup_steps)
         self.nonfinite_streak = 0
         self.skipped_updates = 0
         self.kl_controller = (
@@ -253,10 +280,11 @@ class SlowLearner:
             with torch.no_grad():
                 old_logp = self._logprobs(batch, passes)
         policy.model.train()
-        n_groups = len(torch.unique(group))
+        n_groups, n_tokens = len(torch.unique(group)), float(batch.completion_mask.sum().clamp(min=1))
         for update in range(cfg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
-            # loss = mean over groups of their token-mean: each pass adds its groups' share, gradients accumulate
+            # Each pass adds its share of the loss (its groups' of the mean over groups, or its tokens' of the mean
+            # over tokens); gradients accumulate to the whole batch's.
             loss, tokens, clipped, k3_sum, ent_sum = torch.zeros((), device=policy.device), 0.0, 0.0, 0.0, 0.0
             for rows in passes:
                 part = batch.select(rows)
@@ -274,11 +302,15 @@ class SlowLearner:
                     clip_eps=cfg.clip_eps,
                     kl_coef=kl_coef,
                     base_logp=None if base_logp is None else base_logp[rows],
+                    aggregation=cfg.loss_aggregation,
                 )
-                share = len(torch.unique(group[rows])) / n_groups
+                n_tok = float(part.completion_mask.sum())
+                if cfg.loss_aggregation == "tokens":
+                    share = max(n_tok, 1.0) / n_tokens
+                else:
+                    share = len(torch.unique(group[rows])) / n_groups
                 (part_loss * share).backward()
                 loss = loss + part_loss.detach() * share
-                n_tok = float(part.completion_mask.sum())
                 tokens += n_tok
                 clipped += stats["clip_frac"] * n_tok
                 k3_sum += stats.get("k3", 0.0) * n_tok
@@ -300,6 +332,7 @@ class SlowLearner:
                 metrics["slow/nonfinite_skipped"] = float(self.skipped_updates)
                 break
             self.nonfinite_streak = 0
+            metrics["slow/lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
             self.optimizer.step()
             self.scheduler.step()
             policy.version += 1
@@ -308,7 +341,6 @@ class SlowLearner:
                 "slow/loss": float(loss.detach()),
                 "slow/clip_frac": stats["clip_frac"],
                 "slow/grad_norm": float(grad_norm),
-                "slow/lr": self.scheduler.get_last_lr()[0],
             }
         )
         return metrics
