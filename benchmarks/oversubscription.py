@@ -28,6 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from benchutil import put_section  # noqa: E402
+
 SRC = ROOT / "src"
 TASK = "rg:basic_arithmetic?max_terms=2&max_digits=1&operators=+,-&extract=last_number&train=256&eval=32"
 
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--base", type=Path, default=None, help="older code's src/ for an old-default arm")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "oversubscription.json")
+    ap.add_argument("--readme", default=str(HERE / "README.md"), help="where the table goes ('' for nowhere)")
     args = ap.parse_args(argv)
     cpus = len(os.sched_getaffinity(0))
     arms = {
@@ -91,7 +95,24 @@ def main(argv: list[str] | None = None) -> None:
         result["ratio_old_default_over_best_manual"] = best["old-default"] / manual
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    if args.readme:
+        put_section(Path(args.readme), readme_block(result), "oversubscription")
     print(json.dumps(result, indent=1))
+
+
+def readme_block(r: dict) -> str:
+    arms = {"default": "default (passive waiting, 1 thread per usable CPU)",
+            "threads1": "`--threads 1`, spinning waits",
+            "passive": f"`OMP_WAIT_POLICY=PASSIVE --threads {r['cpus']}`", "old-default": "older code's default"}
+    lines = ["<!-- oversubscription:start -->", "## Threads beside other work", "",
+             f"`make bench-oversubscription` ({r['date']}): `fastslow eval` of SmolLM2-135M on {r['n']} problems "
+             f"while a second fastslow eval runs in a loop, {r['cpus']} usable CPUs, load average "
+             f"{r['load_start']:.1f} at the start and {r['load_end']:.1f} at the end (the machine is shared).", "",
+             "| setting | seconds | / best manual |", "|---|---|---|"]
+    manual = min(r["best_s"]["threads1"], r["best_s"]["passive"])
+    lines += [f"| {arms[a]} | {t:.1f} | {t / manual:.2f} |" for a, t in r["best_s"].items()]
+    lines += ["", f"Target: default <= {r['target']}x the best manual setting.", "<!-- oversubscription:end -->"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
