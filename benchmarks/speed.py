@@ -144,8 +144,9 @@ def readme_block(result: dict) -> str:
                 continue
             r, st = result[variant]["summary"][key], result[variant]["settings"]
             where = {"sampling": "", "smollm2": f"{st['steps']} steps, eval.n 8", "micro": f"{st['micro_steps']} steps"}
-            threads = ("; both with passive waiting, 1 thread/CPU" if st.get("same_threads")
-                       else "; each with its own thread defaults" if part != "sampling" else "; both passive, 1 thread/CPU")
+            threads = "; both with passive waiting, 1 thread/CPU"
+            if part != "sampling" and not st.get("same_threads"):
+                threads = "; each with its own thread defaults"
             old, new = (", ".join(f"{v:.4g}" for v in r[arm]) for arm in ("old", "new"))
             lines.append(f"| {label} | {old} | {new} | **{r['median']:.2f}** | {where[part]}{threads} "
                          f"({result[variant]['date']}) |")
