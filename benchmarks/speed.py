@@ -143,7 +143,8 @@ def readme_block(result: dict) -> str:
             if variant not in result:
                 continue
             r, st = result[variant]["summary"][key], result[variant]["settings"]
-            where = {"sampling": "", "smollm2": f"{st['steps']} steps, eval.n 8", "micro": f"{st['micro_steps']} steps"}
+            where = {"sampling": "one generate call", "smollm2": f"{st['steps']} steps, eval.n 8",
+                     "micro": f"{st['micro_steps']} steps"}
             threads = "; both with passive waiting, 1 thread/CPU"
             if part != "sampling" and not st.get("same_threads"):
                 threads = "; each with its own thread defaults"
