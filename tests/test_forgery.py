@@ -18,14 +18,19 @@ TRICKS = {
     "SystemExit at import": "    return False\nraise SystemExit(0)\n",
     "os._exit at import": "    return False\nimport os\nos._exit(0)\n",
     "atexit exits 0": "    return False\nimport atexit, os\natexit.register(lambda: os._exit(0))\n",
-    "SystemExit in atexit": "    return False\nimport atexit\ndef _x():\n    raise SystemExit(0)\natexit.register(_x)\n",
+    "SystemExit in atexit": (
+        "    return False\nimport atexit\ndef _x():\n    raise SystemExit(0)\natexit.register(_x)\n"
+    ),
     "forged status": (
-        "    return False\nimport os\nfor fd in range(3, 64):\n    for t in (fd, f'/proc/1/fd/{fd}', f'/proc/{os.getppid()}/fd/{fd}'):\n"
+        "    return False\nimport os\nfor fd in range(3, 64):\n"
+        "    for t in (fd, f'/proc/1/fd/{fd}', f'/proc/{os.getppid()}/fd/{fd}'):\n"
         "        try:\n            f = os.open(t, os.O_WRONLY) if isinstance(t, str) else t\n"
         "            os.lseek(f, 0, 0); os.write(f, b'exit 0 ')\n        except OSError:\n            pass\n"
         "os._exit(0)\n"
     ),
-    "always-equal result": "    class E:\n        __eq__ = lambda s, o: True\n        __bool__ = lambda s: True\n    return E()\n",
+    "always-equal result": (
+        "    class E:\n        __eq__ = lambda s, o: True\n        __bool__ = lambda s: True\n    return E()\n"
+    ),
     "int subclass equal to all": (
         "    class B(int):\n        __eq__ = lambda s, o: True\n        __repr__ = lambda s: 'True'\n    return B(0)\n"
     ),
