@@ -32,15 +32,23 @@ probe_app = typer.Typer(no_args_is_help=True, help="Probes of trained runs.")
 app.add_typer(probe_app, name="probe")
 models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models, installed offline from PyPI packages.")
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+# User text (paths, task names, a server's error body) is never parsed: no markup, no :emoji: codes.
+console = Console(stderr=True, emoji=False, markup=False, highlight=False)
+
+
+def say(message: str) -> None:
+    """One message to stderr, redacted, with terminal escape sequences removed."""
+    from fastslow.util import clean
+
+    console.print(clean(str(message)), soft_wrap=True)
 
 
 def print_error(message: str) -> None:
     """``error: <message>`` as one redacted line (user text is not markup)."""
     from fastslow.util import one_line
 
-    console.print("[bold red]error:[/] ", end="")
-    console.print(one_line(message, 400), markup=False, highlight=False, soft_wrap=True)
+    console.print("[bold red]error:[/] ", end="", markup=True)
+    console.print(one_line(message, 400), soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -110,10 +118,7 @@ def run_config(
             bits.append(f"reflection errors {row['fast/failed_reflection_calls']:.0f}")
         progress.update(bar, completed=done, info="  ".join(bits) or progress.tasks[bar].fields["info"])
 
-    from fastslow.util import redact
-
-    trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step,
-                      log=lambda m: console.print(redact(m), markup=False, highlight=False))
+    trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step, log=say)
     progress.update(bar, completed=trainer.state.step)
     if own:
         with progress:
@@ -148,9 +153,10 @@ def run(
     if not _main_process():
         return
     fast = summary.get("fast")
-    health = (f"  accepted {fast['accepted_total']}  reflection errors {fast['reflection_errors']}/"
+    # failed calls over calls (a call fails after all its tries), the same units on both sides
+    health = (f"  accepted {fast['accepted_total']}  reflection errors {fast.get('failed_reflection_calls', 0)}/"
               f"{fast['reflection_calls']}") if fast else ""
-    console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}  "
+    say(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}  "
                   f"verifier errors {summary['verifier_errors']}/{summary.get('verifier_calls', 0)}{health}")
 
 
@@ -187,12 +193,12 @@ def launch(
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
     checked_sharding(accelerate_config)  # before any process starts
     if accelerate_config and not torch_has_cuda():
-        console.print(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
-                      "(accelerate shards on accelerators only)", highlight=False, soft_wrap=True)
+        say(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
+            "(accelerate shards on accelerators only)")
     cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
                          accelerate_config=accelerate_config, nnodes=nnodes,
                          node_rank=node_rank, main_address=main_address, main_port=main_port)
-    raise typer.Exit(start(cmd, log=lambda m: console.print(m, highlight=False, soft_wrap=True)))
+    raise typer.Exit(start(cmd, log=say))
 
 
 def torch_has_cuda() -> bool:
@@ -237,7 +243,7 @@ def _model_dir(model: str) -> str:
     if (p / "checkpoints").is_dir():
         from fastslow.checkpoint import run_weights
 
-        return str(run_weights(p, warn=lambda m: console.print(m)))
+        return str(run_weights(p, warn=say))
     if (p / "model" / "config.json").is_file():  # a checkpoint dir
         return str(p / "model")
     return model
@@ -258,7 +264,7 @@ def report(
     if not discover(list(dirs))[0]:
         fail(f"no runs in {', '.join(map(str, dirs))} (a run dir holds summary.json or metrics.jsonl)")
     path = build_report(list(dirs), out or dirs[0])
-    console.print(f"report: {path}")
+    say(f"report: {path}")
 
 
 @app.command()
@@ -276,8 +282,13 @@ def demo(
         def run(cfg, *, label=None, **kw):
             return run_config(cfg, label=label, progress=progress, **kw)
 
-        result = run_demo(out, quick=quick, seed=seed, run=run, log=lambda m: console.print(m))
-    console.print(f"[bold green]report:[/] {Path(result['report']).resolve()}  ({result['wall_s'] / 60:.1f} min)")
+        result = run_demo(out, quick=quick, seed=seed, run=run, log=say)
+    from rich.markup import escape
+
+    from fastslow.util import clean
+
+    where = escape(clean(str(Path(result["report"]).resolve())))
+    console.print(f"[bold green]report:[/] {where}  ({result['wall_s'] / 60:.1f} min)", markup=True)
 
 
 @probe_app.command("plasticity")
@@ -349,7 +360,7 @@ def models_fetch(name: Annotated[str, typer.Argument(help="Model name (see `fast
     from fastslow.models import ModelInstallError, fetch
 
     try:
-        path = fetch(name, log=lambda m: console.print(m))
+        path = fetch(name, log=say)
     except ModelInstallError as exc:
         fail(str(exc))
     typer.echo(str(path))

@@ -116,7 +116,8 @@ class FastConfig(_Strict):
     reflector_base_url: str | None = Field(
         None, description="openai:<model>: the server's base URL (default https://api.openai.com/v1)."
     )
-    reflector_key_env: str = Field("OPENAI_API_KEY", description="openai:<model>: env var holding the API key.")
+    reflector_key_env: str = Field("OPENAI_API_KEY", description="openai:<model>: env var holding the API key "
+                                   "(its value is masked in every output and file, whatever its shape).")
     reflection_max_tokens: int = Field(512, gt=0, description="Reply length cap of hf:/openai: reflectors.")
     reflection_temperature: float = Field(0.0, ge=0, description="Sampling temperature of hf:/openai: reflectors.")
     reflection_record: str | None = Field(None, description="Append every reflection call to this JSONL file.")
@@ -139,6 +140,14 @@ class FastConfig(_Strict):
     max_prompt_chars: int = Field(
         8_000, gt=0, description="A proposed prompt longer than this is rejected (a reflection error)."
     )
+
+    @field_validator("reflector_key_env")
+    @classmethod
+    def _mask_key(cls, value: str) -> str:
+        from fastslow.util import add_secret_env
+
+        add_secret_env(value)  # redacted from here on, whatever the variable is called or its value looks like
+        return value
 
 
 class DriftConfig(_Strict):

@@ -18,6 +18,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: reports are built on servers and in CI
+# Labels are user text (task names, run labels): '$...$' in one is not mathtext to parse (or to fail on).
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fastslow.analysis import Run, compare_runs, eval_curve, load_run, matrix_columns, run_label  # noqa: E402
@@ -69,7 +71,7 @@ def _load_json(places: Sequence[Path], name: str) -> dict | None:
         p = d / name
         if p.exists():
             try:
-                data = json.loads(p.read_text())
+                data = json.loads(p.read_text(errors="replace"))
             except json.JSONDecodeError:
                 continue
             if isinstance(data, dict):
@@ -385,17 +387,22 @@ def _section(title: str, body: str) -> str:
     return f"<h2>{html.escape(title)}</h2>\n{body}\n"
 
 
+def _plain(v: object, digits: int = 3) -> str:
+    """:func:`_fmt` as plain text (for sentences the page escapes as a whole)."""
+    return html.unescape(_fmt(v, digits))
+
+
 def _times(ratio: float | None, what: str) -> str:
     """'3.00x fewer X' / '2.00x more X' from an RL/method ratio (above 1 means the method needed fewer)."""
     if ratio is None:
         return "ratio undefined"
     if ratio >= 1:
-        return f"{ratio:.2f}&times; fewer {what}"
-    return f"{1 / ratio:.2f}&times; more {what}" if ratio > 0 else f"RL needed no {what}"
+        return f"{ratio:.2f}\u00d7 fewer {what}"
+    return f"{1 / ratio:.2f}\u00d7 more {what}" if ratio > 0 else f"RL needed no {what}"
 
 
 def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[str]:
-    """Plain sentences from the numbers, favourable or not."""
+    """Plain sentences from the numbers, favourable or not (plain text: the page escapes them)."""
     out: list[str] = []
     info = cmp["runs"]
     peaks = {lab: d["peak"] for lab, d in info.items() if d["peak"] is not None}
@@ -412,7 +419,7 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
         elif not se["reached"]:
             best = info[lab]["peak"]
             out.append(f"{lab} did not reach RL's peak eval reward {se['target']:.3f} (its best: "
-                       f"{_fmt(best)}), so it has no sample-efficiency ratio.")
+                       f"{_plain(best)}), so it has no sample-efficiency ratio.")
         else:
             slow, total = se["slow"], se["total"]
             s = (f"{lab} reached RL's peak ({se['target']:.3f}) after {_count(slow['fst'])} slow rollouts vs "
@@ -429,7 +436,7 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
             change = (1 - mk["ratio"]) * 100
             word = f"{change:.0f}% less" if change > 0 else f"{-change:.0f}% more"
             out.append(f"At matched reward {mk['reward']:.3f}, {lab}'s KL(pi||base) is {mk['kl_fst']:.4f} vs "
-                       f"RL's {mk['kl_rl']:.4f}: {word} drift ({mk['ratio']:.2f}&times;).")
+                       f"RL's {mk['kl_rl']:.4f}: {word} drift ({mk['ratio']:.2f}\u00d7).")
     if base is None and len(info) > 1:
         out.append("No rl run was given, so no comparison against RL was made.")
     # An asymptote only means something when the curve has bent: midpoint inside the data, A off its bound.
@@ -451,11 +458,11 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
         cl = d.get("cl") or {}
         if cl.get("forgetting") is not None and cl["forgetting"] > 0.02:
             out.append(f"{lab} forgot: mean max-based forgetting {cl['forgetting']:.3f}, "
-                       f"BWT {_fmt(cl.get('bwt'))}.")
+                       f"BWT {_plain(cl.get('bwt'))}.")
     if plast and plast.get("arms"):
         arms = plast["arms"]
-        parts = ", ".join(f"{n} {_fmt(arms[n].get('final'))}" for n in sorted(arms, key=_method_key))
-        task = html.escape(str(plast.get("task", "?")))
+        parts = ", ".join(f"{n} {_plain(arms[n].get('final'))}" for n in sorted(arms, key=_method_key))
+        task = str(plast.get("task", "?"))
         out.append(f"Plasticity (final reward of fresh RL on {task}): {parts}.")
         floor = (arms.get("base") or {}).get("final")
         if floor is not None:
@@ -641,8 +648,9 @@ def build_report(dirs: Sequence[Path], out: Path) -> Path:
     if not runs:
         sec.append(_note("No run directories found (looked for summary.json or metrics.jsonl)."))
     happened = _what_happened(cmp, runs, plast)
-    sec.append(_section("What happened", '<ul class="happened">' + "".join(f"<li>{s}</li>" for s in happened)
-                        + "</ul>" if happened else _note("Not enough data to say.")))
+    items = "".join(f"<li>{html.escape(s)}</li>" for s in happened)  # every value in them is the runs' text
+    sec.append(_section("What happened", f'<ul class="happened">{items}</ul>' if happened
+                        else _note("Not enough data to say.")))
     sec += _figures_html(runs, plast, plots)
     sec.append(_section("Channel attribution (2x2)", _attribution_html(attr) if attr
                         else _note("No attribution.json found.")))

@@ -1,0 +1,199 @@
+"""Issue 21 (reliability round three and the newcomer's path): one test per numbered case (1-2 are in
+test_forgery.py and test_sandbox.py). Each failed on the code before the fix; what is injected is named."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from test_faults import _one_line, _yaml
+from typer.testing import CliRunner
+
+from fastslow.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from fastslow.cli import app
+
+runner = CliRunner()
+KEY = "plainsecretvalue42XYZ"  # no known key shape, in a variable whose name says nothing
+
+
+def _files_text(root: Path) -> str:
+    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
+
+
+# ---- 6, 7. a custom-named key and a hostile server never leak; recordings are capped -------------------------
+class _Hostile:
+    """An OpenAI-compatible server that quotes the Authorization header back (in a reply, or a 401 with ANSI
+    escapes), or answers 20 MB."""
+
+    def __init__(self, mode: str) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers["Content-Length"]))
+                auth = self.headers.get("Authorization", "")
+                if mode == "401":
+                    body, status = f"\x1b[2J\x1b[31minvalid key {auth} ({auth.split()[-1]})\x1b[0m".encode(), 401
+                else:
+                    said = f"Solve it. {auth}" if mode == "echo" else "x" * 20_000_000
+                    text = f"```\n{said}\n```"
+                    body, status = json.dumps({"choices": [{"message": {"content": text}}]}).encode(), 200
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def _fst_yaml(tmp_path, tiny_model, url, record):
+    extra = (f"fast: {{reflector: 'openai:x', reflector_base_url: '{url}', reflector_key_env: MYKEY, every: 1, "
+             f"budget: 8, val_size: 2, population: 2, reflection_retries: 0, reflection_record: '{record}', "
+             "stop_after_failed_rounds: 0}\n")
+    cfg = _yaml(tmp_path, tiny_model, extra=extra)
+    cfg.write_text(cfg.read_text().replace("method: rl", "method: fst"))
+    return cfg
+
+
+def test_6_a_custom_named_key_in_a_401_body_is_masked_and_escapes_stripped(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MYKEY", KEY)
+    server = _Hostile("401")
+    try:
+        out = tmp_path / "run"
+        result = runner.invoke(app, ["run", str(_fst_yaml(tmp_path, tiny_model, server.url, tmp_path / "rec.jsonl")),
+                                     "--out", str(out)])
+    finally:
+        server.httpd.shutdown()
+    line = _one_line(result, 2, "HTTP 401")
+    assert KEY not in result.output and "\x1b" not in result.output and "***" in line
+    assert not out.exists() or KEY not in _files_text(out)
+
+
+def test_7_an_echoing_server_never_puts_the_key_in_any_file_and_recordings_are_capped(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("MYKEY", KEY)
+    server = _Hostile("echo")
+    out, record = tmp_path / "run", tmp_path / "reflections.jsonl"
+    try:
+        result = runner.invoke(app, ["run", str(_fst_yaml(tmp_path, tiny_model, server.url, record)),
+                                     "--out", str(out)])
+    finally:
+        server.httpd.shutdown()
+    assert result.exit_code == 0, result.output
+    assert record.is_file() and KEY not in result.output
+    assert KEY not in _files_text(out)  # summary, state, metrics, config, checkpoints
+    assert KEY not in record.read_text() and "***" in record.read_text()
+
+    from fastslow.config import FastConfig
+    from fastslow.reflect import make_reflector
+
+    big = _Hostile("big")
+    try:
+        lm = make_reflector("openai:x", FastConfig(reflector="openai:x", reflector_base_url=big.url,
+                                                   reflection_record=str(tmp_path / "big.jsonl")))
+        for _ in range(3):
+            lm("prompt")
+    finally:
+        big.httpd.shutdown()
+    assert (tmp_path / "big.jsonl").stat().st_size < 10_000  # not 3 x 20 MB
+    replay = make_reflector(f"replay:{tmp_path / 'big.jsonl'}", FastConfig(reflector="feedback"))
+    with pytest.raises(RuntimeError, match="exceeds fast.max_reply_chars"):
+        replay("prompt")
+
+
+# ---- 9. split sizes are capped; a seed is an integer ------------------------------------------------------------
+@pytest.mark.parametrize(("spec", "named"), [("rg:basic_arithmetic?train=99999999999", "100000"),
+                                             ("rg:basic_arithmetic?seed=abc", "seed must be an integer")])
+def test_9_13_rg_sizes_and_seed_are_checked_in_one_line_even_under_dry_run(tiny_model, tmp_path, spec, named):
+    cfg = _yaml(tmp_path, tiny_model, task=spec)
+    _one_line(runner.invoke(app, ["run", str(cfg), "--dry-run"]), 2, named)
+
+
+# ---- 10. a plug-in that fails to import is the user's environment ------------------------------------------------
+def test_10_a_plugin_failing_to_import_exits_2(monkeypatch, tmp_path):
+    from fastslow import registry
+
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setenv("FASTSLOW_PLUGINS", "nonexistent_mod_xyz")
+    _one_line(runner.invoke(app, ["eval", "--model", "micro", "--task", "micro/flip"]), 2, "nonexistent_mod_xyz")
+
+
+# ---- 11. report: invalid UTF-8, mathtext in names, HTML in summary values ----------------------------------------
+def test_11_report_survives_bad_bytes_and_escapes_every_value(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(_yaml(tmp_path, tiny_model)), "--out", str(out),
+                                 "--set", "stages.0.name=$x^2$ and $\\frac{1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    summary["method"] = "<img src=x onerror=alert(1)>"
+    (out / "summary.json").write_bytes(json.dumps(summary).encode().replace(b'"seed"', b'"\xff\xfeseed"'))
+    with (out / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"step": 99, "note": "\xff\xfe"}\n')
+    rl = tmp_path / "rl"
+    assert runner.invoke(app, ["run", str(_yaml(tmp_path, tiny_model)), "--out", str(rl)]).exit_code == 0
+    result = runner.invoke(app, ["report", str(out), str(rl), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "<img src=x" not in page and "&lt;img src=x" in page
+
+
+# ---- 13. one line for a full disk, escapes, markup, a non-UTF-8 replay, and consistent units -----------------
+def test_13_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path):
+    from fastslow.errors import describe, exit_code
+
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 1, lambda tmp: (tmp / "a.txt").write_text("one"))
+
+    def full(tmp):
+        (tmp / "a.txt").write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def torch_full(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: "
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+
+    for writer in (full, torch_full):
+        with pytest.raises(CheckpointError) as err:
+            save_checkpoint(root, 2, writer)
+        assert exit_code(err.value) == 2 and str(root) in describe(err.value) and "step_000001" in str(err.value)
+        assert [p.name for p in list_checkpoints(root)] == ["step_000001"]
+        assert [p.name for p in root.iterdir()] == ["step_000001"]  # the half-written one is gone
+
+
+def test_13_user_text_is_not_markup_and_escapes_are_stripped(tmp_path):
+    model = tmp_path / ":x: [bold red]nope[/] \x1b]0;pwned\x07\x1b[31m"
+    result = runner.invoke(app, ["eval", "--model", str(model), "--task", "micro/flip"])
+    line = _one_line(result, 2)
+    assert ":x: [bold red]nope[/]" in line and "\x1b" not in result.output and "\x07" not in result.output
+
+
+def test_13_a_replay_file_that_is_not_utf8_is_named_as_such(tiny_model, tmp_path):
+    bad = tmp_path / "rec.jsonl"
+    bad.write_bytes(b'{"hash": "\xff\xfe"}\n')
+    cfg = _yaml(tmp_path, tiny_model, extra=f"fast: {{reflector: micro, reflection_replay: '{bad}'}}\n")
+    cfg.write_text(cfg.read_text().replace("method: rl", "method: fst").replace("model: {path:", "model: {path:"))
+    _one_line(runner.invoke(app, ["run", str(cfg), "--dry-run"]), 2, "not UTF-8")
+
+
+def failing_reflector(prompt) -> str:
+    raise ConnectionError("down")
+
+
+def test_13_the_done_line_counts_failed_calls_over_calls(tiny_model, tmp_path):
+    extra = ("fast: {reflector: 'test_reliability3:failing_reflector', every: 1, budget: 8, val_size: 2, "
+             "population: 2, reflection_retries: 2, stop_after_failed_rounds: 0, preflight: false}\n")
+    cfg = _yaml(tmp_path, tiny_model, extra=extra)
+    cfg.write_text(cfg.read_text().replace("method: rl", "method: fst"))
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    fast = json.loads((tmp_path / "r" / "summary.json").read_text())["fast"]
+    assert fast["reflection_calls"] > 0
+    assert f"reflection errors {fast['reflection_calls']}/{fast['reflection_calls']}" in result.output
