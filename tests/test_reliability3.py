@@ -197,3 +197,17 @@ def test_13_the_done_line_counts_failed_calls_over_calls(tiny_model, tmp_path):
     fast = json.loads((tmp_path / "r" / "summary.json").read_text())["fast"]
     assert fast["reflection_calls"] > 0
     assert f"reflection errors {fast['reflection_calls']}/{fast['reflection_calls']}" in result.output
+
+
+# ---- 3. nothing fastslow writes follows a link out of the run dir ------------------------------------------------
+@pytest.mark.parametrize("name", [".fastslow.lock", ".fastslow-run", "config.yaml", "metrics.jsonl"])
+def test_3_a_planted_link_is_refused_and_the_users_file_is_untouched(tiny_model, tmp_path, name):
+    out = tmp_path / "run"
+    cfg = _yaml(tmp_path, tiny_model)
+    assert runner.invoke(app, ["run", str(cfg), "--out", str(out)]).exit_code == 0
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's own data\n")
+    (out / name).unlink()
+    (out / name).symlink_to(victim)
+    _one_line(runner.invoke(app, ["run", str(cfg), "--out", str(out), "--resume"]), 2, "symbolic link", name)
+    assert victim.read_text() == "the user's own data\n"

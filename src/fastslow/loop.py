@@ -39,7 +39,14 @@ from fastslow.engines import build_engine, launched_rank
 from fastslow.errors import TrainingError, build_checked
 from fastslow.preflight import ReflectionHealth, check_model, check_reflector
 from fastslow.rollout import score_prompt
-from fastslow.rundir import TEMP_INFIX, RunDirError, RunDirLock, check_run_dir, claim  # noqa: F401 - re-exported
+from fastslow.rundir import (  # noqa: F401 - re-exported
+    TEMP_INFIX,
+    RunDirError,
+    RunDirLock,
+    check_run_dir,
+    claim,
+    write_text_nofollow,
+)
 from fastslow.slow import Rollouts
 from fastslow.stream import continual_metrics, stage_at, stage_spans, stream_columns
 from fastslow.tasks import Task, load_task
@@ -140,7 +147,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-            (self.out / "config.yaml").write_text(redact(config_text))
+            write_text_nofollow(self.out / "config.yaml", redact(config_text))
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -43,12 +44,38 @@ def is_claimed(out: Path) -> bool:
     return (out / MARKER).is_file() or _holds_run(out)
 
 
+def check_no_links(out: Path) -> None:
+    """Refuse a run dir where a name fastslow writes is a symbolic link: writing through it would change a file
+    outside the run dir (a planted ``.fastslow.lock`` -> the user's file)."""
+    for name in (LOCK, MARKER, *OWNED):
+        if (out / name).is_symlink():
+            raise RunDirError(f"{out / name} is a symbolic link: fastslow never writes through one (remove it)")
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (one line, :class:`RunDirError`)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunDirError(f"{path} is a symbolic link: fastslow never writes through one (remove it)") from None
+        raise
+
+
+def write_text_nofollow(path: Path, text: str) -> None:
+    """Replace the contents of ``path`` (never following a link there)."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def check_run_dir(out: Path, *, resume: bool, force: bool) -> None:
     """Refuse early (before anything is loaded or written) a directory that cannot hold this run."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"run directory {out} is not a directory")
     if not out.exists():
         return
+    check_no_links(out)
     if not is_claimed(out):
         foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if foreign:
@@ -76,7 +103,7 @@ class RunDirLock:
 
     def acquire(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.out / LOCK, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -114,7 +141,7 @@ def claim(out: Path, *, resume: bool, force: bool) -> None:
         for name in OWNED:
             _remove(out / name)
     marker = {"tool": "fastslow", "owned": [*OWNED, LOCK, MARKER], "scratch": list(SCRATCH_GLOBS)}
-    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    write_text_nofollow(out / MARKER, json.dumps(marker, indent=2) + "\n")
     for pattern in SCRATCH_GLOBS:  # one process per run dir (the lock): whatever matches is a dead one's
         for stale in out.glob(pattern):
             _remove(stale, ignore_errors=True)
