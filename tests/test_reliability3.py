@@ -211,3 +211,45 @@ def test_3_a_planted_link_is_refused_and_the_users_file_is_untouched(tiny_model,
     (out / name).symlink_to(victim)
     _one_line(runner.invoke(app, ["run", str(cfg), "--out", str(out), "--resume"]), 2, "symbolic link", name)
     assert victim.read_text() == "the user's own data\n"
+
+
+# ---- 5. a verifier stuck in a busy loop is killed; the stop rule holds for short runs -----------------------------
+class Spinning:
+    """A verifier that spins forever (pure Python, holding the GIL) on every call."""
+
+    name, seed_prompt = "spin", "Answer."
+
+    def __init__(self) -> None:
+        from conftest import EchoTask
+
+        self._task = EchoTask("spin")
+
+    def problems(self, split):
+        return self._task.problems(split)
+
+    def verify(self, problem, completion):
+        while True:
+            pass
+
+
+def spinning_task() -> Spinning:
+    return Spinning()
+
+
+def _spinning_threads() -> int:
+    return sum(t.is_alive() and t.daemon for t in threading.enumerate())
+
+
+def test_5_a_spinning_verifier_is_killed_and_a_short_run_still_stops(tiny_model, tmp_path):
+    import psutil
+
+    threads_before = _spinning_threads()
+    cfg = _yaml(tmp_path, tiny_model, task="test_reliability3:spinning_task", extra="verify_timeout_s: 0.2\n")
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "r")])
+    # fewer calls than verifier_error_window (256), every one failed: exit 1, not 0
+    _one_line(result, 1, "verifier failed on")
+    assert _spinning_threads() == threads_before  # no thread left spinning
+    me = psutil.Process()
+    busy = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert busy == []  # and no process either
+    assert me.cpu_percent(interval=0.5) < 50  # nothing of ours keeps a core busy

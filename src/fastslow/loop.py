@@ -49,7 +49,7 @@ from fastslow.rundir import (  # noqa: F401 - re-exported
 )
 from fastslow.slow import Rollouts
 from fastslow.stream import continual_metrics, stage_at, stage_spans, stream_columns
-from fastslow.tasks import Task, load_task
+from fastslow.tasks import Task, close_verifier_workers, load_task
 from fastslow.util import derive_seed, redact
 
 MAX_NONFINITE_STREAK = 5
@@ -155,6 +155,7 @@ class Trainer:
             return self._run()
         finally:
             self.engine.close()
+            close_verifier_workers()
             self.lock.release()
 
     def _run(self) -> dict:
@@ -321,7 +322,7 @@ class Trainer:
         # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._append_metrics(json.dumps(clean) + "\n")
-        problem = self.verifier_window.verdict()
+        problem = self.verifier_window.verdict(final=step == self.cfg.total_steps)
         if problem:  # checked once the row is logged, so the run's record shows the counts that stopped it
             raise TrainingError(
                 f"{problem} (verifier errors {st.verifier_errors}/{st.verifier_calls} in all); the run stops at "

@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from fastslow.guard import private_fds
+
 LOCK = ".fastslow.lock"
 MARKER = ".fastslow-run"
 # Top-level entries a run writes (the lock and marker themselves are kept: the lock must stay while held).
@@ -116,9 +118,11 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        private_fds.add(fd)  # a forked verifier worker closes its copy
 
     def release(self) -> None:
         if self._fd is not None:
+            private_fds.discard(self._fd)
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
 
