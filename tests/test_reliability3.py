@@ -253,3 +253,19 @@ def test_5_a_spinning_verifier_is_killed_and_a_short_run_still_stops(tiny_model,
     busy = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert busy == []  # and no process either
     assert me.cpu_percent(interval=0.5) < 50  # nothing of ours keeps a core busy
+
+
+# ---- 4. a task file edited under the same path is not resumed silently --------------------------------------------
+def test_4_resume_refuses_a_task_file_whose_contents_changed(tiny_model, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"q{i}", "answer": str(i), "split": "eval" if i < 4 else "train"} for i in range(12)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out, cfg = tmp_path / "run", _yaml(tmp_path, tiny_model, task=f"jsonl:{data}", steps=3)
+    assert runner.invoke(app, ["run", str(cfg), "--out", str(out), "--set", "stages.0.steps=2"]).exit_code == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    data.write_text("\n".join(json.dumps({**r, "answer": r["answer"] + "0"}) for r in rows) + "\n")
+    _one_line(runner.invoke(app, ["run", str(cfg), "--out", str(out), "--resume"]), 2, "changed since the checkpoint",
+              "qa")
+    assert (out / "metrics.jsonl").read_bytes() == before
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # restored: resumes
+    assert runner.invoke(app, ["run", str(cfg), "--out", str(out), "--resume"]).exit_code == 0

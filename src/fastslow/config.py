@@ -424,3 +424,15 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     if old_stages != new_stages:
         changed["stages"] = [old_stages, new_stages]
     return changed
+
+
+def resume_task_changes(old: dict[str, str], new: dict[str, str], step: int) -> None:
+    """Refuse a resume whose tasks hold other problems than the checkpoint's (the same spec, a file edited under
+    the same path): the rows before and after would be about different data. ``old``/``new``: content hash by
+    task name (:func:`fastslow.tasks.content_hash`); a task the checkpoint did not know is new, not changed."""
+    changed = [name for name, digest in new.items() if name in old and old[name] != digest]
+    if changed:
+        raise ConfigError(
+            f"--resume: the problems of task {', '.join(map(repr, changed))[:MAX_QUOTE]} changed since the "
+            f"checkpoint at step {step} (its file was edited?): restore them, or start a new run"
+        )

@@ -33,7 +33,7 @@ import yaml
 
 from fastslow.checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint, write_json_atomic
 from fastslow.checks import VerifierWindow, check_splits, fit_to_context, weights_finite
-from fastslow.config import Config, ConfigError, resume_changes
+from fastslow.config import Config, ConfigError, resume_changes, resume_task_changes
 from fastslow.drift import DriftMeter
 from fastslow.engines import build_engine, launched_rank
 from fastslow.errors import TrainingError, build_checked
@@ -49,7 +49,7 @@ from fastslow.rundir import (  # noqa: F401 - re-exported
 )
 from fastslow.slow import Rollouts
 from fastslow.stream import continual_metrics, stage_at, stage_spans, stream_columns
-from fastslow.tasks import Task, close_verifier_workers, load_task
+from fastslow.tasks import Task, close_verifier_workers, content_hash, load_task
 from fastslow.util import derive_seed, redact
 
 MAX_NONFINITE_STREAK = 5
@@ -108,6 +108,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.spans = stage_spans([s.model_dump() for s in cfg.stages])  # [first step, end step) per stage
         self.tasks, self.stage_tasks = load_stream(cfg)  # tasks by unique name; the task name of each stage
+        self.task_hashes = {name: content_hash(task) for name, task in self.tasks.items()}
         check_model(cfg)  # before anything loads: a missing model is one line, not a hub traceback
         for name, task in self.tasks.items():
             check_splits(task, name)
@@ -118,6 +119,7 @@ class Trainer:
             if saved.get("config") is not None:  # format-1 checkpoints carry no config
                 self._resume_changes = resume_changes(saved["config"], cfg.model_dump(mode="json"),
                                                       saved["loop"]["step"])
+            resume_task_changes(saved.get("tasks") or {}, self.task_hashes, saved["loop"]["step"])
         self.engine = build_checked(build_engine, cfg, ckpt / "model" if ckpt else None)
         self.policy, self.slow, self.fast = self.engine.policy, self.engine.slow, self.engine.fast
         if self.fast is not None and hasattr(self.fast, "reflector"):
@@ -358,6 +360,7 @@ class Trainer:
                 "reflection_health": self.health.state_dict(),
                 "torch_rng": torch.get_rng_state().tolist(),
                 "config": self.cfg.model_dump(mode="json"),
+                "tasks": self.task_hashes,
             }
             (tmp / "state.json").write_text(json.dumps(state))
             # The rows so far travel with the checkpoint: a metrics file cut short is rebuilt from them.

@@ -13,7 +13,9 @@ Task specs used in configs:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,6 +114,16 @@ def safe_verify(
         from fastslow.util import redact  # feedback goes to the reflection model and may be stored: no keys
 
         return Verdict(0.0, redact(f"verifier error: {type(exc).__name__}: {exc}")), True
+
+
+def content_hash(task: Task) -> str:
+    """sha256 of a task's problems (both splits: ids, prompts, answers): a task file edited under the same
+    path, or a dataset drawn differently, has another hash."""
+    h = hashlib.sha256()
+    for split in ("train", "eval"):
+        for p in task.problems(split):
+            h.update(json.dumps([split, str(p.id), str(p.prompt), str(p.answer)]).encode())
+    return h.hexdigest()
 
 
 def load_task(spec: str, name: str | None = None) -> Task:
