@@ -326,3 +326,13 @@ def test_8_15_fetch_killed_then_concurrent_leaves_one_readable_folder_and_prints
     assert leftovers == []  # the killed fetch's temporary folder is gone
     assert folder.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()} == {0o644}
+
+
+def test_15_a_run_whose_output_is_no_terminal_prints_plain_progress_lines(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSLOW_PROGRESS_EVERY_S", "0")
+    result = runner.invoke(app, ["run", str(_yaml(tmp_path, tiny_model, steps=3)), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if ": step " in line]
+    assert [line.split(": step ")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"], result.output
+    assert all("elapsed, about" in line and line.endswith(tuple("0123456789")) for line in lines)
+    assert result.output.strip().splitlines()[-1].startswith("done:")

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -89,8 +90,34 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
-        disable=not _main_process(),
+        disable=not _main_process() or not console.is_terminal,  # no terminal: plain lines (run_config)
     )
+
+
+class PlainProgress:
+    """Progress as plain lines (steps done, elapsed time, time left) for output that is not a terminal, where a
+    live bar prints nothing until the end: a line when ``FASTSLOW_PROGRESS_EVERY_S`` (10) have passed since the
+    last, and the last step's once any was printed."""
+
+    def __init__(self, label: str, total: int, start: int) -> None:
+        from fastslow.util import progress_every_s
+
+        self.label, self.total, self.start = label, total, start
+        self.every_s = progress_every_s()
+        self.t0 = self._last = time.monotonic()
+        self._printed = False
+
+    def update(self, done: int, info: str) -> None:
+        from fastslow.util import duration
+
+        now = time.monotonic()
+        if now - self._last < self.every_s and not (done == self.total and self._printed):
+            return
+        self._last, self._printed = now, True
+        took = now - self.t0
+        left = took / max(done - self.start, 1) * (self.total - done)
+        say(f"{self.label}: step {done}/{self.total} ({100 * done // max(self.total, 1)}%), {duration(took)} "
+            f"elapsed, about {duration(left)} left" + (f"  {info}" if info else ""))
 
 
 def run_config(
@@ -115,11 +142,16 @@ def run_config(
         if "fast/accepted_total" in row:
             bits.append(f"accepted {row['fast/accepted_total']:.0f}")
         if row.get("fast/failed_reflection_calls"):
-            bits.append(f"reflection errors {row['fast/failed_reflection_calls']:.0f}")
+            bits.append(f"failed reflection calls {row['fast/failed_reflection_calls']:.0f}")
         progress.update(bar, completed=done, info="  ".join(bits) or progress.tasks[bar].fields["info"])
+        if plain is not None:
+            plain.update(done, "  ".join(bits))
 
+    plain: PlainProgress | None = None
     trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step, log=say)
     progress.update(bar, completed=trainer.state.step)
+    if not console.is_terminal and _main_process():
+        plain = PlainProgress(label or cfg.method, cfg.total_steps, trainer.state.step)
     if own:
         with progress:
             return trainer.run()

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastslow.util import duration, progress_every_s
+
 DONE = ".fastslow-installed.json"  # written last: a folder without it is an interrupted install
 
 
@@ -186,7 +188,7 @@ class ProgressLines(io.TextIOBase):
 
     def __init__(self, log: Callable[[str], None], what: str, every_s: float | None = None) -> None:
         self.log, self.what = log, what
-        self.every_s = float(os.environ.get("FASTSLOW_PROGRESS_EVERY_S", 10)) if every_s is None else every_s
+        self.every_s = progress_every_s() if every_s is None else every_s
         self.t0 = self._last = time.monotonic()
         self._tenth = 0
         self._outer = sys.stderr  # the stream before the redirect: a log line must not come back here
@@ -211,16 +213,6 @@ class ProgressLines(io.TextIOBase):
                     self.log(f"{self.what}: {done}/{total} ({100 * done // total}%), {duration(took)} elapsed, "
                              f"about {duration(left)} left")
         return len(text)
-
-
-def duration(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def fetch(name: str, *, log: Callable[[str], None] = lambda _m: None) -> Path:

@@ -75,3 +75,21 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
     text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
     line = " ".join(clean(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def progress_every_s() -> float:
+    """Seconds between plain progress lines (``FASTSLOW_PROGRESS_EVERY_S``, default 10; 0: every update)."""
+    try:
+        return max(0.0, float(os.environ.get("FASTSLOW_PROGRESS_EVERY_S", 10)))
+    except ValueError:
+        return 10.0
