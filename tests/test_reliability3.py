@@ -336,3 +336,33 @@ def test_15_a_run_whose_output_is_no_terminal_prints_plain_progress_lines(tiny_m
     assert [line.split(": step ")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"], result.output
     assert all("elapsed, about" in line and line.endswith(tuple("0123456789")) for line in lines)
     assert result.output.strip().splitlines()[-1].startswith("done:")
+
+
+# ---- 14. the newcomer's path ----------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_14_eval_uses_the_tasks_own_budget_and_its_help_lists_the_families(tiny_model, monkeypatch):
+    import fastslow.rollout as rollout
+
+    budgets = []
+    real = rollout.score_prompt
+
+    def spy(sample, task, prompt, n, **kw):
+        budgets.append(kw["max_new_tokens"])
+        return real(sample, task, prompt, n, **{**kw, "max_new_tokens": 2})
+
+    monkeypatch.setattr(rollout, "score_prompt", spy)
+    for spec in ("humaneval", "rg:basic_arithmetic?max_terms=2&max_digits=1", "micro/flip"):
+        result = runner.invoke(app, ["eval", "--model", str(tiny_model), "--task", spec, "--n", "1"])
+        assert result.exit_code == 0, result.output
+    assert budgets == [256, 32, 24]  # humaneval's function bodies, the shipped smollm2 config's 32, the default
+    help_text = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+    assert all(family in help_text for family in ("rg:", "humaneval", "jsonl:", "micro/"))
+
+
+def test_14_the_readme_example_extracts_the_number_and_says_how_fastslow_gets_on_the_path():
+    readme = (ROOT / "README.md").read_text()
+    example = next(line for line in readme.splitlines() if "--model smollm2-135m" in line)
+    assert "extract=last_number" in example
+    assert ". .venv/bin/activate" in readme and ".venv/bin/fastslow" in readme

@@ -243,11 +243,16 @@ def torch_has_cuda() -> bool:
 @guarded
 def eval_(
     model: Annotated[str, typer.Option(help="Model dir or id; 'micro' = the micro base; or a run's checkpoint.")],
-    task: Annotated[str, typer.Option(help="Task spec: micro/<name>, jsonl:<path>, <module>:<attr>.")],
+    task: Annotated[str, typer.Option(help=(
+        "Task spec: micro/<name> (the micro world), rg:<dataset>[?key=value&...] (reasoning-gym, e.g. "
+        "rg:basic_arithmetic?extract=last_number), humaneval, codeio, jsonl:<path>[?match=..&extract=..], "
+        "<module>:<attr> (your own)."))],
     prompt: Annotated[str | None, typer.Option(help="System prompt (default: the task's seed prompt).")] = None,
     n: Annotated[int, typer.Option(min=1, help="Eval problems.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 24,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="Completion length cap (default: the task's own budget, e.g. humaneval 256, rg: 32; else the config "
+             "default).", min=1)] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's).", min=1)] = None,
 ) -> None:
@@ -262,6 +267,11 @@ def eval_(
 
         torch.set_num_threads(threads)
     t = load_task(task)
+    if max_new_tokens is None:  # the task's own budget (a function body needs more than a number), else the config's
+        from fastslow.config import SlowConfig
+
+        budget = getattr(t, "max_new_tokens", None)
+        max_new_tokens = budget if isinstance(budget, int) and budget > 0 else SlowConfig().max_new_tokens
     policy = load_policy(ModelConfig(path=_model_dir(model)))
     system = t.seed_prompt if prompt is None else prompt
     scored = score_prompt(PolicySampler(policy), t, system, n, temperature=temperature,

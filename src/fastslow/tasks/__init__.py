@@ -54,6 +54,7 @@ class Task(Protocol):
     - ``problems(split)`` is deterministic: the same list every call.
     - ``verify`` returns reward in [0, 1]. It may raise; the engine turns that into reward 0
       with the error as feedback, so one bad rollout never stops a run.
+    - Optional: ``max_new_tokens``, the completion budget the task needs (``fastslow eval``'s default for it).
     """
 
     name: str
