@@ -366,3 +366,106 @@ def test_14_the_readme_example_extracts_the_number_and_says_how_fastslow_gets_on
     example = next(line for line in readme.splitlines() if "--model smollm2-135m" in line)
     assert "extract=last_number" in example
     assert ". .venv/bin/activate" in readme and ".venv/bin/fastslow" in readme
+
+
+# ---- 12. fastslow launch: refusals before any process starts, one line from a dead rank, process groups -----------
+def test_12_launch_refuses_an_unsplittable_batch_and_a_busy_port_before_starting(tiny_model, tmp_path):
+    import socket
+
+    cfg = _yaml(tmp_path, tiny_model, extra="engine: trl\n")
+    cfg.write_text(cfg.read_text().replace("batch_problems: 2", "batch_problems: 4"))
+    _one_line(runner.invoke(app, ["launch", "--nproc", "3", str(cfg), "--out", str(tmp_path / "r")]), 2,
+              "batch_problems", "3 processes")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        _one_line(runner.invoke(app, ["launch", "--nproc", "2", "--nnodes", "2", "--main-port", str(port), str(cfg),
+                                      "--out", str(tmp_path / "r")]), 2, f"--main-port {port}", "not free")
+    assert not (tmp_path / "r").exists()
+
+
+def rank1_dies_task():
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("rank one's task failed to load")
+    from conftest import vowel_task
+
+    return vowel_task()
+
+
+def sleeping_task():
+    import time
+
+    time.sleep(300)
+
+
+def _launcher(tmp_path, tiny_model, task):
+    import subprocess
+    import sys
+
+    cfg = _yaml(tmp_path, tiny_model, task=task, extra="engine: trl\n")
+    out = tmp_path / f"run-{task.rsplit(':', 1)[1]}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [os.environ.get("PYTHONPATH") or str(ROOT / "src"), str(Path(__file__).parent)])}
+    proc = subprocess.Popen([sys.executable, "-m", "fastslow.cli", "launch", "--nproc", "2", str(cfg), "--out",
+                             str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, str(out)
+
+
+def _ours(marker: str) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and marker in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait_for(condition, timeout=120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_12_a_dead_rank_is_one_line_not_torchruns_traceback(tiny_model, tmp_path):
+    proc, _ = _launcher(tmp_path, tiny_model, "test_reliability3:rank1_dies_task")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and "ChildFailedError" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("launch: /")]
+    assert any("rank one's task failed to load" in line for line in lines), err  # the rank's own line
+    assert any(line.startswith("launch: rank 1 exited with status 2") for line in lines), err
+    assert len(lines) <= 3, err  # the command line, the rank's error, launch's verdict
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["launcher", "torchrun"])
+def test_12_killing_the_launcher_or_torchrun_ends_every_process_with_one_line(tiny_model, tmp_path, victim):
+    import signal
+
+    proc, marker = _launcher(tmp_path, tiny_model, "test_reliability3:sleeping_task")
+    try:
+        _wait_for(lambda: len([p for p in _ours(marker) if "run" in p.info["cmdline"]]) >= 3)  # torchrun + 2 ranks
+        if victim == "launcher":
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        else:
+            starter = next(p for p in _ours(marker) if "fastslow.launch" in p.info["cmdline"])
+            starter.send_signal(signal.SIGKILL)
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 2 and "Traceback" not in err
+            assert "killed by SIGKILL" in err.strip().splitlines()[-1], err
+        _wait_for(lambda: not _ours(marker), timeout=30)  # torchrun and both ranks are gone
+    finally:
+        for p in _ours(marker):
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()

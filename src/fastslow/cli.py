@@ -14,6 +14,10 @@ from typing import Annotated
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if os.environ.get("FASTSLOW_STARTER_PID", "").isdigit():  # a rank of `fastslow launch` (CPU): ends with torchrun
+    from fastslow.util import die_with_parent
+
+    die_with_parent(parent=int(os.environ["FASTSLOW_STARTER_PID"]))
 
 import warnings  # noqa: E402
 
@@ -172,6 +176,11 @@ def run(
     """Run one config: rl, gepa or fst on a task or a stream."""
     from fastslow.config import load_config
 
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a rank (accelerate launch on GPUs): it ends when its starter does
+        from fastslow.util import die_with_parent
+
+        die_with_parent()
+
     overrides = list(set_ or []) + ([f"out={out}"] if out else [])
     cfg = load_config(config, overrides)
     if dry_run:
@@ -224,6 +233,12 @@ def launch(
     require_trl()
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
     checked_sharding(accelerate_config)  # before any process starts
+    from fastslow.engines.trl import grpo_kwargs
+    from fastslow.launch import check_port_free
+
+    grpo_kwargs(cfg, world_size=(nproc or cfg.scale.nproc) * nnodes, cuda=False)  # e.g. a batch the ranks cannot split
+    if nnodes > 1 and node_rank == 0:
+        check_port_free(main_address, main_port)
     if accelerate_config and not torch_has_cuda():
         say(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
             "(accelerate shards on accelerators only)")

@@ -93,3 +93,16 @@ def progress_every_s() -> float:
         return max(0.0, float(os.environ.get("FASTSLOW_PROGRESS_EVERY_S", 10)))
     except ValueError:
         return 10.0
+
+
+def die_with_parent(sig: int = 15, parent: int | None = None) -> None:
+    """Linux: this process gets ``sig`` (SIGTERM) when its parent dies, so the processes of ``fastslow launch``
+    end together. ``parent``: the pid the parent must have; one that already died (before this call) counts."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
