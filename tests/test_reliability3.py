@@ -469,3 +469,99 @@ def test_12_killing_the_launcher_or_torchrun_ends_every_process_with_one_line(ti
             p.kill()
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- 16. report_to: the same rows in the trackers' own files ------------------------------------------------------
+def _metric_series(out: Path) -> dict[str, list[tuple[int, float]]]:
+    from fastslow.trackers import numeric
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for key, value in numeric(row).items():
+            series.setdefault(key, []).append((row["step"], value))
+    return series
+
+
+def test_16_tensorboard_event_files_hold_every_metrics_row(tiny_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cfg = _yaml(tmp_path, tiny_model, extra="report_to: [tensorboard]\n")
+    assert runner.invoke(app, ["run", str(cfg), "--out", str(out)]).exit_code == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    expected = _metric_series(out)
+    assert set(events.Tags()["scalars"]) == set(expected) and "slow/loss" in expected
+    for key, points in expected.items():
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in points], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), key  # float32 on disk
+
+
+@pytest.mark.slow
+def test_16_wandb_offline_and_mlflow_local_get_the_same_rows(tiny_model, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # (the tracker sets it too; restored after the test)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    cfg = _yaml(tmp_path, tiny_model, extra="report_to: [wandb, mlflow]\n")
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = _metric_series(out)
+
+    client = MlflowClient((out / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("fastslow").experiment_id])
+    for key, points in expected.items():
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert [s for s, _ in got] == [s for s, _ in points], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in points]), key
+
+    (offline,) = (out / "wandb").glob("offline-run-*/run-*.wandb")  # offline: nothing left the machine
+    rows = _wandb_history(offline)
+    for key, points in expected.items():
+        got = [(r["_step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in got] == [s for s, _ in points], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in points]), key
+    assert wandb.run is None  # finished
+
+
+def _wandb_history(path: Path) -> list[dict]:
+    """The history rows of a W&B run file (a LevelDB-style log of protobuf records: 7-byte headers, 32 KiB
+    blocks), read back with wandb's own record type."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in items})
+    return rows
+
+
+def test_16_a_tracker_that_cannot_start_is_one_line_before_step_0(tiny_model, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    out = tmp_path / "run"
+    cfg = _yaml(tmp_path, tiny_model, extra="report_to: [tensorboard, wandb]\n")
+    _one_line(runner.invoke(app, ["run", str(cfg), "--out", str(out)]), 2, "report_to", "wandb", "fastslow[trackers]")
+    assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""  # no step ran

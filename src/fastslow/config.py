@@ -235,6 +235,11 @@ class Config(_Strict):
     checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every N loop steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
     out: str = Field("runs/run", description="Run directory.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers that also get every metrics row (main process; "
+        "offline/local by default: <out>/tensorboard, <out>/wandb unless WANDB_MODE, <out>/mlruns unless "
+        "MLFLOW_TRACKING_URI; pip install 'fastslow[trackers]')."
+    )
 
     @field_validator("engine")
     @classmethod
@@ -375,7 +380,7 @@ RESUME_SAFE = frozenset({
     "out", "threads", "eval.every", "drift.every", "checkpoint_every", "keep_checkpoints", "verify_timeout_s",
     "verifier_error_window", "max_verifier_error_share", "oversize_problems", "allow_unsafe_execution",
     "fast.reflection_timeout_s",
-    "fast.reflection_retries", "fast.max_reply_chars", "fast.max_prompt_chars",
+    "fast.reflection_retries", "fast.max_reply_chars", "fast.max_prompt_chars", "report_to",
 })
 
 

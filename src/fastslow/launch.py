@@ -144,6 +144,9 @@ def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
     from fastslow.tasks import load_task
 
     tasks = {s.task: load_task(s.task).name for s in cfg.stages}
+    from fastslow.trackers import check_installed
+
+    check_installed(cfg.report_to)
     if cfg.method in ("gepa", "fst"):
         make_reflector(cfg.fast.reflector, cfg.fast)
     out: dict[str, Any] = {"method": cfg.method, "engine": cfg.engine, "model": cfg.model.path,

@@ -50,6 +50,7 @@ from fastslow.rundir import (  # noqa: F401 - re-exported
 from fastslow.slow import Rollouts
 from fastslow.stream import continual_metrics, stage_at, stage_spans, stream_columns
 from fastslow.tasks import Task, close_verifier_workers, content_hash, load_task
+from fastslow.trackers import close_quietly, numeric, open_trackers
 from fastslow.util import derive_seed, redact
 
 MAX_NONFINITE_STREAK = 5
@@ -150,6 +151,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
             write_text_nofollow(self.out / "config.yaml", redact(config_text))
+        self.trackers = []  # report_to: started before step 0 (one that cannot start is one line), main process only
+        if self.main and cfg.report_to:
+            self.trackers = open_trackers(cfg.report_to, self.out, yaml.safe_load(redact(config_text)))
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -158,6 +162,8 @@ class Trainer:
         finally:
             self.engine.close()
             close_verifier_workers()
+            for tracker in self.trackers:
+                close_quietly(tracker)
             self.lock.release()
 
     def _run(self) -> dict:
@@ -324,6 +330,8 @@ class Trainer:
         # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._append_metrics(json.dumps(clean) + "\n")
+        for tracker in self.trackers:  # the same row, namespaced keys and all
+            tracker.log(numeric(clean), step)
         problem = self.verifier_window.verdict(final=step == self.cfg.total_steps)
         if problem:  # checked once the row is logged, so the run's record shows the counts that stopped it
             raise TrainingError(

@@ -25,7 +25,8 @@ from fastslow.guard import private_fds
 LOCK = ".fastslow.lock"
 MARKER = ".fastslow-run"
 # Top-level entries a run writes (the lock and marker themselves are kept: the lock must stay while held).
-OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints")
+OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints",
+         "tensorboard", "wandb", "mlruns")  # the last three: report_to's trackers (fastslow.trackers)
 # Scratch dirs (GEPA rounds) and temp files (atomic JSON writes) carry a name only fastslow uses.
 SCRATCH_PREFIX = ".fastslow-gepa-"
 TEMP_INFIX = ".fastslow-tmp-"
