@@ -226,18 +226,22 @@ def launch(
     run_args = list(ctx.args)
     sets = [run_args[i + 1] for i, a in enumerate(run_args[:-1]) if a == "--set"]
     cfg = load_config(config, sets)
-    if cfg.engine != "trl":
-        fail(f"launch runs engine 'trl'; {config} has engine '{cfg.engine}' (set engine: trl or --set engine=trl)")
-    from fastslow.engines.trl import checked_sharding, require_trl
+    from fastslow import registry
 
-    require_trl()
+    spec = registry.engine_spec(cfg.engine)
+    if not spec.launchable:
+        runs = " or ".join(f"engine '{name}'" for name in registry.listing()["engines"]
+                           if registry.engine_spec(name).launchable)
+        fail(f"launch runs {runs} on several processes; {config} has engine '{cfg.engine}' (set engine: trl or "
+             "--set engine=trl)")
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
-    checked_sharding(accelerate_config)  # before any process starts
-    from fastslow.engines.trl import grpo_kwargs
-    from fastslow.launch import check_port_free
-
-    grpo_kwargs(cfg, world_size=(nproc or cfg.scale.nproc) * nnodes, cuda=False)  # e.g. a batch the ranks cannot split
+    if spec.check_launch is not None:  # before any process starts; scale.nproc: every process of the run
+        world = (nproc or cfg.scale.nproc) * nnodes
+        spec.check_launch(cfg.model_copy(update={"scale": cfg.scale.model_copy(update={"nproc": world})}),
+                          accelerate_config)
     if nnodes > 1 and node_rank == 0:
+        from fastslow.launch import check_port_free
+
         check_port_free(main_address, main_port)
     if accelerate_config and not torch_has_cuda():
         say(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
@@ -326,6 +330,33 @@ def report(
 
 @app.command()
 @guarded
+def serve(
+    target: Annotated[Path, typer.Argument(help="A config (with --out), a serving run dir (restart) or a training "
+                                                "run dir (its weights and prompts, served from RUN_DIR/serve).")],
+    out: Annotated[str | None, typer.Option(help="Serving run directory (overrides the config's out).")] = None,
+    host: Annotated[str, typer.Option(help="Bind address; beyond loopback needs the serve.api_key_env key.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    learn: Annotated[bool, typer.Option(help="Store answers and feedback; learn from them in the background.")]
+    = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: key=value (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved serving plan as JSON (serve.backend vllm: the "
+                                                "vLLM command and adapter pushes); serve nothing.")] = False,
+) -> None:
+    """An OpenAI-compatible server over the current weights and fast context (see fastslow.serve)."""
+    from fastslow.serve import resolve_target, run_server, serve_plan
+    from fastslow.util import redact
+
+    cfg, run_dir, source = resolve_target(target, out, list(set_ or []))
+    if dry_run:
+        typer.echo(json.dumps(serve_plan(cfg, run_dir, host=host, port=port, learn=learn), indent=2))
+        return
+    run_server(cfg, run_dir, host=host, port=port, learn=learn, source=source,
+               log=lambda m: console.print(redact(m), markup=False, highlight=False, soft_wrap=True))
+
+
+@app.command()
+@guarded
 def demo(
     out: Annotated[Path, typer.Option(help="Where the runs, probes and report go.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="A ~2 minute version (shorter stages and probes).")] = False,
@@ -346,6 +377,28 @@ def demo(
 
     where = escape(clean(str(Path(result["report"]).resolve())))
     console.print(f"[bold green]report:[/] {where}  ({result['wall_s'] / 60:.1f} min)", markup=True)
+
+
+@app.command()
+@guarded
+def selftest(
+    engine: Annotated[str, typer.Option(help="The engine to hold to the native reference (e.g. trl).")] = "trl",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+) -> None:
+    """About a minute: ENGINE vs native on this machine with a tiny model (lr per update, drift on the same
+    weights, first update with objectives aligned): a table of max relative differences. Exit 1 if one is off."""
+    from fastslow import registry
+    from fastslow.conformance import format_table, selftest
+
+    if registry.engine_spec(engine) is None:
+        fail(f"--engine: unknown engine {engine!r}: use one of {registry.known('engines')}")
+    checks = selftest(engine)
+    if as_json:
+        typer.echo(json.dumps([{**vars(c), "ok": c.ok} for c in checks], indent=2))
+    else:
+        typer.echo(format_table(checks, engine))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 
 @probe_app.command("plasticity")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class Batch:
     completion_ids: torch.Tensor  # [B, C] right-padded; includes the eos token when one was produced
     completion_mask: torch.Tensor  # [B, C]
     texts: list[str]  # decoded completions, special tokens removed
+    logprobs: torch.Tensor | None = None  # [B, C] the sampler's log-probs of the completion tokens, when it gives them
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -47,6 +49,7 @@ class Batch:
             self.completion_ids[idx],
             self.completion_mask[idx],
             [self.texts[i] for i in idx.tolist()],
+            None if self.logprobs is None else self.logprobs[idx],
         )
 
 
@@ -108,6 +111,15 @@ class Policy:
         """
         return None
 
+    def weights_sha256(self, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+        """sha256 of the whole weights (``state_dict``, else the model's own), names and bytes in name order."""
+        state = self.model.state_dict() if state_dict is None else state_dict
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Weights (the adapter alone under LoRA) and tokenizer, loadable by ``from_pretrained``."""
         self.model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
@@ -139,10 +151,12 @@ class Policy:
         seed: int,
         use_base: bool = False,
         max_batch: int = 256,
+        streamer=None,
     ) -> Batch:
         """Sample one completion per prompt (repeat a prompt for a group). ``temperature=0`` is greedy.
 
-        Seeded per call so that a run (and a resumed run) draws the same samples on CPU.
+        Seeded per call so that a run (and a resumed run) draws the same samples on CPU. ``streamer`` (a
+        transformers ``BaseStreamer``) receives each step's new tokens, one per row (the server's SSE streams).
         """
         torch.manual_seed(seed)
         model = self.base_model if use_base else self.model
@@ -160,6 +174,7 @@ class Policy:
                     eos_token_id=eos,
                     pad_token_id=pad,
                     **(sampling if temperature > 0 else {"do_sample": False}),
+                    **({"streamer": streamer} if streamer is not None else {}),
                 )
             completion = out[:, ids.shape[1] :]
             # Tokens after the first eos are padding; the eos itself is the policy's choice to stop.
@@ -174,12 +189,16 @@ class Policy:
         return Batch(prompt_ids, prompt_mask, comp_ids, comp_mask, texts)
 
     # ---- scoring ------------------------------------------------------------------------------
-    def make_batch(self, prompts: Sequence[str], completions: Sequence[str], *, add_eos: bool = True) -> Batch:
-        """A Batch of given (formatted prompt, completion text) pairs, to score completions not sampled here."""
+    def make_batch(self, prompts: Sequence[str], completions: Sequence[str], *,
+                   add_eos: bool | Sequence[bool] = True) -> Batch:
+        """A Batch of given (formatted prompt, completion text) pairs, to score completions not sampled here.
+
+        ``add_eos``: end every completion (or, one flag per row, those that stopped) with the eos token."""
         prompt_ids, prompt_mask = self._encode_prompts(prompts)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        rows = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if add_eos else [])
-                for c in completions]
+        ends = [add_eos] * len(completions) if isinstance(add_eos, bool) else list(add_eos)
+        rows = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if end else [])
+                for c, end in zip(completions, ends, strict=True)]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -220,6 +239,10 @@ class Policy:
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def finite(self) -> bool:
+        """True when every trainable parameter is finite (a sharded one is checked shard by shard)."""
+        return all(bool(torch.isfinite(p).all()) for _, p in self.trainable_parameters())
 
     def base_parameters(self) -> dict[str, torch.Tensor]:
         """Base values of the trainable parameters (zeros for LoRA's B matrices: the adapter starts at 0)."""

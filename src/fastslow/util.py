@@ -106,3 +106,9 @@ def die_with_parent(sig: int = 15, parent: int | None = None) -> None:
         return
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun / accelerate launch announce it (0 when started alone), known before
+    any engine is built (the run-dir lock is taken by rank 0 only)."""
+    return int(os.environ.get("RANK", "0"))

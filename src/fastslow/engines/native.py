@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastslow.channels import fast_on, slow_on
 from fastslow.config import Config
-from fastslow.engines import Engine, fast_on, slow_on
+from fastslow.engines.base import ChannelEngine
 from fastslow.fast import FastChannel
 from fastslow.policy import Policy
 from fastslow.reflect import make_reflector
@@ -16,7 +17,7 @@ from fastslow.rollout import PolicySampler
 from fastslow.slow import SlowLearner
 
 
-def build(cfg: Config, weights: Path | None) -> Engine:
+def build(cfg: Config, weights: Path | None) -> ChannelEngine:
     policy = Policy.load(cfg.model, weights=weights)
     if not slow_on(cfg.method):
         policy.model.requires_grad_(False)
@@ -26,4 +27,4 @@ def build(cfg: Config, weights: Path | None) -> Engine:
     if fast_on(cfg.method):
         fast = FastChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
                            max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
-    return Engine("native", policy, sample, slow, fast)
+    return ChannelEngine("native", policy, sample, slow, fast)
