@@ -565,3 +565,15 @@ def test_16_a_tracker_that_cannot_start_is_one_line_before_step_0(tiny_model, tm
     cfg = _yaml(tmp_path, tiny_model, extra="report_to: [tensorboard, wandb]\n")
     _one_line(runner.invoke(app, ["run", str(cfg), "--out", str(out)]), 2, "report_to", "wandb", "fastslow[trackers]")
     assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""  # no step ran
+
+
+@pytest.mark.parametrize("field", ["fast.reflector_key_env", "serve.api_key_env"])
+def test_6_any_configured_key_env_is_masked_whatever_its_shape(field, monkeypatch):
+    from fastslow.config import load_config
+    from fastslow.util import one_line, redact
+
+    name, value = f"ODDLY_NAMED_{field.split('.')[0].upper()}", f"zz9plural-{field.split('.')[0]}"
+    monkeypatch.setenv(name, value)
+    assert redact(f"it is {value}") == f"it is {value}"  # not a key until a config says so
+    load_config(None, ["stages=[{task: micro/flip, steps: 1}]", f"{field}={name}"])
+    assert value not in redact(f"it is {value}") and value not in one_line(f"x {value}")

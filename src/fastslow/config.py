@@ -275,6 +275,14 @@ class ServeConfig(_Strict):
     api_key_env: str = Field(
         "FASTSLOW_SERVE_KEY", description="Env var holding the API key. When set, every route but /healthz needs "
         "'Authorization: Bearer <key>'; binding any host other than loopback requires it. Never logged or stored.")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _mask_key(cls, value: str) -> str:
+        from fastslow.util import add_secret_env
+
+        add_secret_env(value)  # its value is redacted everywhere, whatever the variable is called
+        return value
     score: Literal["feedback", "verifier"] = Field(
         "feedback", description="--learn: where rewards come from: feedback (POST /v1/feedback) or verifier (the "
         "task's verifier scores every answer whose user turn is a known problem of the task).")
