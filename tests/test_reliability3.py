@@ -577,3 +577,18 @@ def test_6_any_configured_key_env_is_masked_whatever_its_shape(field, monkeypatc
     assert redact(f"it is {value}") == f"it is {value}"  # not a key until a config says so
     load_config(None, ["stages=[{task: micro/flip, steps: 1}]", f"{field}={name}"])
     assert value not in redact(f"it is {value}") and value not in one_line(f"x {value}")
+
+
+@pytest.mark.slow
+def test_12_the_accelerate_starter_also_ends_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "dies.py"
+    script.write_text("import sys\nprint('error: the run said why', file=sys.stderr)\nsys.exit(2)\n")
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-m", "fastslow.launch", "--accelerate", "--cpu", "--num_processes", "1",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("launch: the run exited with status 2"), done.stderr

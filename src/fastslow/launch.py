@@ -39,7 +39,7 @@ def launch_command(config: Path, run_args: list[str], *, nproc: int, accelerate_
     gpu = torch.cuda.is_available() if gpu is None else gpu
     target = ["-m", "fastslow.cli", "run", str(config), *run_args]
     if gpu:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        cmd = [sys.executable, "-m", "fastslow.launch", "--accelerate"]  # accelerate launch, wrapped
         if accelerate_config:
             cmd += ["--config_file", accelerate_config]
         cmd += ["--num_processes", str(nproc * nnodes), "--num_machines", str(nnodes)]
@@ -101,21 +101,34 @@ def launch(cmd: list[str], log=print) -> int:
     return rc
 
 
-def _torchrun(argv: list[str]) -> int:
-    """``torchrun ARGV`` with its failures as one line: a rank that died (its own error line is above), a
-    rendezvous that failed (a busy port), a signal. Dies with its parent (the launcher)."""
+def _starter(argv: list[str]) -> int:
+    """``torchrun ARGV`` (or ``accelerate launch ARGV[1:]`` when ARGV[0] is ``--accelerate``) with its failures as
+    one line: a rank that died (its own error line is above), a rendezvous that failed (a busy port), a signal.
+    The ranks end with this process, and it with the launcher."""
     import logging
+    import subprocess
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
 
     from fastslow.util import one_line
 
     os.environ[STARTER_ENV] = str(os.getpid())  # the ranks end with this process (fastslow.cli reads it)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its per-rank warnings
+    name = "accelerate launch" if argv[:1] == ["--accelerate"] else "torchrun"
     try:
-        run(parse_args(argv))
+        if name == "torchrun":
+            from torch.distributed.run import parse_args, run
+
+            run(parse_args(argv))
+        else:
+            from accelerate.commands.launch import launch_command, launch_command_parser
+
+            launch_command(launch_command_parser().parse_args(argv[1:]))
+    except subprocess.CalledProcessError as exc:  # accelerate's one-process path: the run's own line is above
+        print(f"launch: the run exited with status {exc.returncode} (its own error line, if any, is above)",
+              file=sys.stderr)
+        return exc.returncode if exc.returncode in (1, 2) else 1
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode
@@ -126,8 +139,8 @@ def _torchrun(argv: list[str]) -> int:
     except SignalException as exc:
         print(f"launch: stopped by {signal.Signals(exc.sigval).name}; the ranks were stopped", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - a rendezvous or start-up failure of torchrun: one line
-        print(f"launch: torchrun failed: {type(exc).__name__}: {one_line(exc, 300)}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a rendezvous or start-up failure: one line
+        print(f"launch: {name} failed: {type(exc).__name__}: {one_line(exc, 300)}", file=sys.stderr)
         return 2
     return 0
 
@@ -164,5 +177,5 @@ def accelerate_configs() -> list[Path]:
     return sorted(root.glob("*.yaml"))
 
 
-if __name__ == "__main__":  # `python -m fastslow.launch TORCHRUN_ARGS`: what launch_command starts on CPUs
-    sys.exit(_torchrun(sys.argv[1:]))
+if __name__ == "__main__":  # `python -m fastslow.launch [--accelerate] ARGS`: what launch_command starts
+    sys.exit(_starter(sys.argv[1:]))
