@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 if os.environ.get("FASTSLOW_STARTER_PID", "").isdigit():  # a rank of `fastslow launch` (CPU): ends with torchrun
     from fastslow.util import die_with_parent
 
-    die_with_parent(parent=int(os.environ["FASTSLOW_STARTER_PID"]))
+    die_with_parent(parent=int(os.environ.pop("FASTSLOW_STARTER_PID")))  # (popped: not for the rank's own children)
 
 import warnings  # noqa: E402
 
