@@ -80,7 +80,7 @@ def test_busy_machine(load, cpus, want):
 
 def test_load_note_names_load_and_cpus(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (7.2, 5.0, 3.0))
-    assert threads.load_note(2) == "machine busy: load 7.2 on 2 CPUs"
+    assert threads.load_note(2) == "machine busy: 2 CPUs, load 7.2"
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     assert threads.load_note(2) is None
 
@@ -98,4 +98,4 @@ def test_the_progress_line_says_when_the_machine_is_busy(tiny_model, tmp_path, m
     progress = Progress(TextColumn("{task.fields[info]}"), console=Console(file=out, width=200), auto_refresh=False)
     with progress:
         run_config(small_config(tiny_model, tmp_path / "run", method="rl", steps=1), progress=progress)
-    assert "machine busy: load 9.0 on 2 CPUs" in out.getvalue()
+    assert "machine busy: 2 CPUs, load 9.0" in out.getvalue()

@@ -232,7 +232,7 @@ class Policy:
             if use_base:
                 stack.enter_context(torch.no_grad())
                 model = self.base_model
-            elif not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():  # the policy's weights too when they are the base's (LoRA, aliases)
                 stack.enter_context(_frozen(self.model))
             shared = share_prefixes(batch.prompt_ids, batch.prompt_mask, self.tokenizer.pad_token_id)
             if shared is None:

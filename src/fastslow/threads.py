@@ -84,10 +84,10 @@ def busy(load: float, cpus: int) -> bool:
 
 
 def load_note(cpus: int | None = None) -> str | None:
-    """'machine busy: load L on N CPUs' when the 1-minute load average says the CPUs are oversubscribed."""
+    """'machine busy: N CPUs, load L' when the 1-minute load average says the CPUs are oversubscribed."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
     cpus = cpus or usable_cpus()
-    return f"machine busy: load {load:.1f} on {cpus} CPU{'s' * (cpus > 1)}" if busy(load, cpus) else None
+    return f"machine busy: {cpus} CPU{'s' * (cpus > 1)}, load {load:.1f}" if busy(load, cpus) else None
