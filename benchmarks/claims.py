@@ -184,8 +184,8 @@ def _finished_with(out: Path, settings: dict, protocol: str) -> bool:
         marker = (out / "protocol.sha256").read_text().strip()
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    complete = isinstance(summary, dict) and (
-        "stages" not in settings or summary.get("steps") == sum(stage["steps"] for stage in settings["stages"]))
+    total = sum(stage["steps"] for stage in settings.get("stages", []))
+    complete = isinstance(summary, dict) and summary.get("steps", total) == total  # a summary of the whole run
     return marker == protocol and config == settings and complete
 
 
