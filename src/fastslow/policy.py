@@ -104,7 +104,7 @@ class Policy:
         frozen = copy.deepcopy(base).eval().requires_grad_(False)
         if weights is not None:
             base = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)
-        policy = cls(_aligned(base), tokenizer, device, base_model=frozen)
+        policy = cls(aligned(base), tokenizer, device, base_model=frozen)
         policy.trained_start = weights is not None
         return policy
 
@@ -234,7 +234,10 @@ class Policy:
                 model = self.base_model
             if not torch.is_grad_enabled():  # the policy's weights too when they are the base's (LoRA, aliases)
                 stack.enter_context(_frozen(self.model))
-            shared = share_prefixes(batch.prompt_ids, batch.prompt_mask, self.tokenizer.pad_token_id)
+            # Rows repeating a prompt share it; a head common to distinct prompts is not split off here: scoring
+            # distinct rows (drift probes, evaluation) keeps the one-forward kernels, which the drift meter's
+            # base == policy check at step 0 compares bit for bit across engines.
+            shared = share_prefixes(batch.prompt_ids, batch.prompt_mask, self.tokenizer.pad_token_id, head=False)
             if shared is None:
                 ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
                 mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
@@ -336,7 +339,7 @@ def _frozen(model) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _aligned(model):
+def aligned(model):
     """The model with its weights in memory of its own (as its frozen deep copy), not in the file's mapping.
 
     Matrix kernels take other paths on unaligned data, so a model read from a file and its frozen copy could
@@ -399,7 +402,7 @@ class SharedPrefixes:
         return torch.cat([ones, self.tail_mask[self.inverse]], dim=1)
 
 
-def share_prefixes(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> SharedPrefixes | None:
+def share_prefixes(ids: torch.Tensor, mask: torch.Tensor, pad: int, *, head: bool = True) -> SharedPrefixes | None:
     """The sharing in a left-padded batch, or None when no token would be run fewer times.
 
     Every tail keeps at least one token: generation starts from a prompt's last token, and scoring
@@ -413,7 +416,7 @@ def share_prefixes(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> SharedPre
     limit = min(len(r) for r in prompts) - 1
     while width < limit and all(r[width] == prompts[0][width] for r in prompts):
         width += 1
-    if width < MIN_SHARED_TOKENS:
+    if width < MIN_SHARED_TOKENS or not head:
         width = 0
     if width == 0 and len(prompts) == len(rows):
         return None

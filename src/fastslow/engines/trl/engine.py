@@ -34,7 +34,7 @@ from fastslow.engines.trl.mapping import (
     require_trl,
     world_size_from_env,
 )
-from fastslow.policy import Batch, Policy, _pad_cat
+from fastslow.policy import Batch, Policy, _pad_cat, aligned
 from fastslow.rollout import Scored
 from fastslow.slow import schedule_summary
 from fastslow.tasks import Problem, Task, safe_verify
@@ -165,6 +165,7 @@ class TrlEngine:
         # forward (whose closure would keep calling the live policy) and before resumed weights replace them.
         frozen = None
         if cfg.model.lora is None and not self.args.beta:
+            model = aligned(model)  # as its deep copy: the same kernels, bit-identical logits before any update
             frozen = adapter.as_reference(copy.deepcopy(model).eval().requires_grad_(False), self.args)
         # A placeholder row: GRPOTrainer wants a dataset, our loop supplies the problems.
         self.trainer = tr = GRPOTrainer(
@@ -174,7 +175,7 @@ class TrlEngine:
         tokenizer.padding_side = "left"
         base = None
         if cfg.model.lora is None:  # TRL's reference when it has one (loaded from the model's files), else ours
-            base = tr.ref_model if tr.ref_model is not None else frozen.to(tr.accelerator.device)
+            base = aligned(tr.ref_model) if tr.ref_model is not None else frozen.to(tr.accelerator.device)
         if weights is not None:
             self._load_weights(Path(weights))
         if cfg.scale.gradient_checkpointing:  # transformers turns it on in Trainer.train(), which we never call
