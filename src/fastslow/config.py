@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Method = Literal["rl", "gepa", "fst"]
+Method = Literal["rl", "gepa", "memory", "fst"]
+FastKind = Literal["gepa", "memory", "gepa+memory"]
 
 
 class ConfigError(ValueError):
@@ -97,8 +98,37 @@ class SlowConfig(_Strict):
     max_new_tokens: int = Field(24, gt=0, description="Completion length cap.")
 
 
+class MemoryConfig(_Strict):
+    """Experience memory (``fast.kind: memory`` or ``gepa+memory``, ``method: memory``): lessons and cases.
+
+    Each round samples ``fast.val_size`` train problems twice (with the memory context and with the base prompt,
+    within ``fast.budget`` rollouts), marks the lessons retrieved for a problem helpful or harmful by which did
+    better, and asks ``fast.reflector`` (the same seam as GEPA) for lessons from the scored attempts; the curator
+    turns its reply into add / helpful / harmful / drop operations merged into the store.
+    """
+
+    max_lessons: int = Field(48, gt=0, description="Lessons kept; beyond it the lowest helpful-minus-harmful go.")
+    max_cases: int = Field(200, gt=0, description="Cases (problem, attempt, reward, feedback) kept; the lowest "
+                           "reward (then the oldest) go first.")
+    max_lesson_chars: int = Field(200, gt=0, description="A proposed lesson longer than this is refused (counted).")
+    max_context_tokens: int = Field(
+        256, gt=0, description="Tokens of one context (base prompt + lessons + cases), policy tokenizer; what "
+        "does not fit is left out, and never past the model's own context.")
+    lessons_per_context: int = Field(6, ge=0, description="Top lessons retrieved into a problem's context.")
+    cases_per_context: int = Field(2, ge=0, description="Top cases (worked train examples) retrieved per problem.")
+    drop_harmful_margin: int = Field(
+        3, gt=0, description="A lesson whose harmful count exceeds its helpful count by this much is dropped.")
+    reflect_examples: int = Field(8, gt=0, description="Scored attempts shown to the reflector per round.")
+
+
 class FastConfig(_Strict):
-    """Fast channel: GEPA over a population of system prompts."""
+    """Fast channel: GEPA over a population of system prompts, an experience memory, or both."""
+
+    kind: FastKind | None = Field(
+        None, description="What the fast channel holds: 'gepa' (a prompt population), 'memory' (lessons and cases "
+        "retrieved per problem) or 'gepa+memory' (the prompt plus retrieved memory). null: by method (gepa for "
+        "gepa/fst, memory for memory). Only method fst takes another kind than its method's.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Experience-memory settings.")
 
     every: int = Field(
         10, gt=0,
@@ -190,7 +220,9 @@ class ScaleConfig(_Strict):
 class Config(_Strict):
     """One run. ``stages`` is the task stream; a single-task run is a stream of one stage."""
 
-    method: Method = Field("fst", description="rl: slow only; gepa: fast only (frozen weights); fst: both.")
+    method: Method = Field(
+        "fst", description="rl: slow only; gepa: prompt population only (frozen weights); memory: experience memory "
+        "only (frozen weights); fst: both channels (fast.kind says what the fast one holds).")
     engine: str = Field(
         "native", description="native (one process, the reference) or a registered engine: trl (TRL's GRPOTrainer "
         "under accelerate; pip install 'fastslow[scale]'; `fastslow launch` for several processes)."
@@ -245,10 +277,28 @@ class Config(_Strict):
                 other = by_name.setdefault(stage.name, stage.task)
                 if other != stage.task:
                     raise ValueError(f"stages {other!r} and {stage.task!r} are both named {stage.name!r}")
+        self._kind_fits_method()
         return self._population_divides_group()
 
+    def _kind_fits_method(self) -> None:
+        kind = self.fast.kind
+        if kind is not None and self.method in ("gepa", "memory") and kind != self.method:
+            raise ValueError(f"fast.kind {kind!r} with method {self.method!r}: method {self.method} holds "
+                             f"{self.method} only (use method: fst for fast.kind {kind})")
+        if self.fast_kind in ("memory", "gepa+memory") and self.engine != "native":
+            raise ValueError(f"fast.kind {self.fast_kind!r} runs on engine 'native' only for now")
+
+    @property
+    def fast_kind(self) -> str | None:
+        """What the fast channel holds in this run (None: no fast channel)."""
+        if self.method == "rl":
+            return None
+        if self.method in ("gepa", "memory"):
+            return self.method
+        return self.fast.kind or "gepa"
+
     def _population_divides_group(self) -> Config:
-        if self.method == "fst" and self.slow.group_size % self.fast.population:
+        if self.method == "fst" and "gepa" in (self.fast_kind or "") and self.slow.group_size % self.fast.population:
             raise ValueError(
                 f"fast.population (K={self.fast.population}) must divide slow.group_size "
                 f"(G={self.slow.group_size}) so each prompt gets G/K rollouts per problem"

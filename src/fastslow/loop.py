@@ -61,9 +61,11 @@ class LoopState:
     reflection_calls: int = 0
     reflection_errors: int = 0
     matrix: list[list[float]] = field(default_factory=list)
+    matrix_agnostic: list[list[float]] = field(default_factory=list)  # the same, task-agnostic contexts
     base_rewards: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     last_drift: dict[str, float] = field(default_factory=dict)
+    last_fast: dict[str, float] = field(default_factory=dict)  # the last fast round's metrics
     metrics_bytes: int = 0
     metrics_rows: int = 0
     metrics_sha256: str = ""  # of the first metrics_bytes of metrics.jsonl ("" in format-1 checkpoints)
@@ -168,6 +170,7 @@ class Trainer:
                 t_round = time.perf_counter()
                 rnd = self.fast.run_round(task, workdir=self.out)
                 row.update(rnd.metrics)
+                st.last_fast = dict(rnd.metrics)
                 if rnd.error:  # a faulty reflector or round is survived, never silently
                     self.log(f"step {step}: fast channel kept its population: {rnd.error}")
                 st.fast_rollouts += rnd.rollouts
@@ -203,6 +206,8 @@ class Trainer:
                 row.update(self._evaluate(step=done))
             if done == stage_end:
                 st.matrix.append([st.last_eval[name]["reward"] for name in stream_columns(self.stage_tasks)])
+                st.matrix_agnostic.append([st.last_eval[name]["reward_agnostic"]
+                                           for name in stream_columns(self.stage_tasks)])
             row["slow/verifier_errors"] = float(st.verifier_errors)
             self._log_row(done, row)
             self.timing["step_s"].append(time.perf_counter() - t0)
@@ -222,8 +227,12 @@ class Trainer:
         rng = random.Random(derive_seed(cfg.seed, "batch", step))
         problems = [train[i] for i in rng.sample(range(len(train)), min(cfg.slow.batch_problems, len(train)))]
         g = cfg.slow.group_size
-        contexts = self.fast.prompts_for_group(task, g) if self.fast else [task.seed_prompt] * g
-        pairs = [(ctx, p) for p in problems for ctx in contexts]
+        pairs = []
+        for p in problems:  # one group (one advantage) per problem, whatever contexts it mixes
+            contexts = self.fast.contexts(task, p, g) if self.fast else [task.seed_prompt] * g
+            if len(contexts) != g:
+                raise TrainingError(f"the fast channel gave {len(contexts)} contexts for a group of {g}")
+            pairs += [(ctx, p) for ctx in contexts]
         t_sample = time.perf_counter()
         scored = self.engine.sample(
             task, pairs, temperature=cfg.slow.temperature, top_p=cfg.slow.top_p,
@@ -278,30 +287,40 @@ class Trainer:
         # Every rank measures (with sharded weights each forward is a collective); every rank then takes the
         # main process's numbers, so the drift budget steers alike everywhere.
         self.state.last_drift = self.engine.broadcast(self.drift.measure())
+        moved = {k: v for k, v in self.state.last_drift.items() if k in ("drift/kl_rev", "drift/kl_fwd") and v != 0}
+        if self.slow is None and moved:  # frozen weights (gepa, memory) sit at KL exactly 0, by construction
+            raise TrainingError(f"method {self.cfg.method} trains no weights but the drift meter measured {moved}")
         if self.slow is not None:  # the drift budget (slow.kl_target) steers on the exact reverse KL
             self.slow.observe_drift(self.state.last_drift.get("drift/kl_rev"))
         return dict(self.state.last_drift)
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        """Every task of the stream, greedy (by default) on its eval split, with seed and best prompt."""
+        """Every task of the stream, greedy (by default) on its eval split, with the seed prompt and with the
+        fast channel's context for each problem: task-aware (``reward``: told the task) and task-agnostic
+        (``reward_agnostic``: one context source for every task). Identical contexts are scored once."""
         t0 = time.perf_counter()
         cfg, row = self.cfg, {}
         for task in self.tasks.values():
-            result = {}
-            best = self.fast.best.get(task.name, task.seed_prompt) if self.fast else task.seed_prompt
-            for key, prompt in (("reward_seed_prompt", task.seed_prompt), ("reward", best)):
-                if key == "reward" and prompt == task.seed_prompt:
-                    result[key] = result["reward_seed_prompt"]
+            problems = list(task.problems("eval"))[: cfg.eval.n]
+            views = {"reward_seed_prompt": [task.seed_prompt] * len(problems)}
+            for key, view in (("reward", "task"), ("reward_agnostic", "agnostic")):
+                views[key] = ([self.fast.contexts(task, p, 1, view=view)[0] for p in problems] if self.fast
+                              else views["reward_seed_prompt"])
+            result: dict[str, float] = {}
+            for key, contexts in views.items():
+                same = next((k for k in result if views[k] == contexts), None)
+                if same is not None:
+                    result[key] = result[same]
                     continue
                 scored = score_prompt(
-                    self.engine.sample, task, prompt, cfg.eval.n, temperature=cfg.eval.temperature,
+                    self.engine.sample, task, contexts, cfg.eval.n, temperature=cfg.eval.temperature,
                     max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
                 )
                 self._verified(scored.verifier_errors, len(scored.verdicts))
                 result[key] = scored.mean_reward
             self.state.last_eval[task.name] = result
-            row[f"eval/{task.name}/reward"] = result["reward"]
-            row[f"eval/{task.name}/reward_seed_prompt"] = result["reward_seed_prompt"]
+            for key in ("reward", "reward_seed_prompt", "reward_agnostic"):
+                row[f"eval/{task.name}/{key}"] = result[key]
         self.timing["eval_s"].append(time.perf_counter() - t0)
         return row
 
@@ -369,7 +388,8 @@ class Trainer:
         self.health.load_state_dict(state.get("reflection_health", {}))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         # A lengthened last stage has not ended yet: its accuracy-matrix row is written again at its new end.
-        self.state.matrix = self.state.matrix[: sum(end <= self.state.step for _, end in self.spans)]
+        ended = sum(end <= self.state.step for _, end in self.spans)
+        self.state.matrix, self.state.matrix_agnostic = self.state.matrix[:ended], self.state.matrix_agnostic[:ended]
         if not self.main:
             return
         self._restore_metrics(ckpt)
@@ -419,9 +439,14 @@ class Trainer:
             "final": st.last_eval,
             "base_rewards": st.base_rewards,
             "drift": {k.removeprefix("drift/"): v for k, v in st.last_drift.items()},
+            "fast_kind": cfg.fast_kind,
             "matrix": st.matrix,
-            "cl": continual_metrics(st.matrix, self.stage_tasks[: len(st.matrix)], st.base_rewards or None)
-            if st.matrix else None,
+            "matrix_agnostic": st.matrix_agnostic,
+            # Task-aware: each task evaluated with its own context (told the task); task-agnostic: one source.
+            "cl": self._cl(st.matrix, "task-aware"),
+            "cl_agnostic": self._cl(st.matrix_agnostic, "task-agnostic"),
+            "memory": {k.removeprefix("fast/memory/"): v for k, v in st.last_fast.items()
+                       if k.startswith("fast/memory/")} or None,
             "prompts": self.fast.population if self.fast else [],
             "best_prompts": self.fast.best if self.fast else {},
             "fast": {"accepted_total": st.accepted_total, "reflection_calls": st.reflection_calls,
@@ -431,6 +456,12 @@ class Trainer:
             "verifier_calls": st.verifier_calls,
             "oversize_problems_skipped": self.oversize_skipped,
         }
+
+    def _cl(self, matrix: list[list[float]], scenario: str) -> dict | None:
+        if not matrix:
+            return None
+        metrics = continual_metrics(matrix, self.stage_tasks[: len(matrix)], self.state.base_rewards or None)
+        return {"scenario": scenario, **metrics}
 
     def _timing_summary(self) -> dict:
         def mean(xs: list[float]) -> float | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 LOCK = ".fastslow.lock"
 MARKER = ".fastslow-run"
 # Top-level entries a run writes (the lock and marker themselves are kept: the lock must stay while held).
-OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints")
+OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints", "memory")
 # Scratch dirs (GEPA rounds) and temp files (atomic JSON writes) carry a name only fastslow uses.
 SCRATCH_PREFIX = ".fastslow-gepa-"
 TEMP_INFIX = ".fastslow-tmp-"

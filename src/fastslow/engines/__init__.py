@@ -25,7 +25,7 @@ def slow_on(method: str) -> bool:
 
 
 def fast_on(method: str) -> bool:
-    return method in ("gepa", "fst")
+    return method in ("gepa", "memory", "fst")
 
 
 @dataclass
