@@ -1,18 +1,22 @@
-"""What the loop needs from its two channels and its sampler: the seams a second engine plugs in behind.
+"""The one seam: what the loop needs from an :class:`Engine`, and from the sampler and channels it holds.
 
-The loop (:mod:`fastslow.loop`) only calls what is written here; the native engine (``slow.SlowLearner``,
-``fast.FastChannel``, ``rollout.rollout``) satisfies these protocols, and so must any other engine.
+The loop (:mod:`fastslow.loop`) and the run record (:mod:`fastslow.record`) only call what is written here;
+the native engine (``slow.SlowLearner``, ``fast.FastChannel``, ``rollout.PolicySampler``) satisfies these
+protocols, and so must any other engine. Engines register an :class:`EngineSpec` in :mod:`fastslow.registry`
+(built-in ones through the ``fastslow.plugins`` entry point, like any plug-in): nothing in the core imports one.
 Values are returned, never left in attributes for the loop to read afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from fastslow.config import Config
+    from fastslow.policy import Policy
     from fastslow.rollout import Scored
     from fastslow.slow import Rollouts
     from fastslow.tasks import Problem, Task
@@ -89,6 +93,7 @@ class FastChannel(Protocol):
       retrieved from that task's entries); ``"agnostic"``: task-agnostic evaluation, one context source for
       every task (GEPA: the population's top prompt; memory: retrieval from the whole memory).
     - ``best``: the best prompt per task name; ``population``: the current prompts (empty for memory alone).
+    - ``preflight()``: see below (called on the main process only, before step 0).
     """
 
     population: list[str]
@@ -98,6 +103,74 @@ class FastChannel(Protocol):
 
     def contexts(self, task: Task, problem: Problem, group_size: int, view: str = "train") -> list[str]: ...
 
+    def preflight(self) -> None:
+        """One short real call of each model the channel relies on; a failure is a one-line ConfigError."""
+        ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def slow_on(method: str) -> bool:
+    """Methods whose weights learn (the slow channel is on)."""
+    return method in ("rl", "fst")
+
+
+def fast_on(method: str) -> bool:
+    """Methods with a fast channel (contexts that learn)."""
+    return method in ("gepa", "memory", "fst")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the loop runs on: a sampler, the channels the method turns on, and the weights' view.
+
+    - ``policy``: the view of the weights the drift meter measures and the loop checks (``policy.finite()``,
+      ``policy.format``, ``policy.version``); the loop never reaches into the model behind it.
+    - ``save(directory)``: the engine's whole state (weights, the slow channel's optimizer and schedule, the
+      fast channel's state) into ``directory``. Called on every rank (gathering sharded weights is a
+      collective); only the main process writes. ``load(directory)`` restores what ``save`` wrote into an
+      engine built from ``directory / "model"``; both return nothing the loop must read afterwards.
+    - ``preflight()``: one short real call of each plug-in the run needs (the reflection model) before step 0;
+      raises a user error (exit 2) on every rank when it fails on any.
+    - ``is_main``: this process writes the run dir; ``broadcast(obj)`` returns the main process's ``obj`` on
+      every rank (identity in one process); ``close()`` frees what the engine holds.
+    """
+
+    name: str
+    world_size: int
+    sharding: str | None
+    is_main: bool
+    policy: Policy
+    sample: Sampler
+    slow: SlowChannel | None
+    fast: FastChannel | None
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def preflight(self) -> None: ...
+
+    def broadcast(self, obj: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How an engine registers (``registry.register_engine(name, spec)``).
+
+    - ``build(cfg, weights)``: the engine for ``cfg``, started from ``weights`` (a checkpoint's ``model/``
+      dir, or None for the model's own);
+    - ``describe(cfg, world_size)``: validate ``cfg`` for this engine without loading weights and return its
+      resolved settings (what ``--dry-run`` prints); raises ``ConfigError`` for what it refuses;
+    - ``launchable``: runs on several processes (``fastslow launch``); ``check_launch(cfg, accelerate_config)``
+      refuses, before any process starts, what the processes would refuse.
+    """
+
+    build: Callable[[Config, Path | None], Engine]
+    describe: Callable[[Config, int | None], dict[str, Any]]
+    launchable: bool = False
+    check_launch: Callable[[Config, str | None], None] | None = None

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections import deque
 
-import torch
-
 from fastslow.tasks import Problem, Task, TaskError
 
 
@@ -125,8 +123,3 @@ def fit_to_context(task: Task, policy, max_new_tokens: int, *, skip: bool) -> tu
         if not kept:
             raise TaskError(f"task {task.name!r}: no {split} problem fits the model's context of {limit} tokens")
     return _FittedTask(task, keep), dropped
-
-
-def weights_finite(model: torch.nn.Module) -> bool:
-    """True when every trainable parameter is finite."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)

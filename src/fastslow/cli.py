@@ -179,13 +179,17 @@ def launch(
     run_args = list(ctx.args)
     sets = [run_args[i + 1] for i, a in enumerate(run_args[:-1]) if a == "--set"]
     cfg = load_config(config, sets)
-    if cfg.engine != "trl":
-        fail(f"launch runs engine 'trl'; {config} has engine '{cfg.engine}' (set engine: trl or --set engine=trl)")
-    from fastslow.engines.trl import checked_sharding, require_trl
+    from fastslow import registry
 
-    require_trl()
+    spec = registry.engine_spec(cfg.engine)
+    if not spec.launchable:
+        runs = " or ".join(f"engine '{name}'" for name in registry.listing()["engines"]
+                           if registry.engine_spec(name).launchable)
+        fail(f"launch runs {runs} on several processes; {config} has engine '{cfg.engine}' (set engine: trl or "
+             "--set engine=trl)")
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
-    checked_sharding(accelerate_config)  # before any process starts
+    if spec.check_launch is not None:
+        spec.check_launch(cfg, accelerate_config)  # before any process starts
     if accelerate_config and not torch_has_cuda():
         console.print(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
                       "(accelerate shards on accelerators only)", highlight=False, soft_wrap=True)

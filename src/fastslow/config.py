@@ -262,10 +262,9 @@ class Config(_Strict):
     @field_validator("engine")
     @classmethod
     def _registered_engine(cls, value: str) -> str:
-        import fastslow.engines  # noqa: F401 - the built-in engines register on import
-        from fastslow import registry  # an unknown engine fails here, not at step 0
+        from fastslow import registry  # an unknown engine fails here, not at step 0 (built-ins are plug-ins too)
 
-        if registry.engine_factory(value) is None:
+        if registry.engine_spec(value) is None:
             raise ValueError(f"unknown engine {value!r}: use one of {registry.known('engines')}")
         return value
 

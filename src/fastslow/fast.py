@@ -31,6 +31,7 @@ from gepa.gepa_utils import find_dominator_programs
 
 from fastslow.channels import Round, Sampler
 from fastslow.config import FastConfig
+from fastslow.preflight import check_reflector
 from fastslow.reflect import GuardedReflector, ReflectionLM
 from fastslow.tasks import Problem, Task
 from fastslow.util import derive_seed, one_line
@@ -167,6 +168,10 @@ class FastChannel:
         self.population, self.best = list(state["population"]), dict(state["best"])
         self.rounds, self.round_errors = state["rounds"], state["round_errors"]
         self.reflector.errors, self.reflector.calls = state["reflection_errors"], state["reflection_calls"]
+
+    def preflight(self) -> None:
+        """One short real call of the reflection model (``fast.preflight: false`` skips it)."""
+        check_reflector(self.cfg, self.reflector.lm)
 
     def contexts(self, task: Task, problem: Problem, group_size: int, view: str = "train") -> list[str]:
         """The G contexts of one problem's group: K population slots, G/K rollouts each (the same for every

@@ -8,7 +8,6 @@ engine ``trl``; the main process writes the run directory.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fastslow.channels import fast_on
 from fastslow.config import Config, ConfigError
 
 
@@ -56,49 +56,21 @@ def launch(cmd: list[str], log=print) -> int:
 
 
 def dry_run(cfg: Config, *, world_size: int | None = None) -> dict[str, Any]:
-    """Validate ``cfg`` without training or loading weights; the resolved engine settings.
+    """Validate ``cfg`` without training or loading weights; the resolved settings.
 
-    Loads every task of the stream and builds the reflector (no call is made to it). For engine ``trl``
-    an unsupported sharding (ZeRO-3, FSDP1) is refused (:func:`~fastslow.engines.trl.checked_sharding`),
-    the GRPOConfig is built from the mapping (TRL validates it); the world size is ``world_size`` or
-    ``scale.nproc``; the device is the one the config names (``model.device``), not this machine's.
+    Loads every task of the stream and builds the reflector (no call is made to it); the engine adds and
+    checks its own settings (:attr:`fastslow.channels.EngineSpec.describe`).
     """
+    from fastslow import registry
     from fastslow.reflect import make_reflector
     from fastslow.tasks import load_task
 
     tasks = {s.task: load_task(s.task).name for s in cfg.stages}
-    if cfg.method in ("gepa", "fst"):
+    if fast_on(cfg.method):
         make_reflector(cfg.fast.reflector, cfg.fast)
     out: dict[str, Any] = {"method": cfg.method, "engine": cfg.engine, "model": cfg.model.path,
                            "tasks": list(tasks.values()), "steps": cfg.total_steps}
-    if cfg.engine == "native":
-        out["world_size"] = 1
-        return out
-    from fastslow.engines.trl import checked_sharding, grpo_config, grpo_kwargs, require_trl
-
-    require_trl()
-    sharding = checked_sharding(cfg.scale.accelerate_config)
-
-    size = world_size or cfg.scale.nproc
-    cuda = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
-    kw = grpo_kwargs(cfg, world_size=size, cuda=cuda)
-    check = dict(kw)
-    if cuda and not torch.cuda.is_available():  # validating a GPU config here: TRL refuses bf16 without a GPU
-        check.update(bf16=False, fp16=False, use_cpu=True)
-    try:
-        grpo_config(**check)  # TRL's own checks of the mapped arguments (built for one process here)
-    except (ValueError, ImportError) as exc:
-        raise ConfigError(f"engine 'trl': GRPOConfig refuses the settings: {' '.join(str(exc).split())}") from None
-    out.update({
-        "world_size": size,
-        "vllm": cfg.scale.vllm,
-        # vLLM is not a fastslow dependency (GPU wheels): say whether this machine could start it
-        "vllm_installed": importlib.util.find_spec("vllm") is not None,
-        "accelerate_config": cfg.scale.accelerate_config,
-        "sharding": sharding,
-        "rows_per_step": cfg.slow.batch_problems * cfg.slow.group_size,
-        "grpo_config": {k: kw[k] for k in sorted(kw)},
-    })
+    out.update(registry.engine_spec(cfg.engine).describe(cfg, world_size))
     return out
 
 

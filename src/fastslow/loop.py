@@ -2,10 +2,12 @@
 
     for step in 0 .. total-1:                       (stages of the stream run back to back)
         task = stage(step).task                     (stage: start <= step < end, see stream.stage_at)
-        fast on and (step - stage start) % T == 0 ->  GEPA round on the current weights -> population
-        slow on                  ->  B problems x G rollouts (prompts mixed per group) -> RL update
+        fast on and (step - stage start) % T == 0 ->  fast round on the current weights (GEPA population and/or
+                                                      experience memory)
+        slow on                  ->  B problems x G rollouts (fast.contexts per problem) -> RL update
         every E_drift steps      ->  drift meter (and the slow step's k3 estimate on the same steps)
-        every E_eval steps       ->  evaluation of every task (seed prompt and best prompt)
+        every E_eval steps       ->  evaluation of every task (seed prompt; the fast channel's context per
+                                     problem, task-aware and task-agnostic)
         stage end                ->  evaluation + a row of the accuracy matrix
         every N steps            ->  atomic checkpoint
 
@@ -17,59 +19,42 @@ Every random draw is seeded from (seed, what, step), so a resumed run replays ex
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import random
-import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from fastslow.checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint, write_json_atomic
-from fastslow.checks import VerifierWindow, check_splits, fit_to_context, weights_finite
+from fastslow import registry
+from fastslow.channels import Engine
+from fastslow.checkpoint import latest_good_checkpoint
+from fastslow.checks import VerifierWindow, check_splits, fit_to_context
 from fastslow.config import Config, ConfigError, resume_changes
 from fastslow.drift import DriftMeter
-from fastslow.engines import build_engine, launched_rank
 from fastslow.errors import TrainingError, build_checked
-from fastslow.preflight import ReflectionHealth, check_model, check_reflector
+from fastslow.preflight import ReflectionHealth, check_model
+from fastslow.record import LoopState, RunRecord, claim_run_dir, summary
 from fastslow.rollout import score_prompt
-from fastslow.rundir import TEMP_INFIX, RunDirError, RunDirLock, check_run_dir, claim  # noqa: F401 - re-exported
+from fastslow.rundir import RunDirError, RunDirLock, check_run_dir  # noqa: F401 - RunDirError re-exported
 from fastslow.slow import Rollouts
-from fastslow.stream import continual_metrics, stage_at, stage_spans, stream_columns
+from fastslow.stream import stage_at, stage_spans, stream_columns
 from fastslow.tasks import Task, load_task
-from fastslow.util import derive_seed, redact
+from fastslow.util import derive_seed, launched_rank
 
 MAX_NONFINITE_STREAK = 5
 # timing.json: per-step lists and totals of each phase (seconds). slow_step = sampling + update.
 PHASES = ("step_s", "round_s", "slow_step_s", "sampling_s", "update_s", "drift_s", "eval_s")
 
 
-@dataclass
-class LoopState:
-    step: int = 0
-    rollouts: int = 0
-    fast_rollouts: int = 0
-    policy_version: int = 0
-    verifier_errors: int = 0
-    accepted_total: int = 0  # candidates GEPA accepted, all rounds
-    reflection_calls: int = 0
-    reflection_errors: int = 0
-    matrix: list[list[float]] = field(default_factory=list)
-    matrix_agnostic: list[list[float]] = field(default_factory=list)  # the same, task-agnostic contexts
-    base_rewards: dict[str, float] = field(default_factory=dict)
-    last_eval: dict[str, dict[str, float]] = field(default_factory=dict)
-    last_drift: dict[str, float] = field(default_factory=dict)
-    last_fast: dict[str, float] = field(default_factory=dict)  # the last fast round's metrics
-    metrics_bytes: int = 0
-    metrics_rows: int = 0
-    metrics_sha256: str = ""  # of the first metrics_bytes of metrics.jsonl ("" in format-1 checkpoints)
-    verifier_calls: int = 0
+def build_engine(cfg: Config, weights: Path | None) -> Engine:
+    """The engine ``cfg.engine`` names (a registered :class:`~fastslow.channels.EngineSpec`), from ``weights``."""
+    spec = registry.engine_spec(cfg.engine)
+    if spec is None:
+        raise ConfigError(f"field 'engine': unknown engine {cfg.engine!r}: use one of {registry.known('engines')}")
+    return spec.build(cfg, weights)
 
 
 class Trainer:
@@ -80,7 +65,6 @@ class Trainer:
         self.cfg, self.on_step, self.log = cfg, on_step, log
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
-        self.metrics_path = self.out / "metrics.jsonl"
         check_run_dir(self.out, resume=True, force=False)  # a file or the user's folder: refused, nothing written
         self.lock = RunDirLock(self.out)
         # One process per run dir, held until run() ends (or the process dies); under torchrun/accelerate
@@ -115,8 +99,7 @@ class Trainer:
                                                       saved["loop"]["step"])
         self.engine = build_checked(build_engine, cfg, ckpt / "model" if ckpt else None)
         self.policy, self.slow, self.fast = self.engine.policy, self.engine.slow, self.engine.fast
-        if self.fast is not None and hasattr(self.fast, "reflector"):
-            check_reflector(cfg, self.fast.reflector.lm)  # one short real call: a dead reflector never starts a run
+        self.engine.preflight()  # one short real call of the reflector: a dead one never starts a run
         self.health = ReflectionHealth(cfg.fast.stop_after_failed_rounds)
         self.oversize_skipped = self._fit_tasks_to_context()
         probes = []
@@ -129,20 +112,18 @@ class Trainer:
         if self.main:  # one process writes the run dir; the other ranks neither lock nor claim it
             if not self.lock.held:
                 self.lock.acquire()
-            claim(self.out, resume=resume, force=force)
+            claim_run_dir(self.out, resume=resume, force=force)
+        self.record = RunRecord(self.out, cfg, main=self.main, log=log)
         self.state = LoopState()
         self.verifier_window = VerifierWindow(cfg.verifier_error_window, cfg.max_verifier_error_share)
-        self._metrics_hash = hashlib.sha256()
         self.timing: dict[str, list[float]] = {k: [] for k in PHASES}
         if ckpt is not None:
-            self._restore(ckpt)
+            self.state = self.record.restore(
+                ckpt, self.engine, self.health, changes=self._resume_changes,
+                finished_stages=lambda step: sum(end <= step for _, end in self.spans))
             log(f"resumed from {ckpt} (step {self.state.step})")
-        elif self.main:
-            self.metrics_path.write_text("")
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-            (self.out / "config.yaml").write_text(redact(config_text))
+        else:
+            self.record.start()
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -215,11 +196,9 @@ class Trainer:
                 self.on_step(done, total, row)
             if done % cfg.checkpoint_every == 0 or done == stage_end:
                 self._checkpoint()
-        summary = self._summary()
-        if self.main:
-            write_json_atomic(self.out / "summary.json", summary)
-            write_json_atomic(self.out / "timing.json", self._timing_summary())
-        return summary
+        result = summary(cfg, st, self.engine, self.health, self.stage_tasks, self.oversize_skipped)
+        self.record.finish(result, self.timing)
+        return result
 
     def _slow_step(self, task: Task, step: int) -> dict[str, float]:
         cfg, st = self.cfg, self.state
@@ -251,7 +230,7 @@ class Trainer:
                 f"loss or gradient non-finite for {self.slow.nonfinite_streak} consecutive steps at step {step}; "
                 f"updates were skipped, the last good checkpoint is in {self.ckpt_root} (try a lower slow.lr)"
             )
-        if not weights_finite(self.policy.model):  # e.g. lr 1e9: a finite step that overflowed the weights
+        if not self.policy.finite():  # e.g. lr 1e9: a finite step that overflowed the weights
             raise TrainingError(
                 f"the weights became non-finite after the update of step {step}; the last good checkpoint is in "
                 f"{self.ckpt_root} (try a lower slow.lr)"
@@ -326,157 +305,17 @@ class Trainer:
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def _log_row(self, step: int, metrics: dict[str, float]) -> None:
-        st = self.state
-        row = {"step": step, "rollouts": st.rollouts, "fast_rollouts": st.fast_rollouts, **metrics}
-        if not self.main:
-            return
-        # Strict JSON: a skipped non-finite loss is logged as null, not NaN.
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self._append_metrics(json.dumps(clean) + "\n")
+        self.record.log_row(self.state, step, metrics)
         problem = self.verifier_window.verdict()
         if problem:  # checked once the row is logged, so the run's record shows the counts that stopped it
+            st = self.state
             raise TrainingError(
                 f"{problem} (verifier errors {st.verifier_errors}/{st.verifier_calls} in all); the run stops at "
                 f"step {step}, the last good checkpoint is in {self.ckpt_root}"
             )
 
-    def _append_metrics(self, line: str) -> None:
-        """Append one row; the state keeps the row count and a running sha256 of everything written."""
-        st, data = self.state, line.encode()
-        with self.metrics_path.open("ab") as f:
-            f.write(data)
-        self._metrics_hash.update(data)
-        st.metrics_bytes += len(data)
-        st.metrics_rows += 1
-        st.metrics_sha256 = self._metrics_hash.hexdigest()
-
     def _checkpoint(self) -> None:
-        st = self.state
-        st.policy_version = self.policy.version
-        # Gathered on every rank (collectives where the weights are sharded), written by the main process alone.
-        weights = self.policy.full_state_dict()
-        slow_state = self.slow.state_dict() if self.slow is not None else None
-        if not self.main:
-            return
-
-        def write(tmp: Path) -> None:
-            self.policy.save(tmp / "model", state_dict=weights)
-            if slow_state is not None:
-                torch.save(slow_state, tmp / "trainer.pt")
-            state = {
-                "loop": asdict(st),
-                "fast": self.fast.state_dict() if self.fast else None,
-                "reflection_health": self.health.state_dict(),
-                "torch_rng": torch.get_rng_state().tolist(),
-                "config": self.cfg.model_dump(mode="json"),
-            }
-            (tmp / "state.json").write_text(json.dumps(state))
-            # The rows so far travel with the checkpoint: a metrics file cut short is rebuilt from them.
-            with self.metrics_path.open("rb") as src:
-                (tmp / "metrics.jsonl").write_bytes(src.read(st.metrics_bytes))
-
-        save_checkpoint(self.ckpt_root, st.step, write, keep=self.cfg.keep_checkpoints)
-
-    def _restore(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / "state.json").read_text())
-        self.state = LoopState(**state["loop"])
-        self.policy.version = self.state.policy_version
-        if self.slow is not None:
-            self.slow.load_state_dict(torch.load(ckpt / "trainer.pt", weights_only=False))
-        if self.fast is not None and state["fast"] is not None:
-            self.fast.load_state_dict(state["fast"])
-        self.health.load_state_dict(state.get("reflection_health", {}))
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        # A lengthened last stage has not ended yet: its accuracy-matrix row is written again at its new end.
-        ended = sum(end <= self.state.step for _, end in self.spans)
-        self.state.matrix, self.state.matrix_agnostic = self.state.matrix[:ended], self.state.matrix_agnostic[:ended]
-        if not self.main:
-            return
-        self._restore_metrics(ckpt)
-        if self._resume_changes:  # safe changes only (the others were refused before anything was written)
-            self._append_metrics(json.dumps({"step": self.state.step, "event": "resume_config_changed",
-                                             "changed": self._resume_changes}) + "\n")
-            self.log(f"resume: config changed: {', '.join(sorted(self._resume_changes))}")
-
-    def _restore_metrics(self, ckpt: Path) -> None:
-        """Cut rows written after ``ckpt`` (the lost future); rebuild a file cut short or altered from the
-        checkpoint's copy. Never pads: a file shorter than the checkpoint's offset is not extended."""
-        st = self.state
-        data = self.metrics_path.read_bytes() if self.metrics_path.is_file() else b""
-        prefix = data[: st.metrics_bytes]
-        intact = len(prefix) == st.metrics_bytes and (
-            not st.metrics_sha256 or hashlib.sha256(prefix).hexdigest() == st.metrics_sha256)
-        if not intact:
-            copy = ckpt / "metrics.jsonl"
-            if not copy.is_file():
-                raise CheckpointError(
-                    f"{self.metrics_path} holds less than the {st.metrics_bytes} bytes checkpoint {ckpt.name} "
-                    "recorded and the checkpoint carries no copy: cannot resume without losing rows"
-                )
-            prefix = copy.read_bytes()
-            self.log(f"{self.metrics_path.name} was cut short or altered: rebuilt from checkpoint {ckpt.name}")
-        tmp = self.metrics_path.with_name(f".metrics.jsonl{TEMP_INFIX}{os.getpid()}")
-        tmp.write_bytes(prefix)
-        os.replace(tmp, self.metrics_path)
-        self._metrics_hash = hashlib.sha256(prefix)
-
-    def _summary(self) -> dict:
-        cfg, st = self.cfg, self.state
-        names = stream_columns(self.stage_tasks)
-        return {
-            "method": cfg.method,
-            "seed": cfg.seed,
-            "model": cfg.model.path,
-            "steps": st.step,
-            "rollouts": st.rollouts,
-            "fast_rollouts": st.fast_rollouts,
-            "engine": self.engine.name,
-            "world_size": self.engine.world_size,
-            "sharding": self.engine.sharding,
-            "stages": [{"task": name, "spec": stage.task, "steps": stage.steps}
-                       for name, stage in zip(self.stage_tasks, cfg.stages)],
-            "tasks": names,
-            "final": st.last_eval,
-            "base_rewards": st.base_rewards,
-            "drift": {k.removeprefix("drift/"): v for k, v in st.last_drift.items()},
-            "fast_kind": cfg.fast_kind,
-            "matrix": st.matrix,
-            "matrix_agnostic": st.matrix_agnostic,
-            # Task-aware: each task evaluated with its own context (told the task); task-agnostic: one source.
-            "cl": self._cl(st.matrix, "task-aware"),
-            "cl_agnostic": self._cl(st.matrix_agnostic, "task-agnostic"),
-            "memory": {k.removeprefix("fast/memory/"): v for k, v in st.last_fast.items()
-                       if k.startswith("fast/memory/")} or None,
-            "prompts": self.fast.population if self.fast else [],
-            "best_prompts": self.fast.best if self.fast else {},
-            "fast": {"accepted_total": st.accepted_total, "reflection_calls": st.reflection_calls,
-                     "reflection_errors": st.reflection_errors, "failed_reflection_calls": self.health.failed_calls,
-                     "rounds_nothing_accepted": self.health.rounds_nothing_accepted} if self.fast else None,
-            "verifier_errors": st.verifier_errors,
-            "verifier_calls": st.verifier_calls,
-            "oversize_problems_skipped": self.oversize_skipped,
-        }
-
-    def _cl(self, matrix: list[list[float]], scenario: str) -> dict | None:
-        if not matrix:
-            return None
-        metrics = continual_metrics(matrix, self.stage_tasks[: len(matrix)], self.state.base_rewards or None)
-        return {"scenario": scenario, **metrics}
-
-    def _timing_summary(self) -> dict:
-        def mean(xs: list[float]) -> float | None:
-            return sum(xs) / len(xs) if xs else None
-
-        return {
-            "total_s": {k: sum(v) for k, v in self.timing.items()},
-            "per_step": dict(self.timing),
-            "mean_step_s": mean(self.timing["step_s"]),
-            "mean_slow_step_s": mean(self.timing["slow_step_s"]),
-            "mean_round_s": mean(self.timing["round_s"]),
-            "mean_eval_s": mean(self.timing["eval_s"]),
-            "rounds": len(self.timing["round_s"]),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        }
+        self.record.save(self.state, self.engine, self.health)
 
 
 def load_stream(cfg: Config) -> tuple[dict[str, Task], list[str]]:

@@ -221,6 +221,10 @@ class Policy:
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def finite(self) -> bool:
+        """True when every trainable parameter is finite (a sharded one is checked shard by shard)."""
+        return all(bool(torch.isfinite(p).all()) for _, p in self.trainable_parameters())
+
     def base_parameters(self) -> dict[str, torch.Tensor]:
         """Base values of the trainable parameters (zeros for LoRA's B matrices: the adapter starts at 0)."""
         if self._base is None:

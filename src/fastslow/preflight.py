@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fastslow.config import Config, ConfigError
+from fastslow.config import Config, ConfigError, FastConfig
 from fastslow.guard import call_with_timeout
 from fastslow.util import one_line
 
@@ -62,13 +62,13 @@ def _advice(error: str, spec: str) -> str:
     return error
 
 
-def check_reflector(cfg: Config, lm: Any) -> None:
+def check_reflector(fast: FastConfig, lm: Any) -> None:
     """One short real call to the reflection model; a fault or an empty reply is a one-line ConfigError."""
-    if not cfg.fast.preflight:
+    if not fast.preflight:
         return
-    spec = cfg.fast.reflector
+    spec = fast.reflector
     try:
-        reply = call_with_timeout(lm, PROBE_PROMPT, timeout_s=cfg.fast.reflection_timeout_s)
+        reply = call_with_timeout(lm, PROBE_PROMPT, timeout_s=fast.reflection_timeout_s)
     except Exception as exc:  # noqa: BLE001 - whatever the reflector raises, the run must not start
         error = one_line(f"{type(exc).__name__}: {exc}")
         raise ConfigError(f"field 'fast.reflector' {spec}: test call failed: {_advice(error, spec)} "

@@ -50,9 +50,9 @@ def register_reflector(key: str, factory: ReflectorFactory, help: str = "") -> N
     _reflectors[key] = (factory, help)
 
 
-def register_engine(name: str, factory: Callable, help: str = "") -> None:
-    """``engine: <name>``: ``factory(cfg, weights) -> fastslow.engines.Engine``."""
-    _engines[name] = (factory, help)
+def register_engine(name: str, spec: Any, help: str = "") -> None:
+    """``engine: <name>``: ``spec`` is a :class:`fastslow.channels.EngineSpec` (build, describe, launch checks)."""
+    _engines[name] = (spec, help)
 
 
 def load_plugins() -> None:
@@ -100,7 +100,8 @@ def reflector_factory(spec: str) -> tuple[ReflectorFactory, str] | None:
     return _match(_reflectors, spec)
 
 
-def engine_factory(name: str) -> Callable | None:
+def engine_spec(name: str) -> Any | None:
+    """The :class:`fastslow.channels.EngineSpec` registered as ``name``, or None."""
     load_plugins()
     return _engines[name][0] if name in _engines else None
 

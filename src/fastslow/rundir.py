@@ -102,15 +102,7 @@ class RunDirLock:
 def claim(out: Path, *, resume: bool, force: bool) -> None:
     """With the lock held: write the marker, empty an old run for ``force``, sweep a dead process's scratch."""
     check_run_dir(out, resume=resume, force=force)  # again, under the lock: another process may have written
-    if force and not resume:
-        from fastslow.checkpoint import foreign_checkpoints
-
-        foreign = foreign_checkpoints(out / "checkpoints")
-        if foreign:
-            raise RunDirError(
-                f"{foreign[-1]} was written by another fastslow version (a format this one cannot read); "
-                "--force never deletes it: move it away first"
-            )
+    if force and not resume:  # (the caller has refused checkpoints of another version: see record.claim_run_dir)
         for name in OWNED:
             _remove(out / name)
     marker = {"tool": "fastslow", "owned": [*OWNED, LOCK, MARKER], "scratch": list(SCRATCH_GLOBS)}

@@ -48,3 +48,9 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
     text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
     line = redact(" ".join(text.split()))
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun / accelerate launch announce it (0 when started alone), known before
+    any engine is built (the run-dir lock is taken by rank 0 only)."""
+    return int(os.environ.get("RANK", "0"))

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastslow.channels import fast_on, slow_on
 from fastslow.config import Config
-from fastslow.engines import Engine, fast_on, slow_on
+from fastslow.engines.base import ChannelEngine
 from fastslow.fast import FastChannel
 from fastslow.policy import Policy
 from fastslow.reflect import make_reflector
@@ -16,14 +17,14 @@ from fastslow.rollout import PolicySampler
 from fastslow.slow import SlowLearner
 
 
-def build(cfg: Config, weights: Path | None) -> Engine:
+def build(cfg: Config, weights: Path | None) -> ChannelEngine:
     policy = Policy.load(cfg.model, weights=weights)
     if not slow_on(cfg.method):
         policy.model.requires_grad_(False)
     sample = PolicySampler(policy, verify_timeout_s=cfg.verify_timeout_s)
     slow = SlowLearner(policy, cfg.slow) if slow_on(cfg.method) else None
     fast = build_fast(cfg, policy, sample) if fast_on(cfg.method) else None
-    return Engine("native", policy, sample, slow, fast)
+    return ChannelEngine("native", policy, sample, slow, fast)
 
 
 def build_fast(cfg: Config, policy: Policy, sample: PolicySampler):

@@ -57,7 +57,7 @@ from fastslow.tasks import Problem, Task, safe_verify
 from fastslow.util import one_line
 
 if TYPE_CHECKING:
-    from fastslow.engines import Engine
+    from fastslow.engines.base import ChannelEngine
 
 INSTALL_HINT = "engine 'trl' needs TRL and accelerate: pip install 'fastslow[scale]'"
 
@@ -504,6 +504,9 @@ class LockstepFast:
     def contexts(self, task: Task, problem, group_size: int, view: str = "train") -> list[str]:
         return self.inner.contexts(task, problem, group_size, view)
 
+    def preflight(self) -> None:
+        self.inner.preflight()  # the engine calls it on the main process and broadcasts the verdict
+
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 
@@ -669,9 +672,10 @@ class TrlEngine:
         return Scored(batch, verdicts, errors)
 
 
-def build(cfg: Config, weights: Path | None) -> Engine:
-    """The ``trl`` engine of :mod:`fastslow.engines` (registered there as ``engine: trl``)."""
-    from fastslow.engines import Engine, fast_on, slow_on
+def build(cfg: Config, weights: Path | None) -> ChannelEngine:
+    """The ``trl`` engine (registered by :mod:`fastslow.engines` as ``engine: trl``)."""
+    from fastslow.channels import fast_on, slow_on
+    from fastslow.engines.base import ChannelEngine
     from fastslow.fast import FastChannel
     from fastslow.reflect import make_reflector
     from fastslow.rollout import PolicySampler
@@ -691,6 +695,43 @@ def build(cfg: Config, weights: Path | None) -> Engine:
         if lockstep:
             fast.reflector = LockstepReflector(fast.reflector, is_main=eng.is_main, broadcast=eng.broadcast)
             fast = LockstepFast(fast, eng)
-    return Engine("trl", policy, sampler, eng.slow if slow_on(cfg.method) else None,
-                  fast, world_size=eng.world_size, is_main=eng.is_main, broadcast=eng.broadcast, close=eng.close,
-                  sharding="FSDP2" if eng.trainer.accelerator.is_fsdp2 else None)
+    return ChannelEngine("trl", policy, sampler, eng.slow if slow_on(cfg.method) else None, fast,
+                         world_size=eng.world_size, is_main=eng.is_main, broadcast_fn=eng.broadcast,
+                         close_fn=eng.close, sharding="FSDP2" if eng.trainer.accelerator.is_fsdp2 else None)
+
+
+def check_launch(cfg: Config, accelerate_config: str | None) -> None:
+    """What the processes would refuse, refused before any starts: TRL missing, an unsupported sharding."""
+    require_trl()
+    checked_sharding(accelerate_config)
+
+
+def describe(cfg: Config, world_size: int | None) -> dict[str, Any]:
+    """``--dry-run`` for engine ``trl``: an unsupported sharding (ZeRO-3, FSDP1) is refused
+    (:func:`checked_sharding`), the GRPOConfig is built from the mapping (TRL validates it); the world size is
+    ``world_size`` or ``scale.nproc``; the device is the one the config names (``model.device``), not this
+    machine's. No weights are loaded."""
+    import importlib.util
+
+    require_trl()
+    sharding = checked_sharding(cfg.scale.accelerate_config)
+    size = world_size or cfg.scale.nproc
+    cuda = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
+    kw = grpo_kwargs(cfg, world_size=size, cuda=cuda)
+    check = dict(kw)
+    if cuda and not torch.cuda.is_available():  # validating a GPU config here: TRL refuses bf16 without a GPU
+        check.update(bf16=False, fp16=False, use_cpu=True)
+    try:
+        grpo_config(**check)  # TRL's own checks of the mapped arguments (built for one process here)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"engine 'trl': GRPOConfig refuses the settings: {' '.join(str(exc).split())}") from None
+    return {
+        "world_size": size,
+        "vllm": cfg.scale.vllm,
+        # vLLM is not a fastslow dependency (GPU wheels): say whether this machine could start it
+        "vllm_installed": importlib.util.find_spec("vllm") is not None,
+        "accelerate_config": cfg.scale.accelerate_config,
+        "sharding": sharding,
+        "rows_per_step": cfg.slow.batch_problems * cfg.slow.group_size,
+        "grpo_config": {k: kw[k] for k in sorted(kw)},
+    }

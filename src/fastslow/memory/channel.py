@@ -29,6 +29,7 @@ from fastslow.config import FastConfig
 from fastslow.memory.curator import curate
 from fastslow.memory.retrieve import BM25Index, RetrievalError
 from fastslow.memory.store import Case, Delta, Lesson, Store, normalise, read_dir
+from fastslow.preflight import check_reflector
 from fastslow.reflect import GuardedReflector, ReflectionLM
 from fastslow.tasks import Problem, Task
 from fastslow.util import derive_seed, one_line
@@ -63,6 +64,10 @@ class MemoryChannel:
         self.rounds = self.round_errors = self.retrieval_errors = self.refused = self.leaks_refused = 0
         self._lesson_index, self._case_index = BM25Index(), BM25Index()
         self._eval_prompts: dict[str, set[str]] = {}
+
+    def preflight(self) -> None:
+        """One short real call of the reflection model (the curator's), as GEPA's channel does."""
+        check_reflector(self.cfg, self.reflector.lm)
 
     # ---- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -269,6 +274,9 @@ class GepaMemoryChannel:
 
     def summary(self) -> dict:
         return self.memory.summary()
+
+    def preflight(self) -> None:
+        self.gepa.preflight()
 
     def contexts(self, task: Task, problem: Problem, group_size: int, view: str = "train") -> list[str]:
         prompts = self.gepa.contexts(task, problem, group_size, view=view)
