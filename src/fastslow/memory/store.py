@@ -82,7 +82,7 @@ class Delta:
     def key(self) -> tuple:
         c = self.case
         return (_ORDER[self.op], self.task, self.lesson if self.lesson is not None else -1, normalise(self.text),
-                (c.problem_id, c.reward, c.attempt) if c else ())
+                self.text, (c.problem_id, c.reward, c.attempt, c.feedback) if c else ())
 
 
 @dataclass
