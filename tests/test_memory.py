@@ -310,13 +310,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run_and_memory(tiny_model, 
     extra = ["fast.preflight=false", "fast.reflector=test_memory:lesson_reflector", "threads=1"]
     extra += [f"fast.kind={fast_kind}"] if fast_kind else []
     cfg_path = tmp_path / "kill.yaml"
-    cfg = small_config(tiny_model, tmp_path / "unused", method=method, steps=10, extra=extra)
+    cfg = small_config(tiny_model, tmp_path / "unused", method=method, steps=8, extra=extra)
     cfg_path.write_text(json.dumps(cfg.model_dump(mode="json")))
     full, killed = tmp_path / "full", tmp_path / "killed"
     train(load_config(cfg_path, [f"out={full}"]))
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "PATH": "/usr/bin:/bin"}
     rng = random.Random(17)
-    for _ in range(3):
+    for _ in range(2):
         proc = subprocess.Popen([sys.executable, "-m", "fastslow.cli", "run", str(cfg_path), "--out", str(killed),
                                  "--resume"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         rows = (killed / "metrics.jsonl").read_bytes().count(b"\n") if (killed / "metrics.jsonl").exists() else 0
