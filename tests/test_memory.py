@@ -165,6 +165,7 @@ def test_memory_and_context_stay_under_their_caps_however_long_the_stream():
     for r in range(40):
         rnd = channel.run_round(tasks[r % 3])
         assert rnd.error is None or "evicted" in rnd.error
+        assert rnd.rollouts <= 12  # fast.budget
         assert len(channel.store.lessons) <= 5 and len(channel.store.cases) <= 7
         for task in tasks:
             for p in task.problems("eval")[:4]:

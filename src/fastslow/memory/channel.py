@@ -4,7 +4,7 @@ A round on ``task`` (every ``fast.every`` steps, like a GEPA round, on the curre
 
 1. draw ``fast.val_size`` train problems (at most ``fast.budget / 2``); for each, retrieve its context
    (base prompt + lessons + cases, :meth:`MemoryChannel.context`) and sample one attempt with it and one with
-   the base prompt alone (``fast.temperature``; one sampler call);
+   the base prompt alone (``fast.temperature``; one sampler call; never more than ``fast.budget`` rollouts);
 2. marks: a problem the memory context did better on marks its retrieved lessons ``helpful``, worse
    ``harmful`` (Training-Free GRPO's group comparison, with text instead of gradients);
 3. cases: each memory attempt becomes a case (its problem is from the train split, checked);
@@ -162,12 +162,13 @@ class MemoryChannel:
         cfg, m = self.cfg, self.mcfg
         round_seed = derive_seed(self.seed, "memory-round", self.rounds)
         train = list(task.problems("train"))
-        n = min(cfg.val_size, len(train), max(cfg.budget // 2, 1))
+        n = max(1, min(cfg.val_size, len(train), cfg.budget // 2))
         problems = random.Random(round_seed).sample(train, n)
         base = self.base_prompt(task)
         built = [self.context(base, task, p, "train") for p in problems]
         pairs = [(text, p) for (text, _), p in zip(built, problems, strict=True)]
-        ab = [i for i, (text, _) in enumerate(built) if text != base]  # problems that got memory: also the base
+        # Problems that got memory are also sampled with the base prompt alone (within fast.budget).
+        ab = [i for i, (text, _) in enumerate(built) if text != base][: max(cfg.budget - n, 0)]
         pairs += [(base, problems[i]) for i in ab]
         scored = self.sample(task, pairs, temperature=cfg.temperature, max_new_tokens=self.max_new_tokens,
                              seed=round_seed)
