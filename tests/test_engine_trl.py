@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -173,7 +174,8 @@ def test_two_processes_agree_on_weights_and_population(tiny_model, tmp_path):
     assert any(not torch.equal(w0[k], base[k]) for k in w0)  # they trained, and trained alike
     assert p0["world_size"] == 2 and p0["population"] == p1["population"] and p0["best"] == p1["best"]
     assert p0["fast"] == p1["fast"] and p0["fast"]["rounds"] == 2 and p0["fast"]["reflection_calls"] > 0
-    assert p0["reflector_calls"] == p0["fast"]["reflection_calls"] and p1["reflector_calls"] == 0
+    # The preflight's test call too is made on rank 0 alone (before, it was skipped with several processes).
+    assert p0["reflector_calls"] == p0["fast"]["reflection_calls"] + 1 and p1["reflector_calls"] == 0
     # Rank 1 sampled with rank 0's replies (its own model would have said "Hint 1-...").
     assert p1["hints"] and p1["hints"] == p0["hints"] and all(h.startswith("Hint 0-") for h in p1["hints"])
     # Every generate call has the same batch size on both ranks (short shares padded): no rank ever makes
@@ -187,11 +189,28 @@ def test_two_processes_agree_on_weights_and_population(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_two_processes_lose_a_failing_reflectors_round_alike(tiny_model, tmp_path):
     out = tmp_path / "run"
-    p0, p1 = _two_processes(tiny_model, out, "lockstep_reflectors:failing_reflector", "gepa")
+    # (fast.preflight off: its test call would refuse this reflector before step 0, see the next test)
+    p0, p1 = _two_processes(tiny_model, out, "lockstep_reflectors:failing_reflector", "gepa", "fast.preflight=false")
     assert p0["fast"] == p1["fast"] and p0["population"] == p1["population"]
     assert p0["fast"]["reflection_errors"] > 0 and p0["reflector_calls"] > 0 and p1["reflector_calls"] == 0
     rounds = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "fast/accepted" in r]
     assert rounds and all(r["fast/accepted"] == 0 and r["fast/new_reflection_errors"] > 0 for r in rounds)
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_a_dead_reflector_before_step_0_alike(tiny_model, tmp_path):
+    """The preflight's test call runs on rank 0 with several processes too; every rank stops on its verdict."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "trl_worker.py"), str(tiny_model), str(out), "lockstep_reflectors:failing_reflector",
+           "gepa"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0
+    refusals = re.findall(r"\[rank(\d)\]: fastslow\.config\.ConfigError: (.*test call failed.*)", done.stderr)
+    assert sorted(r for r, _ in refusals) == ["0", "1"] and len({line for _, line in refusals}) == 1
+    assert not (out / "metrics.jsonl").exists()  # nothing ran
 
 
 class _Pair:

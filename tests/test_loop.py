@@ -81,3 +81,34 @@ def test_summary_has_the_documented_fields(tiny_model, tmp_path):
     rows = [json.loads(r) for r in _rows(tmp_path / "run")]
     assert all({"step", "rollouts", "fast_rollouts"} <= r.keys() for r in rows)
     assert any("fast/front_size" in r for r in rows) and any("slow/reward_mean" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_a_format_2_checkpoint_resumes_as_the_run_that_wrote_it(tiny_model, tmp_path):
+    """Format 2 kept the fast channel's state and the weights' version in state.json (no engine.json)."""
+    from fastslow.checkpoint import MANIFEST
+
+    full = tmp_path / "full"
+    train(small_config(tiny_model, full, method="fst", steps=5))
+    old = tmp_path / "old"
+
+    def crash_at_3(done, total, row):
+        if done == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(small_config(tiny_model, old, method="fst", steps=5), on_step=crash_at_3).run()
+    ckpt = list_checkpoints(old / "checkpoints")[-1]
+    engine = json.loads((ckpt / "engine.json").read_text())
+    state = json.loads((ckpt / "state.json").read_text())
+    assert engine["fast"]["population"] and "fast" not in state
+    state["fast"], state["loop"]["policy_version"] = engine["fast"], engine["policy_version"]
+    (ckpt / "engine.json").unlink()
+    (ckpt / "state.json").write_text(json.dumps(state))
+    meta = json.loads((ckpt / MANIFEST).read_text())
+    meta["format"] = 2
+    meta["files"] = {rel: __import__("hashlib").sha256((ckpt / rel).read_bytes()).hexdigest()
+                     for rel in meta["files"] if (ckpt / rel).is_file()}
+    (ckpt / MANIFEST).write_text(json.dumps(meta))
+    train(small_config(tiny_model, old, method="fst", steps=5), resume=True)
+    assert _rows(old) == _rows(full)

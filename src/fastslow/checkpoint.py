@@ -3,7 +3,8 @@
 Layout of ``<run>/checkpoints/step_000040/``:
     model/           weights (``save_pretrained``; the adapter only, for LoRA)
     trainer.pt       optimizer, scheduler and counters of the slow channel (absent for frozen weights)
-    state.json       loop position, fast-channel state (population, best prompts), RNG state, metrics offset
+    engine.json      the engine's name and world size, weights' version, fast-channel state (population, best prompts)
+    state.json       loop position, reflection health, RNG state, config, metrics offset
     MANIFEST.json    format version, step and the sha256 of every other file (written last)
 
 A checkpoint is built in a temporary sibling directory and renamed into place, so a kill at any
@@ -24,8 +25,9 @@ from pathlib import Path
 from fastslow.rundir import TEMP_INFIX
 
 # 2: state.json carries the run's config and the metrics prefix (row count, sha256); metrics.jsonl is copied in.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# 3: the engine's own state (weights' version, fast channel) moves from state.json to engine.json.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 MANIFEST = "MANIFEST.json"
 PREFIX = "step_"
 
