@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick bench-demo bench-engines lint install clean models
+.PHONY: demo test bench bench-quick bench-real bench-demo bench-engines bench-serve lint install clean models
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,13 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/claims.py --quick
 
+# The study on a real model (SmolLM2-135M-Instruct, offline) on three reasoning-gym datasets chosen by the
+# pre-registered rule of benchmarks/protocol.yaml; resumable run by run (runs/bench-real); writes results/real_*.json.
+bench-real: models
+	$(BIN)/python benchmarks/real.py select
+	$(BIN)/python benchmarks/real.py plan
+	$(BIN)/python benchmarks/real.py run
+
 # Seconds per slow step, native vs trl (1 and 2 processes, and FSDP2 on the micro model); about 10 min.
 bench-engines: models
 	$(BIN)/python benchmarks/engines.py --model micro --reps 3 --fsdp2 --label micro-full-2x4x16 \
@@ -49,6 +56,10 @@ bench-engines: models
 # plasticity probes (the full bench's run dirs; `make bench` reuses them).
 bench-demo: $(STAMP)
 	$(BIN)/python benchmarks/claims.py --demo
+
+# fastslow serve --learn under 16 simulated users on loopback (>= 120 s, >= 3 promotions; stops by itself, <= 4 min).
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve_load.py --config configs/serve-demo.yaml --out benchmarks/results/serve_load.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -33,7 +33,9 @@ class Round:
     - ``reflection_errors`` / ``reflection_calls``: faults (tries) and calls of the reflection model this round;
     - ``failed_reflection_calls``: calls that failed after all their tries (None: not known; the loop then
       counts every call failed when every try failed);
-    - ``error``: one redacted line when the round failed and kept its re-scored population, else None.
+    - ``error``: one redacted line when the round failed and kept its re-scored population, else None;
+    - ``population`` / ``front_size``: prompts kept (K unless the round had fewer distinct ones) and the size
+      of the Pareto front they came from; ``val_flat``: the validation set could not tell candidates apart.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
@@ -44,6 +46,9 @@ class Round:
     reflection_errors: int = 0
     failed_reflection_calls: int | None = None
     error: str | None = None
+    population: int = 0
+    front_size: int = 0
+    val_flat: bool = False
 
 
 @runtime_checkable
@@ -135,7 +140,11 @@ class Engine(Protocol):
     - ``preflight()``: one short real call of each plug-in the run needs (the reflection model) before step 0;
       raises a user error (exit 2) on every rank when it fails on any.
     - ``is_main``: this process writes the run dir; ``broadcast(obj)`` returns the main process's ``obj`` on
-      every rank (identity in one process); ``close()`` frees what the engine holds.
+      every rank (identity in one process); ``gather(obj)`` every rank's ``obj`` in rank order; ``close()``
+      frees what the engine holds.
+    - ``agree(error)``: every rank calls it at the same point with what it raised there (or None); when any
+      rank failed, every rank raises the same one line and exit status (none waits in a collective for a
+      failed peer).
     """
 
     name: str
@@ -154,6 +163,10 @@ class Engine(Protocol):
     def preflight(self) -> None: ...
 
     def broadcast(self, obj: Any) -> Any: ...
+
+    def gather(self, obj: Any) -> list[Any]: ...
+
+    def agree(self, error: BaseException | None) -> None: ...
 
     def close(self) -> None: ...
 

@@ -73,11 +73,19 @@ class StageConfig(_Strict):
 
 
 class SlowConfig(_Strict):
-    """Slow channel: RL on weights."""
+    """Slow channel: RL on weights.
+
+    Learning rate (every engine, every process count): update k = 1, 2, ... uses
+    ``lr * min(1, k / warmup_steps)``, so the first update uses lr / warmup_steps (never 0) and update
+    ``warmup_steps`` the full rate; the schedule steps once per optimizer update. ``slow/lr`` in a metrics row is
+    the rate that step's update used (its last update's with ``updates_per_batch`` > 1; absent when the step made
+    no update, e.g. every group flat).
+    """
 
     loss: Literal["cispo", "grpo"] = Field("cispo", description="CISPO (default) or GRPO-style clipped loss.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
-    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimizer updates: update k "
+                              "uses lr * min(1, k / warmup_steps).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm; null = no clipping.")
@@ -96,6 +104,9 @@ class SlowConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of training rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of training rollouts.")
     max_new_tokens: int = Field(24, gt=0, description="Completion length cap.")
+    loss_aggregation: Literal["group", "tokens"] = Field(
+        "group", description="group: token-mean within each problem's group, then mean over groups; tokens: sum "
+        "over all kept tokens / their count (TRL's cispo; to compare engines).")
 
 
 class MemoryConfig(_Strict):
@@ -137,6 +148,17 @@ class FastConfig(_Strict):
     population: int = Field(4, gt=0, description="K: prompts kept (top-K of the Pareto front); must divide G.")
     budget: int = Field(120, gt=0, description="Hard cap on a GEPA round's rollouts, re-scoring included.")
     val_size: int = Field(16, gt=0, description="Pareto (validation) problems per round, drawn from train.")
+    val_growth: float = Field(
+        2.0, ge=1.0,
+        description="A round whose validation set is too flat to tell candidates apart (every candidate scored "
+        "the same, or the seed alone scored 0 or 1 everywhere; metric fast/val_flat) multiplies the next round's "
+        "val_size by this (at least +1), up to val_max. A proposal enters the Pareto front only when it strictly "
+        "beats its parent on validation; when the front holds fewer than K prompts the population is filled to K "
+        "by mean validation score (kept candidates, then proposals that did not beat their parent; while a round "
+        "has fewer than K distinct prompts every new proposal is scored on validation for this), so that every "
+        "group mixes K prompts (metrics fast/population, fast/front_size, fast/filled).",
+    )
+    val_max: int | None = Field(None, gt=0, description="Cap of the grown val_size (None: 4 x val_size).")
     minibatch: int = Field(3, gt=0, description="GEPA reflection minibatch size.")
     reflector: str = Field(
         "micro",
@@ -188,21 +210,51 @@ class ScaleConfig(_Strict):
 
     How the slow channel maps onto ``trl.GRPOConfig`` (``fastslow run CONFIG --dry-run`` prints the result):
     loss cispo -> ``loss_type="cispo"``, tau -> ``epsilon_high`` (TRL's CISPO cap), kl_coef -> ``beta`` (k3, to the
-    adapter-disabled model under LoRA, else a reference copy), group_size -> ``num_generations``, batch_problems x
-    group_size -> the generation batch over all processes, lr / warmup_steps / betas / weight_decay /
-    max_grad_norm -> ``learning_rate`` / ``warmup_steps`` (constant_with_warmup) / ``adam_beta1,2`` /
-    ``weight_decay`` / ``max_grad_norm``, max_new_tokens / temperature / top_p -> ``max_completion_length`` /
-    ``temperature`` / ``top_p``, model.lora -> ``peft_config``, model.dtype -> ``bf16``/``fp16``.
+    adapter-disabled model under LoRA, else a frozen copy of the initial weights), group_size ->
+    ``num_generations``, batch_problems x group_size -> the generation batch over all processes, betas /
+    weight_decay / max_grad_norm -> ``adam_beta1,2`` / ``weight_decay`` / ``max_grad_norm``, max_new_tokens /
+    temperature / top_p -> ``max_completion_length`` / ``temperature`` / ``top_p``, model.lora -> ``peft_config``,
+    model.dtype -> ``bf16``/``fp16``, gradient_checkpointing -> the model's activation checkpointing (turned on by
+    the engine: it never calls ``Trainer.train()``). lr / warmup_steps: fastslow's schedule on both engines (see
+    :class:`SlowConfig`), not TRL's ``constant_with_warmup`` (which starts at 0). ``updates_per_batch`` > 1 and
+    ``loss: grpo`` map onto ``num_iterations`` and ``loss_type="grpo"``; ``clip_eps`` -> ``epsilon``.
 
-    Differences from the native engine, by TRL's design: the loss is averaged over all completion tokens of the
-    batch (TRL's cispo aggregation), where native averages tokens within each problem group and then over groups
-    (equal when completions have equal lengths); advantages divide by the unbiased group std + 1e-4 (native: the
-    population std + 1e-6, i.e. the same direction, scaled by sqrt(G/(G-1))); flat groups get advantage 0 and still
-    count in the token normaliser (native drops them); TRL's warm-up starts at lr 0 on the first step (native: lr/N);
-    weight decay is not applied to biases and norms. ``updates_per_batch`` > 1 and ``loss: grpo`` map onto
-    ``num_iterations`` and ``loss_type="grpo"``; ``clip_eps`` -> ``epsilon``.
+    vLLM (``vllm`` colocate/server): every sampling call passes its own temperature, top_p, max_new_tokens and
+    seed to vLLM (greedy evaluation stays greedy). vLLM's log-probs of the sampled tokens travel with the
+    rollouts and feed TRL's importance-sampling correction of the vLLM/trainer mismatch
+    (``vllm_importance_sampling``: TRL's mode, ratio = exp(trainer log-prob - vLLM log-prob), capped or masked at
+    ``vllm_importance_sampling_cap``; ``off`` trains as if vLLM sampled from the trainer's exact weights).
+
+    Differences from the native engine that remain by design (the conformance suite,
+    ``tests/test_engine_conformance.py``, puts both on one definition with the option named, then requires the
+    first update and 5-step metrics to agree to 1e-4):
+
+    =====================  ==========================================  ===========================================
+    what                   trl (TRL's definition)                      native        option that aligns them
+    =====================  ==========================================  ===========================================
+    advantage scale        (r - mean) / (unbiased group std + 1e-4)    population std + 1e-6   scale.advantages: native
+    flat groups            advantage 0, their tokens still count in    dropped from the loss   scale.advantages: native
+                           the token normaliser
+    token aggregation      sum over the batch's tokens / their count   mean within each group,
+                                                                       then over groups   slow.loss_aggregation: tokens
+    temperature scaling    log-probs of logits / slow.temperature      log-probs of raw logits  slow.temperature: 1
+                           (loss, k3, entropy)
+    KL penalty gradient    k3 x importance ratio (value 1, gradient    plain k3 gradient
+                           not): the unbiased reverse-KL gradient             scale.kl_bias_correction: false
+    weight decay           not on biases and norm weights              on every trained weight  slow.weight_decay: 0
+    vLLM rollouts          importance-sampling correction (above)      no vLLM                  scale.vllm: off
+    =====================  ==========================================  ===========================================
+
+    The same on both: the learning rate of every update, the drift meter (same weights, same numbers), a batch
+    whose groups are all flat makes no update, the CISPO/GRPO token loss and the k3 penalty.
     """
 
+    kl_bias_correction: bool = Field(
+        True, description="TRL's use_bias_correction_kl: the k3 penalty times the (differentiable) importance ratio, "
+        "the unbiased reverse-KL gradient (false: native's plain k3 gradient).")
+    advantages: Literal["trl", "native"] = Field(
+        "trl", description="Advantage definition of engine trl: trl (TRL's: unbiased group std + 1e-4, flat groups "
+        "count in the token normaliser) or native (fastslow's: population std + 1e-6, flat groups left out).")
     vllm: Literal["off", "colocate", "server"] = Field(
         "off", description="Rollouts through vLLM inside TRL: off (the trainer's model.generate), colocate, server."
     )
@@ -210,11 +262,74 @@ class ScaleConfig(_Strict):
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="vLLM colocate: tensor-parallel size.")
     vllm_server_host: str = Field("0.0.0.0", description="vLLM server mode: host of `trl vllm-serve`.")
     vllm_server_port: int = Field(8000, gt=0, description="vLLM server mode: port of `trl vllm-serve`.")
+    vllm_importance_sampling: Literal["off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        Field("sequence_mask", description="TRL's correction of vLLM's sampling log-probs vs the trainer's (TRL's "
+              "vllm_importance_sampling_mode; off: none)."))
+    vllm_importance_sampling_cap: float = Field(3.0, gt=0, description="Upper bound of that importance ratio "
+                                                "(truncated or masked above it).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (saves memory).")
     nproc: int = Field(1, gt=0, description="Processes `fastslow launch` starts by default (per node).")
     accelerate_config: str | None = Field(
         None, description="accelerate config file `fastslow launch` uses on GPUs (configs/accelerate/*.yaml)."
     )
+
+
+class ServeConfig(_Strict):
+    """``fastslow serve``: an OpenAI-compatible endpoint over the current weights and fast context, learning from
+    its traffic with ``--learn`` (see :mod:`fastslow.serve`). Training runs (``fastslow run``) ignore this section.
+
+    The fast context of a request is the served task's best prompt; ``system_message`` says what happens to a
+    request's own system message. A candidate trained on a copy of the weights is promoted only when its exact
+    KL to the base on the probe set is <= ``max_kl`` and its held-out reward is at most ``max_regression`` below
+    the served version's; otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
+    """
+
+    model_name: str = Field("fastslow", min_length=1, max_length=64,
+                            description="The model id /v1/models lists; a request naming another model gets 404.")
+    task: str | None = Field(
+        None, description="Name of the stream task whose best prompt is served and whose verifier scores answers "
+        "server-side (null: the last stage's task).")
+    max_batch: int = Field(8, gt=0, description="Requests generated together in one batch by the generation thread.")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long the generation thread waits to fill a batch once the first request is in.")
+    max_queue: int = Field(64, gt=0, description="Requests waiting for generation; one more is answered 429.")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="A request still waiting for its answer after this long is answered 503.")
+    max_body_bytes: int = Field(65_536, gt=0, description="Larger request bodies are answered 413.")
+    max_prompt_tokens: int = Field(
+        192, gt=0, description="A formatted prompt (fast context included) longer than this is answered 400.")
+    max_tokens: int = Field(64, gt=0, description="Largest max_tokens a request may ask for (more: 400).")
+    default_max_tokens: int | None = Field(
+        None, gt=0, description="Completion cap of a request that sets none (null: slow.max_new_tokens).")
+    system_message: Literal["keep", "merge", "replace"] = Field(
+        "merge", description="A request's own system message: keep (used instead of the fast context), merge "
+        "(fast context, a blank line, then the request's) or replace (dropped: the fast context only).")
+    api_key_env: str = Field(
+        "FASTSLOW_SERVE_KEY", description="Env var holding the API key. When set, every route but /healthz needs "
+        "'Authorization: Bearer <key>'; binding any host other than loopback requires it. Never logged or stored.")
+    score: Literal["feedback", "verifier"] = Field(
+        "feedback", description="--learn: where rewards come from: feedback (POST /v1/feedback) or verifier (the "
+        "task's verifier scores every answer whose user turn is a known problem of the task).")
+    every_n_feedbacks: int = Field(
+        32, gt=0, description="--learn: train a candidate once this many new feedbacks are stored, busy or idle.")
+    idle_rps: float = Field(
+        0.5, ge=0, description="--learn: below this many requests/s (over idle_window_s) the server is idle and the "
+        "candidate trains on whatever new feedback there is (at least train_batch rows).")
+    idle_window_s: float = Field(10.0, gt=0, description="Window of the request rate idle_rps is compared with.")
+    train_batch: int = Field(16, gt=1, description="--learn: feedback rollouts per CISPO step (one advantage group).")
+    train_steps: int = Field(2, gt=0, description="--learn: CISPO steps on the candidate before it is gated.")
+    fast_every_n_feedbacks: int = Field(
+        16, gt=0, description="--learn: a fast-channel (GEPA) round on the served weights after this many feedbacks.")
+    max_kl: float = Field(0.05, ge=0, description="Gate: a candidate's exact KL(pi||base) per token on the probe set "
+                          "must be <= this to be promoted.")
+    max_regression: float = Field(
+        0.05, ge=0, le=1, description="Gate: held-out reward may fall at most this much below the served version's.")
+    gate_n: int = Field(32, gt=0, description="Gate: held-out problems (eval split) scored greedily per version.")
+    keep_versions: int = Field(2, gt=0, description="Promoted versions kept on disk (serve/ in the run dir).")
+    backend: Literal["native", "vllm"] = Field(
+        "native", description="native: fastslow generates (one thread owns the model). vllm: vLLM's OpenAI server "
+        "serves and promoted LoRA adapters are pushed to it (--dry-run only: not run on this project's machines).")
+    vllm_url: str = Field("http://127.0.0.1:8001", description="backend vllm: the vLLM server's base URL.")
 
 
 class Config(_Strict):
@@ -234,6 +349,7 @@ class Config(_Strict):
     drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift meter settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
     scale: ScaleConfig = Field(default_factory=ScaleConfig, description="Settings of engine 'trl' (GRPOTrainer).")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Settings of `fastslow serve` only.")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of everything; same seed on CPU = same metrics.")
     threads: int | None = Field(
         None, gt=0, description="CPU threads for torch (null: torch's default). Tiny models run faster on 1."
@@ -441,7 +557,7 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     flat_new = _flatten({k: v for k, v in new.items() if k != "stages"})
     changed = {k: [flat_old.get(k), flat_new.get(k)] for k in sorted(flat_old.keys() | flat_new.keys())
                if flat_old.get(k) != flat_new.get(k)}
-    refused = [k for k in changed if k not in RESUME_SAFE]
+    refused = [k for k in changed if k not in RESUME_SAFE and not k.startswith("serve.")]  # serve: not training
     start = 0
     for i, stage in enumerate(old_stages):
         end = start + stage["steps"]

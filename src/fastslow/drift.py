@@ -8,6 +8,10 @@ measure the weights alone. Per token, exact over the vocabulary:
 
 averaged over completion tokens. Policy samples are drawn with the same seed at every measurement
 (common random numbers: changes in the numbers come from the weights, not from the draw).
+
+Run-time invariant (no engine may report a drift it did not measure): before the first update the policy's
+and the base's logits on the probes are identical; once the weights have moved (weight_l2 > 0), a KL of exactly
+0 means the "base" is the live policy, and the run stops (:class:`~fastslow.errors.TrainingError`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from fastslow.config import DriftConfig
+from fastslow.errors import TrainingError
 from fastslow.policy import Batch, Policy
 from fastslow.util import derive_seed
 
@@ -41,7 +46,8 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_l2(policy: Policy) -> float:
-    """L2 norm of (theta - theta_base) over trained weights; for LoRA, of the merged deltas B·A·scale."""
+    """L2 norm of (theta - theta_base) over every weight the base holds (frozen ones too: a served copy of trained
+    weights is frozen but has moved); for LoRA, of the merged deltas B·A·scale."""
     if policy.is_lora:
         total = 0.0
         for module in policy.model.modules():
@@ -52,7 +58,7 @@ def weight_l2(policy: Policy) -> float:
         return total**0.5
     base = policy.base_parameters()
     total = sum(float((whole(p.detach()) - whole(base[n])).float().pow(2).sum())
-                for n, p in policy.trainable_parameters())
+                for n, p in policy.model.named_parameters() if n in base)
     return total**0.5
 
 
@@ -71,6 +77,18 @@ class DriftMeter:
             self.prompts, temperature=1.0, max_new_tokens=self.cfg.max_new_tokens, seed=self.seed, use_base=use_base
         )
 
+    def _check_base_is_policy(self, pi: torch.Tensor, base: torch.Tensor) -> None:
+        """Before any update of weights that started at the base: the base's logits are the policy's (else the
+        meter would measure another model). A policy loaded from trained weights has moved: nothing to check."""
+        if self.policy.version != 0 or self.policy.trained_start:
+            return
+        exact = pi.dtype == torch.float32 and self.policy.model.dtype == torch.float32
+        same = torch.equal(pi, base) if exact else torch.allclose(pi, base, rtol=0, atol=1e-2)
+        if not same:
+            gap = float((pi - base).abs().max())
+            raise TrainingError(f"drift meter: before any update the base's logits differ from the policy's "
+                                f"(max |difference| {gap:.3g}): the base is not the model's initial weights")
+
     @torch.no_grad()
     def _mean_over_tokens(self, batch: Batch, *, policy_first: bool) -> tuple[float, float]:
         """Mean per-token KL (direction set by ``policy_first``) and mean policy entropy on ``batch``."""
@@ -85,6 +103,8 @@ class DriftMeter:
                 base = self.policy.completion_logits(part, use_base=True)
                 if cache:
                     self._base_logits.append(base)
+            if not policy_first:
+                self._check_base_is_policy(pi, base)
             mask = part.completion_mask.float()
             kl = exact_kl(pi, base) if policy_first else exact_kl(base, pi)
             kl_sum += float((kl * mask).sum())
@@ -112,5 +132,9 @@ class DriftMeter:
             "drift/entropy": ent,
             "drift/weight_l2": weight_l2(self.policy),
         }
+        if metrics["drift/weight_l2"] > 0 and min(kl_rev, kl_fwd) == 0.0:
+            raise TrainingError(
+                f"drift meter: the weights moved (weight_l2 {metrics['drift/weight_l2']:.4g}) but the KL to the base "
+                f"is exactly 0 (kl_rev {kl_rev:.3g}, kl_fwd {kl_fwd:.3g}): the base model is the live policy")
         self._last = (self.policy.version, metrics)
         return dict(metrics)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class Batch:
     completion_ids: torch.Tensor  # [B, C] right-padded; includes the eos token when one was produced
     completion_mask: torch.Tensor  # [B, C]
     texts: list[str]  # decoded completions, special tokens removed
+    logprobs: torch.Tensor | None = None  # [B, C] the sampler's log-probs of the completion tokens, when it gives them
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -47,6 +49,7 @@ class Batch:
             self.completion_ids[idx],
             self.completion_mask[idx],
             [self.texts[i] for i in idx.tolist()],
+            None if self.logprobs is None else self.logprobs[idx],
         )
 
 
@@ -61,6 +64,7 @@ class Policy:
         # Full fine-tuning keeps a frozen copy; LoRA reuses the weights with the adapter disabled.
         self._base = base_model
         self.version = 0
+        self.trained_start = False  # loaded from trained weights (a checkpoint), not the model's own
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -94,12 +98,16 @@ class Policy:
                     task_type="CAUSAL_LM",
                 )
                 model = get_peft_model(base, lcfg)
-            return cls(model, tokenizer, device)
+            policy = cls(model, tokenizer, device)
+            policy.trained_start = weights is not None
+            return policy
         frozen = copy.deepcopy(base).eval().requires_grad_(False)
         model = base
         if weights is not None:
             model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)
-        return cls(model, tokenizer, device, base_model=frozen)
+        policy = cls(model, tokenizer, device, base_model=frozen)
+        policy.trained_start = weights is not None
+        return policy
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The model's whole state, where it must be gathered first (sharded weights); None: :meth:`save` reads it.
@@ -107,6 +115,15 @@ class Policy:
         Called on every process of a run (a collective under sharding), before the main process saves.
         """
         return None
+
+    def weights_sha256(self, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+        """sha256 of the whole weights (``state_dict``, else the model's own), names and bytes in name order."""
+        state = self.model.state_dict() if state_dict is None else state_dict
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Weights (the adapter alone under LoRA) and tokenizer, loadable by ``from_pretrained``."""
@@ -139,10 +156,12 @@ class Policy:
         seed: int,
         use_base: bool = False,
         max_batch: int = 256,
+        streamer=None,
     ) -> Batch:
         """Sample one completion per prompt (repeat a prompt for a group). ``temperature=0`` is greedy.
 
-        Seeded per call so that a run (and a resumed run) draws the same samples on CPU.
+        Seeded per call so that a run (and a resumed run) draws the same samples on CPU. ``streamer`` (a
+        transformers ``BaseStreamer``) receives each step's new tokens, one per row (the server's SSE streams).
         """
         torch.manual_seed(seed)
         model = self.base_model if use_base else self.model
@@ -160,6 +179,7 @@ class Policy:
                     eos_token_id=eos,
                     pad_token_id=pad,
                     **(sampling if temperature > 0 else {"do_sample": False}),
+                    **({"streamer": streamer} if streamer is not None else {}),
                 )
             completion = out[:, ids.shape[1] :]
             # Tokens after the first eos are padding; the eos itself is the policy's choice to stop.
@@ -174,12 +194,16 @@ class Policy:
         return Batch(prompt_ids, prompt_mask, comp_ids, comp_mask, texts)
 
     # ---- scoring ------------------------------------------------------------------------------
-    def make_batch(self, prompts: Sequence[str], completions: Sequence[str], *, add_eos: bool = True) -> Batch:
-        """A Batch of given (formatted prompt, completion text) pairs, to score completions not sampled here."""
+    def make_batch(self, prompts: Sequence[str], completions: Sequence[str], *,
+                   add_eos: bool | Sequence[bool] = True) -> Batch:
+        """A Batch of given (formatted prompt, completion text) pairs, to score completions not sampled here.
+
+        ``add_eos``: end every completion (or, one flag per row, those that stopped) with the eos token."""
         prompt_ids, prompt_mask = self._encode_prompts(prompts)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        rows = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if add_eos else [])
-                for c in completions]
+        ends = [add_eos] * len(completions) if isinstance(add_eos, bool) else list(add_eos)
+        rows = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if end else [])
+                for c, end in zip(completions, ends, strict=True)]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

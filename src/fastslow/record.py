@@ -55,6 +55,7 @@ class LoopState:
     metrics_rows: int = 0
     metrics_sha256: str = ""  # of the first metrics_bytes of metrics.jsonl ("" in format-1 checkpoints)
     verifier_calls: int = 0
+    fast_rounds: list[dict] = field(default_factory=list)  # per round: step, population, front_size, val_flat
 
 
 def claim_run_dir(out: Path, *, resume: bool, force: bool) -> None:
@@ -122,6 +123,7 @@ class RunRecord:
                 "reflection_health": health.state_dict(),
                 "torch_rng": torch.get_rng_state().tolist(),
                 "config": self.cfg.model_dump(mode="json"),
+                "world_size": engine.world_size,
             }
             (tmp / "state.json").write_text(json.dumps(loop))
             # The rows so far travel with the checkpoint: a metrics file cut short is rebuilt from them.
@@ -148,6 +150,12 @@ class RunRecord:
         if self.main:
             self._restore_metrics(ckpt, state)
             self.write_config()
+            written_by = saved.get("world_size", engine.world_size)
+            if written_by != engine.world_size:  # rollouts are sharded and seeded per rank: not the same run
+                self.append(state, json.dumps({"step": state.step, "event": "resume_world_size_changed",
+                                               "from": written_by, "to": engine.world_size}) + "\n")
+                self.log(f"resume: {written_by} processes wrote {ckpt.name}, {engine.world_size} resume it: the run "
+                         "goes on, but no longer replays the uninterrupted run")
             if changes:  # safe changes only (the others were refused before anything was written)
                 self.append(state, json.dumps({"step": state.step, "event": "resume_config_changed",
                                                "changed": changes}) + "\n")
@@ -216,9 +224,12 @@ def summary(cfg: Config, state: LoopState, engine: Engine, health: ReflectionHea
         "best_prompts": fast.best if fast else {},
         "fast": {"accepted_total": state.accepted_total, "reflection_calls": state.reflection_calls,
                  "reflection_errors": state.reflection_errors, "failed_reflection_calls": health.failed_calls,
-                 "rounds_nothing_accepted": health.rounds_nothing_accepted} if fast else None,
+                 "rounds_nothing_accepted": health.rounds_nothing_accepted,
+                 **{f"round_{k}": [r[k] for r in state.fast_rounds] for k in ("step", "population", "front_size",
+                                                                              "val_flat")}} if fast else None,
         "verifier_errors": state.verifier_errors,
         "verifier_calls": state.verifier_calls,
+        "eval_n": cfg.eval.n,  # problems per task of each evaluation: the reports' intervals need it
         "oversize_problems_skipped": oversize_skipped,
     }
 
