@@ -427,3 +427,16 @@ def numbered_task():
     task._split = {"train": [Problem(f"n-{i}", w, w) for i, w in enumerate(words[:64])],
                    "eval": [Problem(f"n-{i}", w, w) for i, w in enumerate(words[64:], 64)]}
     return task
+
+
+def test_gate_compares_with_the_best_version_served_so_far(server, tmp_path):
+    """Regressions within max_regression must not compound: the reference is the best served held-out reward."""
+    srv, client = server(["serve.max_kl=100", "serve.max_regression=0.05"])
+    for i, turn in enumerate(user_turns(4)):
+        r = client.post(CHAT, json={"model": "fastslow", "messages": [{"role": "user", "content": turn}]}).json()
+        client.post("/v1/feedback", json={"id": r["id"], "reward": i % 2})
+    srv.learner.served.state.best_heldout = 1.0  # an earlier version scored every held-out problem
+    srv.learner.train_and_gate()
+    rejected = [row for row in rows(tmp_path / "run") if row.get("event") == "serve_rejected"]
+    assert len(rejected) == 1 and "below the best served 1.000" in rejected[0]["reason"]
+    assert rejected[0]["serve/reference_reward"] == 1.0 and srv.state.served.fingerprint == "fastslow-w0-c0"

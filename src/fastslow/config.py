@@ -194,7 +194,8 @@ class ServeConfig(_Strict):
     The fast context of a request is the served task's best prompt; ``system_message`` says what happens to a
     request's own system message. A candidate trained on a copy of the weights is promoted only when its exact
     KL to the base on the probe set is <= ``max_kl`` and its held-out reward is at most ``max_regression`` below
-    the served version's; otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
+    the best version served under the current context (the served one included: small drops do not compound);
+    otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
     """
 
     model_name: str = Field("fastslow", min_length=1, max_length=64,
@@ -236,7 +237,8 @@ class ServeConfig(_Strict):
     max_kl: float = Field(0.05, ge=0, description="Gate: a candidate's exact KL(pi||base) per token on the probe set "
                           "must be <= this to be promoted.")
     max_regression: float = Field(
-        0.05, ge=0, le=1, description="Gate: held-out reward may fall at most this much below the served version's.")
+        0.05, ge=0, le=1, description="Gate: held-out reward may fall at most this much below the best version's "
+        "served under the current fast context (the served version included).")
     gate_n: int = Field(32, gt=0, description="Gate: held-out problems (eval split) scored greedily per version.")
     keep_versions: int = Field(2, gt=0, description="Promoted versions kept on disk (serve/ in the run dir).")
     backend: Literal["native", "vllm"] = Field(
