@@ -132,17 +132,21 @@ class Answer:
 
 
 def _deliver(job: Job, fn: Callable, *args) -> None:
-    """Run ``fn(*args)`` on the job's event loop (a closed connection's future is left alone)."""
-
-    def call() -> None:
-        if fn is job.future.set_result and job.future.done():
-            return
-        fn(*args)
-
+    """Run ``fn(*args)`` on the job's event loop (``fn`` is a method of its queue or future)."""
     try:
-        job.loop.call_soon_threadsafe(call)
+        job.loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # the event loop is gone (shutdown)
         pass
+
+
+def _resolve(job: Job, value: object) -> None:
+    """Hand a job its answer on its event loop, unless it timed out or its client went away meanwhile."""
+
+    def call() -> None:
+        if not job.future.done():
+            job.future.set_result(value)
+
+    _deliver(job, call)
 
 
 class _RowStreamer(BaseStreamer):
@@ -227,7 +231,7 @@ class Generator:
                     answers = self._generate(group, temperature, top_p)
                 except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
                     for job in group:
-                        _deliver(job, job.future.set_result, ApiError(
+                        _resolve(job, ApiError(
                             500, f"generation failed: {type(exc).__name__}: {one_line(exc, 200)}", "server_error"))
                     continue
                 try:
@@ -236,7 +240,7 @@ class Generator:
                     answers = [ApiError(503, f"could not store the answer: {one_line(exc, 200)}", "server_error")
                                ] * len(group)
                 for job, answer in zip(group, answers, strict=True):
-                    _deliver(job, job.future.set_result, answer)
+                    _resolve(job, answer)
             self.batches += 1
 
     def _generate(self, jobs: list[Job], temperature: float, top_p: float) -> list[Answer]:
