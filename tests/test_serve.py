@@ -249,6 +249,7 @@ def test_bad_requests_get_one_line_openai_errors(server):
     openai_error(client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"}), 400,
                  "invalid_json")
     openai_error(client.post(CHAT, json=[1, 2]), 400, "invalid_json")
+    openai_error(client.post(CHAT, content=b"\xff\xfe{}"), 400, "invalid_json")
     openai_error(client.post(CHAT, json={**ok, "model": "gpt-9"}), 404, "model_not_found")
     openai_error(client.post(CHAT, json={**ok, "messages": []}), 400)
     openai_error(client.post(CHAT, json={**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)
@@ -440,3 +441,8 @@ def test_gate_compares_with_the_best_version_served_so_far(server, tmp_path):
     rejected = [row for row in rows(tmp_path / "run") if row.get("event") == "serve_rejected"]
     assert len(rejected) == 1 and "below the best served 1.000" in rejected[0]["reason"]
     assert rejected[0]["serve/reference_reward"] == 1.0 and srv.state.served.fingerprint == "fastslow-w0-c0"
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_a_400(server):
+    _, client = server()
+    openai_error(client.post(CHAT, content=b"[" * 20000 + b"]" * 20000), 400, "invalid_json")

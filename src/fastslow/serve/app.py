@@ -429,7 +429,7 @@ def create_app(state: ServerState) -> FastAPI:
                 return response
         response = await call_next(request)
         state.metrics.requests.labels(route, str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse) or response.status_code != 200:
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):  # SSE: timed to the end
             state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
         return response
 
@@ -451,7 +451,7 @@ def create_app(state: ServerState) -> FastAPI:
         body = await request.body()
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
