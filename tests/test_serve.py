@@ -446,3 +446,18 @@ def test_gate_compares_with_the_best_version_served_so_far(server, tmp_path):
 def test_json_nested_deeper_than_the_parser_goes_is_a_400(server):
     _, client = server()
     openai_error(client.post(CHAT, content=b"[" * 20000 + b"]" * 20000), 400, "invalid_json")
+
+
+def test_vllm_path_is_a_dry_run_plan_only(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.delenv("FASTSLOW_SERVE_KEY", raising=False)
+    config = write_config(tmp_path / "serve.yaml", serve_config(tiny_model, tmp_path / "run",
+                                                                extra=["serve.backend=vllm"]))
+    assert_one_line_error(CliRunner().invoke(cli_app, ["serve", str(config), "--dry-run"]), "model.lora")
+    result = CliRunner().invoke(cli_app, ["serve", str(config), "--dry-run", "--set", "model.lora={r: 4}"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)["vllm"]
+    assert plan["env"] == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} and "--enable-lora" in plan["command"]
+    assert plan["on_promotion"][0]["url"].endswith("/v1/load_lora_adapter") and "not run" in plan["status"]
+    assert_one_line_error(CliRunner().invoke(cli_app, ["serve", str(config), "--set", "model.lora={r: 4}"]),
+                          "serve.backend vllm")
+    assert not (tmp_path / "run").exists()
