@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -49,10 +50,12 @@ def test_mapping_carries_every_slow_field():
     kw = grpo_kwargs(cfg, world_size=2, cuda=False)
     assert kw["loss_type"] == "cispo" and kw["epsilon_high"] == 3.5 and kw["beta"] == 0.002
     assert kw["num_generations"] == 6 and kw["per_device_train_batch_size"] == 2 * 6  # 4 problems over 2 ranks
-    assert (kw["learning_rate"], kw["warmup_steps"], kw["adam_beta1"], kw["adam_beta2"]) == (0.0003, 7, 0.8, 0.95)
+    assert (kw["learning_rate"], kw["adam_beta1"], kw["adam_beta2"]) == (0.0003, 0.8, 0.95)
+    assert kw["lr_scheduler_type"] == "constant"  # the warm-up is fastslow's schedule, not TRL's
     assert (kw["weight_decay"], kw["max_grad_norm"], kw["max_completion_length"]) == (0.01, 0.5, 33)
     assert (kw["temperature"], kw["top_p"], kw["num_iterations"]) == (0.7, 0.9, 2)
     assert kw["use_vllm"] and kw["vllm_mode"] == "server" and kw["vllm_server_port"] == 9001
+    assert kw["vllm_importance_sampling_correction"] and kw["vllm_importance_sampling_mode"] == "sequence_mask"
     with pytest.raises(ConfigError, match="batch_problems"):
         grpo_kwargs(cfg, world_size=3)
 
@@ -82,6 +85,22 @@ def test_8_gpu_config_dry_runs_from_the_cli_without_a_gpu():
     assert info["engine"] == "trl" and info["world_size"] == 8 and info["vllm"] == "colocate"
     assert info["grpo_config"]["per_device_train_batch_size"] == 4 * 8  # 32 problems over 8 GPUs, G = 8
     assert info["accelerate_config"].endswith("fsdp2.yaml") and info["sharding"] == "FSDP2"
+    assert info["lr_schedule"]["warmup_updates"] == 10 and info["gradient_checkpointing"] is True
+    assert info["vllm_importance_sampling"]["mode"] == info["grpo_config"]["vllm_importance_sampling_mode"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 8])
+def test_8_gpu_config_warms_up_over_10_updates_whatever_the_process_count(nproc, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    info = dry_run(load_config(ROOT / "configs" / "qwen3-8b.yaml"), world_size=nproc)
+    assert info["world_size"] == nproc and info["lr_schedule"]["warmup_updates"] == 10
+    assert info["lr_schedule"]["first_update_lr"] == pytest.approx(1e-6)  # lr / 10, not 0
+    assert info["grpo_config"]["lr_scheduler_type"] == "constant"  # TRL's own schedule is not used
+    assert info["gradient_checkpointing"] is True and info["grpo_config"]["gradient_checkpointing"] is True
+    assert info["vllm_importance_sampling"] == {
+        "mode": "sequence_mask", "cap": 3.0,
+        "ratio": "exp(trainer log-prob - vLLM's sampling log-prob) per TRL's mode; off: none"}
+    assert info["grpo_config"]["vllm_importance_sampling_correction"] is True
 
 
 @pytest.mark.parametrize("config", ["qwen3-8b.yaml", "qwen3-0.6b-1gpu.yaml"])
@@ -188,11 +207,28 @@ def test_two_processes_agree_on_weights_and_population(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_two_processes_lose_a_failing_reflectors_round_alike(tiny_model, tmp_path):
     out = tmp_path / "run"
-    p0, p1 = _two_processes(tiny_model, out, "lockstep_reflectors:failing_reflector", "gepa")
+    # (fast.preflight off: its test call would refuse this reflector before step 0, see the next test)
+    p0, p1 = _two_processes(tiny_model, out, "lockstep_reflectors:failing_reflector", "gepa", "fast.preflight=false")
     assert p0["fast"] == p1["fast"] and p0["population"] == p1["population"]
     assert p0["fast"]["reflection_errors"] > 0 and p0["reflector_calls"] > 0 and p1["reflector_calls"] == 0
     rounds = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "fast/accepted" in r]
     assert rounds and all(r["fast/accepted"] == 0 and r["fast/new_reflection_errors"] > 0 for r in rounds)
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_a_dead_reflector_before_step_0_alike(tiny_model, tmp_path):
+    """The preflight's test call runs on rank 0 with several processes too; every rank stops on its verdict."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "trl_worker.py"), str(tiny_model), str(out), "lockstep_reflectors:failing_reflector",
+           "gepa"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0
+    refusals = re.findall(r"\[rank(\d)\]: fastslow\.config\.ConfigError: (.*test call failed.*)", done.stderr)
+    assert sorted(r for r, _ in refusals) == ["0", "1"] and len({line for _, line in refusals}) == 1
+    assert not (out / "metrics.jsonl").exists()  # nothing ran
 
 
 class _Pair:
@@ -251,7 +287,7 @@ def test_sharded_accelerate_configs_are_recognised(tmp_path):
     assert sharding_of_accelerate_config(ROOT / "configs" / "accelerate" / "ddp.yaml") is None
     zero2 = tmp_path / "zero2.yaml"
     zero2.write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 2}\n")
-    assert sharding_of_accelerate_config(zero2) is None
+    assert sharding_of_accelerate_config(zero2) == "DeepSpeed ZeRO-2"
     fsdp1 = tmp_path / "fsdp1.yaml"
     fsdp1.write_text("distributed_type: FSDP\nfsdp_config: {fsdp_sharding_strategy: FULL_SHARD}\n")
     assert sharding_of_accelerate_config(fsdp1) == "FSDP1"
@@ -261,7 +297,8 @@ def test_sharded_accelerate_configs_are_recognised(tmp_path):
         "DeepSpeed ZeRO-3")
     assert sharding_of_env({"ACCELERATE_USE_FSDP": "true"}) == "FSDP1"
     assert sharding_of_env({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "FSDP2"
-    assert sharding_of_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) is None
+    assert sharding_of_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) == (
+        "DeepSpeed ZeRO-2")
 
 
 def test_an_unsupported_sharding_is_refused_in_one_line_before_anything_runs(tiny_model, tmp_path, monkeypatch):
@@ -444,3 +481,263 @@ def test_drift_budget_starts_and_resumes_alike_on_both_engines(tiny_model, tmp_p
     assert resumed.trainer.beta == pytest.approx(engine.trainer.beta)
     for e in (engine, resumed):
         e.close()
+
+
+# ---- what the run reports is what was measured (issue 16) ---------------------------------------------------------
+
+
+def _moved_weights(tiny_model: Path, out: Path) -> Path:
+    """The tiny model's weights moved as training would move them, saved as a checkpoint's model/ dir."""
+    from fastslow.config import ModelConfig
+
+    policy = Policy.load(ModelConfig(path=str(tiny_model)))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    policy.save(out)
+    return out
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_drift_on_trl_is_measured_against_the_real_base(tiny_model, tmp_path, resumed):
+    """Full weights, kl_coef 0: the base is a frozen copy of the initial weights, before and after --resume."""
+    from fastslow.drift import DriftMeter
+
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["method=rl", "drift.max_new_tokens=6"])
+    moved = _moved_weights(tiny_model, tmp_path / "moved")
+    engine = TrlEngine(cfg, weights=moved if resumed else None)
+    if not resumed:  # trained in place, as the slow channel's updates do
+        state = Policy.load(cfg.model, weights=moved).model.state_dict()
+        engine.policy.model.load_state_dict(state)
+    native = Policy.load(cfg.model, weights=moved)
+    task = VowelTask("vowel")
+    probes = [native.format(task.seed_prompt, p.prompt) for p in task.problems("eval")[:4]]
+    for p in (engine.policy, native):
+        p.version = 1  # past the first update
+    got = DriftMeter(engine.policy, probes, cfg.drift, seed=0).measure()
+    want = DriftMeter(native, probes, cfg.drift, seed=0).measure()
+    assert got["drift/kl_rev"] > 0 and got["drift/kl_fwd"] > 0
+    for key in ("drift/kl_rev", "drift/kl_fwd", "drift/weight_l2", "drift/entropy"):
+        assert _rel(got[key], want[key]) <= 1e-5, (key, got[key], want[key])
+    engine.close()
+
+
+def test_each_update_uses_the_logged_lr_on_both_engines(tiny_model, tmp_path):
+    """Warm-up 2: updates use lr/2, lr, lr on both engines; the first update is not a no-op."""
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["method=rl", "slow.warmup_steps=2", "slow.lr=0.01"])
+    engine = TrlEngine(cfg)
+    native = Policy.load(cfg.model)
+    learner = SlowLearner(native, cfg.slow)
+    rollouts = _fixed_rollouts(native, VowelTask("vowel"), groups=4, g=4)
+    before = {n: p.detach().clone() for n, p in engine.policy.trainable_parameters()}
+    trl_lr, native_lr = [], []
+    for i in range(3):
+        trl_lr.append(engine.slow.step(rollouts)["slow/lr"])
+        native_lr.append(learner.step(rollouts)["slow/lr"])
+        if i == 0:
+            assert any(not torch.equal(p, before[n]) for n, p in engine.policy.trainable_parameters())
+    assert trl_lr == native_lr == [0.005, 0.01, 0.01]
+    assert engine.describe()["lr_schedule"]["first_update_lr"] == 0.005
+    engine.close()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_is_on_when_asked_and_still_trains(tiny_model, tmp_path, lora):
+    extra = ["method=rl", "slow.warmup_steps=0", "scale.gradient_checkpointing=true"]
+    cfg = small_config(tiny_model, tmp_path / "r", extra=extra + (["model.lora={r: 4}"] if lora else []))
+    engine = TrlEngine(cfg)
+    inner = engine.trainer.model.get_base_model() if lora else engine.trainer.model
+    assert inner.is_activation_checkpointing
+    rollouts = _fixed_rollouts(engine.policy, VowelTask("vowel"), groups=4, g=4)
+    before = {n: p.detach().clone() for n, p in engine.policy.trainable_parameters()}
+    engine.slow.step(rollouts)
+    assert any(not torch.equal(p, before[n]) for n, p in engine.policy.trainable_parameters())
+    engine.close()
+
+
+def test_trl_scales_log_probs_by_the_sampling_temperature(tiny_model, tmp_path):
+    """The by-design difference ScaleConfig documents: TRL's log-probs are of logits / slow.temperature."""
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["method=rl", "slow.temperature=0.5"])
+    engine = TrlEngine(cfg)
+    native = Policy.load(cfg.model)
+    batch = _fixed_rollouts(native, VowelTask("vowel"), groups=1, g=4).batch
+    inputs = {"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask, "completion_ids": batch.completion_ids,
+              "completion_mask": batch.completion_mask}
+    with torch.no_grad():
+        trl = engine.slow._logps(inputs, reference=False)
+        logits = native.completion_logits(batch)
+    assert torch.allclose(trl, Policy.token_logprobs(logits / 0.5, batch.completion_ids), atol=1e-5)
+    assert not torch.allclose(trl, Policy.token_logprobs(logits, batch.completion_ids), atol=1e-3)
+    from fastslow.config import ScaleConfig
+
+    assert "slow.temperature" in ScaleConfig.__doc__ and "temperature scaling" in ScaleConfig.__doc__
+    engine.close()
+
+
+class FakeVLLM:
+    """Stands in for TRL's ``VLLMGeneration`` on CPU: samples with the trainer's model at the settings TRL's
+    generator holds at call time, and returns token ids and their log-probs as vLLM does (one top-1 list per
+    token), shifted by ``logprob_shift`` so a test can tell the ratio was computed from them."""
+
+    def __init__(self, engine: TrlEngine, logprob_shift: float) -> None:
+        args = engine.trainer.args
+        self.model, self.tokenizer, self.shift = engine.trainer.model, engine.policy.tokenizer, logprob_shift
+        self.temperature, self.top_p, self.max_completion_length = args.temperature, args.top_p, 16
+        self.generation_kwargs: dict = {}
+        self.calls: list[dict] = []
+
+    def sync_weights(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts, images, num_generations, profiler=None):
+        seen = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_completion_length,
+                "seed": self.generation_kwargs.get("seed")}
+        self.calls.append(seen)
+        torch.manual_seed(seen["seed"])
+        eos, completions, logprobs = self.tokenizer.eos_token_id, [], []
+        for ids in prompts:
+            x = torch.tensor([ids])
+            sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None}
+                        if self.temperature > 0 else {"do_sample": False})
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), eos_token_id=eos,
+                                      pad_token_id=eos, max_new_tokens=self.max_completion_length, **sampling)
+            comp = out[0, len(ids):].tolist()
+            comp = comp[: comp.index(eos) + 1] if eos in comp else comp
+            logits = self.model(input_ids=torch.tensor([ids + comp])).logits[0, len(ids) - 1: len(ids) - 1 + len(comp)]
+            lp = torch.log_softmax(logits / max(self.temperature, 1e-6), -1).gather(-1, torch.tensor(comp)[:, None])
+            completions.append(comp)
+            logprobs.append([[v - self.shift] for v in lp.squeeze(1).tolist()])
+        return prompts, completions, logprobs, None
+
+
+def test_vllm_rollouts_honour_each_call_and_feed_the_importance_ratio(tiny_model, tmp_path):
+    """TRL's vLLM path switched on with a stand-in generator (vLLM needs a GPU): per-call sampling settings and
+    seeds reach vLLM, its log-probs travel with the rollouts, and the slow step supplies TRL's ratio."""
+    extra = ["method=rl", "scale.vllm_importance_sampling=token_truncate", "slow.warmup_steps=0"]
+    cfg = small_config(tiny_model, tmp_path / "r", extra=extra)
+    engine = TrlEngine(cfg)
+    tr = engine.trainer
+    fake = FakeVLLM(engine, logprob_shift=0.05)
+    tr.use_vllm, tr.vllm_generation, tr._last_loaded_step = True, fake, 0
+    tr.vllm_importance_sampling_correction, tr.vllm_importance_sampling_mode = True, "token_truncate"
+    task = VowelTask("vowel")
+    problems = task.problems("train")[:4]
+    greedy = engine.sample(task, [(task.seed_prompt, p) for p in problems], temperature=0.0, top_p=0.9,
+                           max_new_tokens=5, seed=7)
+    assert fake.calls[-1] == {"temperature": 0.0, "top_p": 0.9, "max_tokens": 5, "seed": 7}
+    assert fake.temperature == 1.0 and fake.generation_kwargs == {}  # TRL's own settings are put back
+    assert greedy.batch.completion_mask.sum(1).max() <= 5
+    pairs = [(task.seed_prompt, p) for p in problems for _ in range(4)]
+    scored = engine.sample(task, pairs, temperature=1.0, max_new_tokens=8, seed=3)
+    assert scored.batch.logprobs is not None
+    seen = {}
+    compute_loss = tr.compute_loss
+
+    def recording(model, inputs, **kw):
+        seen.update(inputs)
+        return compute_loss(model, inputs, **kw)
+
+    tr.compute_loss = recording
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(4, 4)
+    metrics = engine.slow.step(Rollouts(scored.batch, rewards))
+    assert math.isfinite(metrics["slow/loss"]) and metrics["slow/grad_norm"] > 0
+    mask = seen["completion_mask"].bool()
+    ratio = seen["importance_sampling_ratio"][mask]
+    assert torch.allclose(ratio, torch.full_like(ratio, math.exp(0.05)), rtol=1e-4)  # exp(trainer - vLLM)
+    engine.close()
+
+
+def test_adapter_names_every_private_trl_member_and_they_are_all_there(monkeypatch):
+    from trl import GRPOTrainer
+
+    from fastslow.engines.trl import adapter
+
+    assert adapter.problems() == []
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", lambda self, model, ids: None)
+    monkeypatch.delattr(GRPOTrainer, "_generate_single_turn")
+    found = adapter.problems()
+    assert any("_get_per_token_logps_and_entropies" in f for f in found)
+    assert any("_generate_single_turn is gone" in f for f in found)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_1_and_2_are_refused_in_one_line(tiny_model, tmp_path, monkeypatch, stage):
+    from typer.testing import CliRunner
+
+    from fastslow.cli import app
+
+    zero = tmp_path / f"zero{stage}.yaml"
+    zero.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config: {{zero_stage: {stage}}}\nnum_processes: 2\n")
+    cfg = small_config(tiny_model, tmp_path / "r", extra=["engine=trl", f"scale.accelerate_config={zero}"])
+    with pytest.raises(ConfigError, match=f"DeepSpeed ZeRO-{stage} is not supported"):
+        dry_run(cfg)
+    with pytest.raises(ConfigError, match=f"DeepSpeed ZeRO-{stage} is not supported"):
+        Trainer(cfg)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"engine: trl\nstages: [{{task: 'conftest:vowel_task', steps: 1}}]\n"
+                    f"scale: {{accelerate_config: '{zero}'}}\n")
+    for args in (["launch", "--nproc", "2", str(path)], ["run", str(path), "--dry-run"]):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r")])
+        assert result.exit_code == 2 and f"DeepSpeed ZeRO-{stage} is not supported" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch tells each process
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
+    with pytest.raises(ConfigError, match=f"DeepSpeed ZeRO-{stage} is not supported"):
+        Trainer(small_config(tiny_model, tmp_path / "r", extra=["engine=trl"]))
+    assert not (tmp_path / "r").exists()
+
+
+def _launch(tmp_path: Path, config: str, out: Path) -> tuple[int, list[str]]:
+    """``fastslow launch --nproc 2 CONFIG`` (torchrun, gloo): its exit status and the error messages of all ranks
+    (each rank prints ``error: <message>``; two ranks' lines may interleave, so they are split at ``error:``)."""
+    path = tmp_path / "launch.yaml"
+    path.write_text(config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "fastslow.cli", "launch", "--nproc", "2", str(path), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # a hung rank fails here
+    text = "\n".join(line for line in done.stderr.splitlines() if "error:" in line)
+    return done.returncode, [m.strip() for m in re.split(r"error:", text) if m.strip()]
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_stops_every_rank_with_the_same_line(tiny_model, tmp_path):
+    """The verifier fails in rank 0's share only; the verdict is rank 0's alone: both ranks stop with it."""
+    code, errors = _launch(tmp_path, f"""method: rl
+engine: trl
+model: {{path: '{tiny_model}'}}
+stages: [{{task: 'rank_tasks:rank0_broken_task', steps: 4}}]
+slow: {{batch_problems: 4, group_size: 4, max_new_tokens: 8, lr: 0.01, warmup_steps: 0}}
+drift: {{every: 2, probe_size: 4, max_new_tokens: 8}}
+eval: {{every: 2, n: 8}}
+verifier_error_window: 16
+max_verifier_error_share: 0.2
+threads: 1
+""", tmp_path / "run")
+    assert code != 0
+    assert len(errors) == 2 and errors[0] == errors[1] and "the verifier failed" in errors[0], errors
+    rows = _metric_rows(tmp_path / "run")
+    assert rows[-1]["step"] == 1  # the row that showed the counts, then the stop
+
+
+@pytest.mark.slow
+def test_the_reflector_preflight_runs_with_two_processes(tiny_model, tmp_path):
+    import lockstep_reflectors
+
+    code, errors = _launch(tmp_path, f"""method: gepa
+engine: trl
+model: {{path: '{tiny_model}'}}
+stages: [{{task: 'conftest:vowel_task', steps: 2}}]
+fast: {{reflector: 'lockstep_reflectors:failing_reflector', budget: 8, val_size: 4}}
+threads: 1
+""", tmp_path / "run")
+    assert lockstep_reflectors  # the reflector module the processes load
+    assert code != 0  # torchrun's own status: 1 whenever a process failed (each exited 2)
+    assert len(errors) == 2 and errors[0] == errors[1] and "test call failed" in errors[0], errors
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran

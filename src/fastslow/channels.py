@@ -130,7 +130,11 @@ class Engine(Protocol):
     - ``preflight()``: one short real call of each plug-in the run needs (the reflection model) before step 0;
       raises a user error (exit 2) on every rank when it fails on any.
     - ``is_main``: this process writes the run dir; ``broadcast(obj)`` returns the main process's ``obj`` on
-      every rank (identity in one process); ``close()`` frees what the engine holds.
+      every rank (identity in one process); ``gather(obj)`` every rank's ``obj`` in rank order; ``close()``
+      frees what the engine holds.
+    - ``agree(error)``: every rank calls it at the same point with what it raised there (or None); when any
+      rank failed, every rank raises the same one line and exit status (none waits in a collective for a
+      failed peer).
     """
 
     name: str
@@ -149,6 +153,10 @@ class Engine(Protocol):
     def preflight(self) -> None: ...
 
     def broadcast(self, obj: Any) -> Any: ...
+
+    def gather(self, obj: Any) -> list[Any]: ...
+
+    def agree(self, error: BaseException | None) -> None: ...
 
     def close(self) -> None: ...
 

@@ -311,6 +311,28 @@ def demo(
     console.print(f"[bold green]report:[/] {Path(result['report']).resolve()}  ({result['wall_s'] / 60:.1f} min)")
 
 
+@app.command()
+@guarded
+def selftest(
+    engine: Annotated[str, typer.Option(help="The engine to hold to the native reference (e.g. trl).")] = "trl",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+) -> None:
+    """About a minute: ENGINE vs native on this machine with a tiny model (lr per update, drift on the same
+    weights, first update with objectives aligned): a table of max relative differences. Exit 1 if one is off."""
+    from fastslow import registry
+    from fastslow.conformance import format_table, selftest
+
+    if registry.engine_spec(engine) is None:
+        fail(f"--engine: unknown engine {engine!r}: use one of {registry.known('engines')}")
+    checks = selftest(engine)
+    if as_json:
+        typer.echo(json.dumps([{**vars(c), "ok": c.ok} for c in checks], indent=2))
+    else:
+        typer.echo(format_table(checks, engine))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
 @probe_app.command("plasticity")
 @guarded
 def probe_plasticity(

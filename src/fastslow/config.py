@@ -72,11 +72,19 @@ class StageConfig(_Strict):
 
 
 class SlowConfig(_Strict):
-    """Slow channel: RL on weights."""
+    """Slow channel: RL on weights.
+
+    Learning rate (every engine, every process count): update k = 1, 2, ... uses
+    ``lr * min(1, k / warmup_steps)``, so the first update uses lr / warmup_steps (never 0) and update
+    ``warmup_steps`` the full rate; the schedule steps once per optimizer update. ``slow/lr`` in a metrics row is
+    the rate that step's update used (its last update's with ``updates_per_batch`` > 1; absent when the step made
+    no update, e.g. every group flat).
+    """
 
     loss: Literal["cispo", "grpo"] = Field("cispo", description="CISPO (default) or GRPO-style clipped loss.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
-    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimizer updates: update k "
+                              "uses lr * min(1, k / warmup_steps).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm; null = no clipping.")
@@ -95,6 +103,9 @@ class SlowConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of training rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of training rollouts.")
     max_new_tokens: int = Field(24, gt=0, description="Completion length cap.")
+    loss_aggregation: Literal["group", "tokens"] = Field(
+        "group", description="group: token-mean within each problem's group, then mean over groups; tokens: sum "
+        "over all kept tokens / their count (TRL's cispo; to compare engines).")
 
 
 class FastConfig(_Strict):
@@ -158,21 +169,51 @@ class ScaleConfig(_Strict):
 
     How the slow channel maps onto ``trl.GRPOConfig`` (``fastslow run CONFIG --dry-run`` prints the result):
     loss cispo -> ``loss_type="cispo"``, tau -> ``epsilon_high`` (TRL's CISPO cap), kl_coef -> ``beta`` (k3, to the
-    adapter-disabled model under LoRA, else a reference copy), group_size -> ``num_generations``, batch_problems x
-    group_size -> the generation batch over all processes, lr / warmup_steps / betas / weight_decay /
-    max_grad_norm -> ``learning_rate`` / ``warmup_steps`` (constant_with_warmup) / ``adam_beta1,2`` /
-    ``weight_decay`` / ``max_grad_norm``, max_new_tokens / temperature / top_p -> ``max_completion_length`` /
-    ``temperature`` / ``top_p``, model.lora -> ``peft_config``, model.dtype -> ``bf16``/``fp16``.
+    adapter-disabled model under LoRA, else a frozen copy of the initial weights), group_size ->
+    ``num_generations``, batch_problems x group_size -> the generation batch over all processes, betas /
+    weight_decay / max_grad_norm -> ``adam_beta1,2`` / ``weight_decay`` / ``max_grad_norm``, max_new_tokens /
+    temperature / top_p -> ``max_completion_length`` / ``temperature`` / ``top_p``, model.lora -> ``peft_config``,
+    model.dtype -> ``bf16``/``fp16``, gradient_checkpointing -> the model's activation checkpointing (turned on by
+    the engine: it never calls ``Trainer.train()``). lr / warmup_steps: fastslow's schedule on both engines (see
+    :class:`SlowConfig`), not TRL's ``constant_with_warmup`` (which starts at 0). ``updates_per_batch`` > 1 and
+    ``loss: grpo`` map onto ``num_iterations`` and ``loss_type="grpo"``; ``clip_eps`` -> ``epsilon``.
 
-    Differences from the native engine, by TRL's design: the loss is averaged over all completion tokens of the
-    batch (TRL's cispo aggregation), where native averages tokens within each problem group and then over groups
-    (equal when completions have equal lengths); advantages divide by the unbiased group std + 1e-4 (native: the
-    population std + 1e-6, i.e. the same direction, scaled by sqrt(G/(G-1))); flat groups get advantage 0 and still
-    count in the token normaliser (native drops them); TRL's warm-up starts at lr 0 on the first step (native: lr/N);
-    weight decay is not applied to biases and norms. ``updates_per_batch`` > 1 and ``loss: grpo`` map onto
-    ``num_iterations`` and ``loss_type="grpo"``; ``clip_eps`` -> ``epsilon``.
+    vLLM (``vllm`` colocate/server): every sampling call passes its own temperature, top_p, max_new_tokens and
+    seed to vLLM (greedy evaluation stays greedy). vLLM's log-probs of the sampled tokens travel with the
+    rollouts and feed TRL's importance-sampling correction of the vLLM/trainer mismatch
+    (``vllm_importance_sampling``: TRL's mode, ratio = exp(trainer log-prob - vLLM log-prob), capped or masked at
+    ``vllm_importance_sampling_cap``; ``off`` trains as if vLLM sampled from the trainer's exact weights).
+
+    Differences from the native engine that remain by design (the conformance suite,
+    ``tests/test_engine_conformance.py``, puts both on one definition with the option named, then requires the
+    first update and 5-step metrics to agree to 1e-4):
+
+    =====================  ==========================================  ===========================================
+    what                   trl (TRL's definition)                      native        option that aligns them
+    =====================  ==========================================  ===========================================
+    advantage scale        (r - mean) / (unbiased group std + 1e-4)    population std + 1e-6   scale.advantages: native
+    flat groups            advantage 0, their tokens still count in    dropped from the loss   scale.advantages: native
+                           the token normaliser
+    token aggregation      sum over the batch's tokens / their count   mean within each group,
+                                                                       then over groups   slow.loss_aggregation: tokens
+    temperature scaling    log-probs of logits / slow.temperature      log-probs of raw logits  slow.temperature: 1
+                           (loss, k3, entropy)
+    KL penalty gradient    k3 x importance ratio (value 1, gradient    plain k3 gradient
+                           not): the unbiased reverse-KL gradient             scale.kl_bias_correction: false
+    weight decay           not on biases and norm weights              on every trained weight  slow.weight_decay: 0
+    vLLM rollouts          importance-sampling correction (above)      no vLLM                  scale.vllm: off
+    =====================  ==========================================  ===========================================
+
+    The same on both: the learning rate of every update, the drift meter (same weights, same numbers), a batch
+    whose groups are all flat makes no update, the CISPO/GRPO token loss and the k3 penalty.
     """
 
+    kl_bias_correction: bool = Field(
+        True, description="TRL's use_bias_correction_kl: the k3 penalty times the (differentiable) importance ratio, "
+        "the unbiased reverse-KL gradient (false: native's plain k3 gradient).")
+    advantages: Literal["trl", "native"] = Field(
+        "trl", description="Advantage definition of engine trl: trl (TRL's: unbiased group std + 1e-4, flat groups "
+        "count in the token normaliser) or native (fastslow's: population std + 1e-6, flat groups left out).")
     vllm: Literal["off", "colocate", "server"] = Field(
         "off", description="Rollouts through vLLM inside TRL: off (the trainer's model.generate), colocate, server."
     )
@@ -180,6 +221,11 @@ class ScaleConfig(_Strict):
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="vLLM colocate: tensor-parallel size.")
     vllm_server_host: str = Field("0.0.0.0", description="vLLM server mode: host of `trl vllm-serve`.")
     vllm_server_port: int = Field(8000, gt=0, description="vLLM server mode: port of `trl vllm-serve`.")
+    vllm_importance_sampling: Literal["off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        Field("sequence_mask", description="TRL's correction of vLLM's sampling log-probs vs the trainer's (TRL's "
+              "vllm_importance_sampling_mode; off: none)."))
+    vllm_importance_sampling_cap: float = Field(3.0, gt=0, description="Upper bound of that importance ratio "
+                                                "(truncated or masked above it).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (saves memory).")
     nproc: int = Field(1, gt=0, description="Processes `fastslow launch` starts by default (per node).")
     accelerate_config: str | None = Field(

@@ -8,6 +8,10 @@ measure the weights alone. Per token, exact over the vocabulary:
 
 averaged over completion tokens. Policy samples are drawn with the same seed at every measurement
 (common random numbers: changes in the numbers come from the weights, not from the draw).
+
+Run-time invariant (no engine may report a drift it did not measure): before the first update the policy's
+and the base's logits on the probes are identical; once the weights have moved (weight_l2 > 0), a KL of exactly
+0 means the "base" is the live policy, and the run stops (:class:`~fastslow.errors.TrainingError`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from fastslow.config import DriftConfig
+from fastslow.errors import TrainingError
 from fastslow.policy import Batch, Policy
 from fastslow.util import derive_seed
 
@@ -71,6 +76,17 @@ class DriftMeter:
             self.prompts, temperature=1.0, max_new_tokens=self.cfg.max_new_tokens, seed=self.seed, use_base=use_base
         )
 
+    def _check_base_is_policy(self, pi: torch.Tensor, base: torch.Tensor) -> None:
+        """Before any update: the base's logits are the policy's (else the meter would measure another model)."""
+        if self.policy.version != 0:
+            return
+        exact = pi.dtype == torch.float32 and self.policy.model.dtype == torch.float32
+        same = torch.equal(pi, base) if exact else torch.allclose(pi, base, rtol=0, atol=1e-2)
+        if not same:
+            gap = float((pi - base).abs().max())
+            raise TrainingError(f"drift meter: before any update the base's logits differ from the policy's "
+                                f"(max |difference| {gap:.3g}): the base is not the model's initial weights")
+
     @torch.no_grad()
     def _mean_over_tokens(self, batch: Batch, *, policy_first: bool) -> tuple[float, float]:
         """Mean per-token KL (direction set by ``policy_first``) and mean policy entropy on ``batch``."""
@@ -85,6 +101,8 @@ class DriftMeter:
                 base = self.policy.completion_logits(part, use_base=True)
                 if cache:
                     self._base_logits.append(base)
+            if not policy_first:
+                self._check_base_is_policy(pi, base)
             mask = part.completion_mask.float()
             kl = exact_kl(pi, base) if policy_first else exact_kl(base, pi)
             kl_sum += float((kl * mask).sum())
@@ -112,5 +130,9 @@ class DriftMeter:
             "drift/entropy": ent,
             "drift/weight_l2": weight_l2(self.policy),
         }
+        if metrics["drift/weight_l2"] > 0 and min(kl_rev, kl_fwd) == 0.0:
+            raise TrainingError(
+                f"drift meter: the weights moved (weight_l2 {metrics['drift/weight_l2']:.4g}) but the KL to the base "
+                f"is exactly 0 (kl_rev {kl_rev:.3g}, kl_fwd {kl_fwd:.3g}): the base model is the live policy")
         self._last = (self.policy.version, metrics)
         return dict(metrics)

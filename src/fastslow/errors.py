@@ -32,6 +32,14 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); the last good checkpoint is kept (exit 1)."""
 
 
+class RankFailure(RuntimeError):
+    """Another process of the run failed: this one stops with the same line and exit status (see Engine.agree)."""
+
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(line)
+        self.line, self.code = line, code
+
+
 def check_device(device: str) -> None:
     """Refuse a device this machine does not have (``cuda`` without a GPU) before anything is loaded."""
     import torch
@@ -87,12 +95,16 @@ def raised_by_plugin(exc: BaseException) -> bool:
 
 def exit_code(exc: BaseException) -> int:
     """2 for errors of the user's inputs, environment or plug-in code; 1 for everything else."""
+    if isinstance(exc, RankFailure):
+        return exc.code
     return 2 if isinstance(exc, _user_types()) or raised_by_plugin(exc) else 1
 
 
 def describe(exc: BaseException) -> str:
     """One redacted line: the message of a user error; the type and message of a plug-in error; for a
     fastslow bug, the message and where it was raised, with the request to report it."""
+    if isinstance(exc, RankFailure):  # already the failing rank's one line
+        return exc.line
     if isinstance(exc, TrainingError):  # the run's own verdict: its message says what to do
         return one_line(exc, 400)
     code = exit_code(exc)

@@ -137,7 +137,7 @@ class Trainer:
         if st.step == 0 and st.metrics_bytes == 0:
             row = {**self._drift(), **self._evaluate(step=0)}
             st.base_rewards = {name: r["reward_seed_prompt"] for name, r in st.last_eval.items()}
-            self._log_row(0, row)
+            self._together(lambda: self._log_row(0, row))
         while st.step < total:
             t0 = time.perf_counter()
             step = st.step
@@ -185,7 +185,9 @@ class Trainer:
             if done == stage_end:
                 st.matrix.append([st.last_eval[name]["reward"] for name in stream_columns(self.stage_tasks)])
             row["slow/verifier_errors"] = float(st.verifier_errors)
-            self._log_row(done, row)
+            # What the main process does alone (writing, the verifier verdict) may fail there alone: every rank
+            # learns it and stops with the same line; none waits in a collective for a failed peer.
+            self._together(lambda: self._log_row(done, row))  # noqa: B023 - called at once
             self.timing["step_s"].append(time.perf_counter() - t0)
             if self.on_step:
                 self.on_step(done, total, row)
@@ -296,7 +298,16 @@ class Trainer:
             )
 
     def _checkpoint(self) -> None:
-        self.record.save(self.state, self.engine, self.health)
+        self._together(lambda: self.record.save(self.state, self.engine, self.health))
+
+    def _together(self, work: Callable[[], None]) -> None:
+        """``work()``; its failure on any rank is raised on every rank alike (``engine.agree``)."""
+        error = None
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - handed to every rank, then raised
+            error = exc
+        self.engine.agree(error)
 
 
 def load_stream(cfg: Config) -> tuple[dict[str, Task], list[str]]:

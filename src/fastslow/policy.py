@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class Batch:
     completion_ids: torch.Tensor  # [B, C] right-padded; includes the eos token when one was produced
     completion_mask: torch.Tensor  # [B, C]
     texts: list[str]  # decoded completions, special tokens removed
+    logprobs: torch.Tensor | None = None  # [B, C] the sampler's log-probs of the completion tokens, when it gives them
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -47,6 +49,7 @@ class Batch:
             self.completion_ids[idx],
             self.completion_mask[idx],
             [self.texts[i] for i in idx.tolist()],
+            None if self.logprobs is None else self.logprobs[idx],
         )
 
 
@@ -107,6 +110,15 @@ class Policy:
         Called on every process of a run (a collective under sharding), before the main process saves.
         """
         return None
+
+    def weights_sha256(self, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+        """sha256 of the whole weights (``state_dict``, else the model's own), names and bytes in name order."""
+        state = self.model.state_dict() if state_dict is None else state_dict
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Weights (the adapter alone under LoRA) and tokenizer, loadable by ``from_pretrained``."""

@@ -120,6 +120,7 @@ class RunRecord:
                 "reflection_health": health.state_dict(),
                 "torch_rng": torch.get_rng_state().tolist(),
                 "config": self.cfg.model_dump(mode="json"),
+                "world_size": engine.world_size,
             }
             (tmp / "state.json").write_text(json.dumps(loop))
             # The rows so far travel with the checkpoint: a metrics file cut short is rebuilt from them.
@@ -145,6 +146,12 @@ class RunRecord:
         if self.main:
             self._restore_metrics(ckpt, state)
             self.write_config()
+            written_by = saved.get("world_size", engine.world_size)
+            if written_by != engine.world_size:  # rollouts are sharded and seeded per rank: not the same run
+                self.append(state, json.dumps({"step": state.step, "event": "resume_world_size_changed",
+                                               "from": written_by, "to": engine.world_size}) + "\n")
+                self.log(f"resume: {written_by} processes wrote {ckpt.name}, {engine.world_size} resume it: the run "
+                         "goes on, but no longer replays the uninterrupted run")
             if changes:  # safe changes only (the others were refused before anything was written)
                 self.append(state, json.dumps({"step": state.step, "event": "resume_config_changed",
                                                "changed": changes}) + "\n")

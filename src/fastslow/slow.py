@@ -9,8 +9,11 @@ One step, for B problems with G rollouts each (the G rollouts of a problem may u
     (+ kl_coef * k3(pi_theta, pi_base) per token, when kl_coef > 0; with kl_target the coefficient
      is adapted after each drift measurement by KLController, a drift budget on the exact reverse KL)
     loss  = mean over kept groups of (token-mean of l_t within the group)     "per-prompt" averaging
+            (slow.loss_aggregation: tokens -> sum of l_t over kept tokens / kept tokens, TRL's cispo)
 
-Groups whose rewards are all equal carry no signal and are dropped (counted, not refilled).
+Groups whose rewards are all equal carry no signal and are dropped (counted, not refilled); a batch of flat
+groups makes no update. Learning rate: update k (1, 2, ...) uses lr * min(1, k / warmup_steps)
+(:func:`lr_schedule`, the one definition of every engine); ``slow/lr`` is the rate the step's update used.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ def policy_loss(
     clip_eps: float = 0.2,
     kl_coef: float = 0.0,
     base_logp: torch.Tensor | None = None,
+    aggregation: str = "group",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-level RL loss averaged per group (problem).
+    """Token-level RL loss averaged per group (problem), or over all tokens (``aggregation="tokens"``).
 
     logp, old_logp, base_logp, mask: [R, C] over rollouts R; advantages, group: [R] (group = problem index).
     """
@@ -74,12 +78,15 @@ def policy_loss(
         kl = k3(logp, base_logp.detach())
         if kl_coef > 0:
             token_loss = token_loss + kl_coef * kl
-    groups, inverse = torch.unique(group, return_inverse=True)
-    zeros = torch.zeros(len(groups), dtype=logp.dtype, device=logp.device)
-    per_group_sum = zeros.index_add(0, inverse, (token_loss * mask).sum(1))
-    per_group_tokens = zeros.index_add(0, inverse, mask.sum(1))
-    total = (per_group_sum / per_group_tokens.clamp(min=1)).mean()
     n_tok = mask.sum().clamp(min=1)
+    if aggregation == "tokens":
+        total = (token_loss * mask).sum() / n_tok
+    else:
+        groups, inverse = torch.unique(group, return_inverse=True)
+        zeros = torch.zeros(len(groups), dtype=logp.dtype, device=logp.device)
+        per_group_sum = zeros.index_add(0, inverse, (token_loss * mask).sum(1))
+        per_group_tokens = zeros.index_add(0, inverse, mask.sum(1))
+        total = (per_group_sum / per_group_tokens.clamp(min=1)).mean()
     stats = {"clip_frac": float((clipped.float() * mask).sum() / n_tok)}
     if kl is not None:
         stats["k3"] = float((kl.detach() * mask).sum() / n_tok)
@@ -97,6 +104,27 @@ class Rollouts:
 
     batch: Batch
     rewards: torch.Tensor  # [N, G]
+
+
+def warmup_factor(update: int, warmup_steps: int) -> float:
+    """The share of ``slow.lr`` that update number ``update`` (0, 1, ...) uses: min(1, (update + 1) / warmup_steps).
+
+    The first update uses lr / warmup_steps (never 0), update ``warmup_steps`` the full rate.
+    """
+    return min(1.0, (update + 1) / max(warmup_steps, 1))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` optimizer updates, then constant; step it once per update, on every
+    process (one schedule whatever the process count)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: warmup_factor(update, warmup_steps))
+
+
+def schedule_summary(cfg: SlowConfig) -> dict:
+    """The learning-rate schedule in numbers (what ``--dry-run`` prints), the same on every engine."""
+    return {"warmup_updates": cfg.warmup_steps, "lr": cfg.lr,
+            "first_update_lr": cfg.lr * warmup_factor(0, cfg.warmup_steps),
+            "rule": "update k uses lr * min(1, k / warmup_updates); one schedule step per update, any process count"}
 
 
 class KLController:
@@ -167,8 +195,7 @@ class SlowLearner:
         self.policy, self.cfg = policy, cfg
         params = [p for _, p in policy.trainable_parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        warm = max(cfg.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.scheduler = lr_schedule(self.optimizer, cfg.warmup_steps)
         self.nonfinite_streak = 0
         self.skipped_updates = 0
         self.kl_controller = (
@@ -258,6 +285,7 @@ class SlowLearner:
                 clip_eps=cfg.clip_eps,
                 kl_coef=kl_coef,
                 base_logp=base_logp,
+                aggregation=cfg.loss_aggregation,
             )
             if update == 0:
                 metrics["slow/entropy"] = token_entropy(logits, mask)
@@ -275,6 +303,7 @@ class SlowLearner:
                 metrics["slow/nonfinite_skipped"] = float(self.skipped_updates)
                 break
             self.nonfinite_streak = 0
+            metrics["slow/lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
             self.optimizer.step()
             self.scheduler.step()
             policy.version += 1
@@ -283,7 +312,6 @@ class SlowLearner:
                 "slow/loss": float(loss.detach()),
                 "slow/clip_frac": stats["clip_frac"],
                 "slow/grad_norm": float(grad_norm),
-                "slow/lr": self.scheduler.get_last_lr()[0],
             }
         )
         return metrics

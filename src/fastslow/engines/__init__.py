@@ -18,7 +18,9 @@ def _native_build(cfg, weights):
 
 
 def _native_describe(cfg, world_size):
-    return {"world_size": 1}
+    from fastslow.slow import schedule_summary
+
+    return {"world_size": 1, "lr_schedule": schedule_summary(cfg.slow)}
 
 
 def _trl_build(cfg, weights):

@@ -5,7 +5,8 @@ several processes run). What an engine saves in a checkpoint directory:
 
     model/        weights (``save_pretrained``; the adapter only, for LoRA)
     trainer.pt    the slow channel's optimizer, schedule and counters (absent for frozen weights)
-    engine.json   the engine's name and world size, the weights' version, the fast channel's state
+    engine.json   the engine's name and world size, the weights' version and sha256 on each rank, the fast
+                  channel's state
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from fastslow.channels import FastChannel, Sampler, SlowChannel
 from fastslow.config import ConfigError
+from fastslow.errors import TrainingError
 from fastslow.policy import Policy
 
 ENGINE_STATE = "engine.json"
@@ -39,9 +41,30 @@ class ChannelEngine:
     is_main: bool = True
     broadcast_fn: Callable[[Any], Any] = field(default=lambda obj: obj)
     close_fn: Callable[[], None] = field(default=lambda: None)
+    gather_fn: Callable[[Any], list[Any]] = field(default=lambda obj: [obj])
 
     def broadcast(self, obj: Any) -> Any:
         return self.broadcast_fn(obj)
+
+    def gather(self, obj: Any) -> list[Any]:
+        return self.gather_fn(obj)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Called by every rank at the same point with what it raised there (or None): when any rank failed,
+        every rank raises the first failing rank's error as the same one line and exit status."""
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        from fastslow.errors import RankFailure, describe, exit_code
+
+        mine = None if error is None else (describe(error), exit_code(error))
+        failures = [f for f in self.gather(mine) if f is not None]
+        if not failures:
+            return
+        if error is not None and mine == tuple(failures[0]):
+            raise error
+        raise RankFailure(*failures[0]) from error
 
     def close(self) -> None:
         self.close_fn()
@@ -64,13 +87,17 @@ class ChannelEngine:
         # Gathered on every rank (collectives where the weights are sharded), written by the main process alone.
         weights = self.policy.full_state_dict()
         slow_state = self.slow.state_dict() if self.slow is not None else None
+        # Each rank's hash of its whole weights, recorded: ranks that drifted apart are a bug and stop the run.
+        digests = self.gather(self.policy.weights_sha256(weights))
+        if len(set(digests)) > 1:
+            raise TrainingError(f"the processes hold different weights (sha256 per rank: {digests})")
         if not self.is_main:
             return
         self.policy.save(directory / "model", state_dict=weights)
         if slow_state is not None:
             torch.save(slow_state, directory / "trainer.pt")
         state = {"engine": self.name, "world_size": self.world_size, "policy_version": self.policy.version,
-                 "fast": self.fast.state_dict() if self.fast is not None else None}
+                 "weights_sha256": digests, "fast": self.fast.state_dict() if self.fast is not None else None}
         (directory / ENGINE_STATE).write_text(json.dumps(state))
 
     def load(self, directory: Path) -> None:
