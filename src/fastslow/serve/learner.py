@@ -43,8 +43,10 @@ VERSIONS = "versions"
 def policy_view(policy: Policy) -> Policy:
     """The same weights with their own tokenizer: a second thread may sample with it while the generation
     thread uses ``policy`` (a fast tokenizer refuses concurrent calls that change its padding)."""
-    return Policy(policy.model, copy.deepcopy(policy.tokenizer), policy.device,
+    view = Policy(policy.model, copy.deepcopy(policy.tokenizer), policy.device,
                   base_model=None if policy.is_lora else policy.base_model)
+    view.version = policy.version
+    return view
 
 
 def trainable_copy(policy: Policy) -> Policy:
@@ -52,8 +54,10 @@ def trainable_copy(policy: Policy) -> Policy:
     model = copy.deepcopy(policy.model)
     for name, param in model.named_parameters():
         param.requires_grad_(not policy.is_lora or "lora_" in name)
-    return Policy(model, copy.deepcopy(policy.tokenizer), policy.device,
-                  base_model=None if policy.is_lora else policy.base_model)
+    copied = Policy(model, copy.deepcopy(policy.tokenizer), policy.device,
+                    base_model=None if policy.is_lora else policy.base_model)
+    copied.version = policy.version  # 0 only while the weights are the base's (the drift meter checks it)
+    return copied
 
 
 @dataclass
@@ -315,7 +319,7 @@ class Learner:
             weights = {k: v.detach().clone() for k, v in self.candidate.model.state_dict().items()}
             with self.served.lock:  # between two batches: in-flight requests finished on the old version
                 self.served.policy.model.load_state_dict(weights)
-                self.served.policy.version += 1
+                self.served.policy.version = self.view.version = self.candidate.version
                 st.weights_version, st.kl_rev, st.heldout = st.weights_version + 1, kl, reward
                 st.best_heldout = max(reference, reward)
             save_version(self.out, self.served, self.fast.state_dict() if self.fast else None, scfg.keep_versions)
