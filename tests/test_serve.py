@@ -461,3 +461,14 @@ def test_vllm_path_is_a_dry_run_plan_only(tmp_path, tiny_model, monkeypatch):
     assert_one_line_error(CliRunner().invoke(cli_app, ["serve", str(config), "--set", "model.lora={r: 4}"]),
                           "serve.backend vllm")
     assert not (tmp_path / "run").exists()
+
+
+def test_restart_refuses_a_config_that_changes_what_was_served(server, tmp_path, tiny_model):
+    from fastslow.config import ConfigError
+    from fastslow.serve import open_server
+
+    srv, _ = server(start=False)  # a learning server saved its first version
+    srv.close()
+    other = load_config(None, serve_config(tiny_model, tmp_path / "run", method="rl", task="test_serve:numbered_task"))
+    with pytest.raises(ConfigError, match="stages"):
+        open_server(other, tmp_path / "run", log=lambda m: None)

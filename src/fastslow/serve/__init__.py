@@ -168,6 +168,8 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     try:
         claim(out, resume=True, force=False)
         restored = latest_version(out, warn=log)
+        if restored is not None:
+            _same_model(out / "config.yaml", cfg)
         fast_state = None
         if restored is not None:
             weights, state, fast_state = restored
@@ -226,6 +228,24 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     except BaseException:
         lock.release()
         raise
+
+
+def _same_model(saved: Path, cfg: Config) -> None:
+    """A restart must serve what was saved: the same model, adapter, method and served task."""
+    import yaml
+
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = cfg.model_dump(mode="json")
+    changed = [key for key in ("method", "model") if old.get(key) != new.get(key)]
+    if [s.get("task") for s in old.get("stages", [])] != [s["task"] for s in new["stages"]]:
+        changed.append("stages")
+    if old.get("serve", {}).get("task") != new["serve"]["task"]:
+        changed.append("serve.task")
+    if changed:
+        raise ConfigError(f"restart of {saved.parent} with a config that changes {', '.join(changed)}: its saved "
+                          "versions belong to the original; serve into a new directory instead")
 
 
 def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8000, learn: bool = False,
