@@ -46,7 +46,8 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_l2(policy: Policy) -> float:
-    """L2 norm of (theta - theta_base) over trained weights; for LoRA, of the merged deltas B·A·scale."""
+    """L2 norm of (theta - theta_base) over every weight the base holds (frozen ones too: a served copy of trained
+    weights is frozen but has moved); for LoRA, of the merged deltas B·A·scale."""
     if policy.is_lora:
         total = 0.0
         for module in policy.model.modules():
@@ -57,7 +58,7 @@ def weight_l2(policy: Policy) -> float:
         return total**0.5
     base = policy.base_parameters()
     total = sum(float((whole(p.detach()) - whole(base[n])).float().pow(2).sum())
-                for n, p in policy.trainable_parameters())
+                for n, p in policy.model.named_parameters() if n in base)
     return total**0.5
 
 
@@ -77,8 +78,9 @@ class DriftMeter:
         )
 
     def _check_base_is_policy(self, pi: torch.Tensor, base: torch.Tensor) -> None:
-        """Before any update: the base's logits are the policy's (else the meter would measure another model)."""
-        if self.policy.version != 0:
+        """Before any update of weights that started at the base: the base's logits are the policy's (else the
+        meter would measure another model). A policy loaded from trained weights has moved: nothing to check."""
+        if self.policy.version != 0 or self.policy.trained_start:
             return
         exact = pi.dtype == torch.float32 and self.policy.model.dtype == torch.float32
         same = torch.equal(pi, base) if exact else torch.allclose(pi, base, rtol=0, atol=1e-2)

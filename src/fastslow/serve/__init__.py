@@ -183,8 +183,6 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
                 fast_state = json.loads((ckpt / "state.json").read_text()).get("fast")
         policy = load_policy(cfg.model, weights)
         policy.model.requires_grad_(False).eval()
-        if source is not None or state.weights_version > 0:  # trained weights: version 0 means "the base's"
-            policy.version = max(state.weights_version, 1)
         served = Served(policy, task, state, cfg.serve.system_message)
         view = policy_view(policy)
         fast = None
