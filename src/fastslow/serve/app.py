@@ -367,8 +367,12 @@ class ServerState:
     def rate(self) -> float:
         """Chat requests per second over the last serve.idle_window_s."""
         window = self.cfg.serve.idle_window_s
-        now = time.monotonic()
-        return sum(1 for t in reversed(self.arrivals) if now - t <= window) / window
+        now, count = time.monotonic(), 0
+        for t in reversed(self.arrivals):  # newest first: stop at the first one outside the window
+            if now - t > window:
+                break
+            count += 1
+        return count / window
 
     def _after_batch(self, jobs: list[Job], answers: list[Answer]) -> None:
         """Count the batch; with --learn store its answers (and verdicts) before any client sees them."""
@@ -530,7 +534,7 @@ def make_job(state: ServerState, req: ChatRequest) -> Job:
 async def wait_answer(job: Job, timeout: float) -> Answer:
     try:
         answer = await asyncio.wait_for(asyncio.shield(job.future), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # noqa: UP041 - TimeoutError itself only from 3.11
         job.future.cancel()
         raise ApiError(503, f"no answer within serve.request_timeout_s ({timeout} s)", "server_error",
                        "timeout") from None
@@ -577,7 +581,7 @@ async def stream_chunks(state: ServerState, job: Job, include_usage: bool, t0: f
         while not job.future.done():
             try:
                 piece = await asyncio.wait_for(job.deltas.get(), max(0.0, min(0.05, deadline - time.perf_counter())))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 - TimeoutError itself only from 3.11
                 if time.perf_counter() > deadline:
                     job.future.cancel()
                     yield f"data: {json.dumps({'error': {'message': 'no answer in time', 'type': 'server_error'}})}\n\n"
