@@ -261,6 +261,8 @@ def test_bad_requests_get_one_line_openai_errors(server):
                  "context_length_exceeded")
     openai_error(client.post(CHAT, json={**ok, "messages": [{"role": "user", "content": "a" * 5000}]}), 413,
                  "body_too_large")
+    openai_error(client.post(CHAT, content=iter([b"{" + b" " * 1500, b" " * 1500 + b"}"])), 413,
+                 "body_too_large")  # chunked, no Content-Length: counted as it arrives
     openai_error(client.get("/v1/nothing"), 404)
     openai_error(client.post("/v1/feedback", json={"id": "chatcmpl-none", "reward": 1.0}), 404, "unknown_id")
     openai_error(client.post("/v1/feedback", json={"id": "x", "reward": 1.5}), 400)

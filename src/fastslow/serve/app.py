@@ -306,7 +306,10 @@ class ServeMetrics:
 
 # ---- the app --------------------------------------------------------------------------------------
 class _BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes is answered 413 (Content-Length, or counted as it arrives)."""
+    """ASGI middleware: a body over ``limit`` bytes is answered 413 (by Content-Length, or counted as it arrives).
+
+    The body (at most ``limit`` bytes) is read whole before the app runs and handed to it in one message, so an
+    oversize chunked body never reaches a route."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -314,38 +317,32 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length", b"0")
         too_large = error_body(413, f"request body over serve.max_body_bytes ({self.limit} bytes)",
                                code="body_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
             return await too_large(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.limit:
-                raise _TooLarge
-            return message
+                return await too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
 
-        started = False
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later calls wait for the client's disconnect, as usual
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        async def watch(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited, watch)
-        except _TooLarge:
-            if not started:
-                await too_large(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 class ServerState:
