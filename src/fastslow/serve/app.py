@@ -119,6 +119,7 @@ class Job:
     future: asyncio.Future | None = None
     deltas: asyncio.Queue | None = None  # streaming: text pieces as they are generated
     fingerprint: str = ""  # the version the job is answered with (set when its batch starts)
+    prompt: str = ""  # the formatted prompt it was answered from (fast context included; set with fingerprint)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -249,8 +250,9 @@ class Generator:
             policy, fingerprint = served.policy, served.fingerprint
             for job in jobs:
                 job.fingerprint = fingerprint
-            prompts = [format_prompt(policy.tokenizer, served.system_for(j.user, j.system), j.history, j.user)
-                       for j in jobs]
+                job.prompt = format_prompt(policy.tokenizer, served.system_for(job.user, job.system), job.history,
+                                           job.user)
+            prompts = [job.prompt for job in jobs]
             streamer = None
             if any(j.deltas is not None for j in jobs):
                 streamer = _RowStreamer(jobs, policy.tokenizer, policy.tokenizer.eos_token_id)
@@ -380,9 +382,7 @@ class ServerState:
         rows, verdicts = [], []
         for job, answer in zip(jobs, answers, strict=True):
             problem = self.problems.get(job.user.strip())
-            prompt = format_prompt(self.served.policy.tokenizer, self.served.system_for(job.user, job.system),
-                                   job.history, job.user)
-            rows.append((job.id, task.name, problem.id if problem else None, self.scrub(prompt),
+            rows.append((job.id, task.name, problem.id if problem else None, self.scrub(job.prompt),
                          self.scrub(answer.text), answer.finish_reason == "stop", answer.fingerprint))
             if problem is not None and self.cfg.serve.score == "verifier":
                 verdicts.append((job.id, problem, answer.text))
