@@ -202,6 +202,8 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
             state.kl_rev = DriftMeter(view, probes, cfg.drift, seed=cfg.seed).measure()["drift/kl_rev"]
         (out / "config.yaml").write_text(redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))
         metrics = MetricsLog(out / "metrics.jsonl")
+        if restored is not None:
+            _recover_promotion_row(metrics, state)
         store = FeedbackStore(out / "serve.sqlite")
         # user turn -> problem; a text in both splits counts as the train problem (answering it may train)
         problems = {p.prompt.strip(): p for split in ("eval", "train") for p in task.problems(split)}
@@ -226,6 +228,19 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     except BaseException:
         lock.release()
         raise
+
+
+def _recover_promotion_row(metrics, state) -> None:
+    """A kill between sealing a promoted version and logging its row leaves the version without its row: write it
+    from the version's own record (marked recovered), so every promotion served is a row of metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.path.read_text().splitlines()] if metrics.path.is_file() else []
+    logged = max((r.get("serve/weights_version", 0) for r in rows if r.get("event") == "serve_promoted"), default=0)
+    if state.weights_version > logged:
+        metrics.write({"step": state.steps, "rollouts": state.rollouts, "fast_rollouts": state.fast_rollouts,
+                       "event": "serve_promoted", "time": round(time.time(), 3), "serve/recovered": True,
+                       "serve/weights_version": state.weights_version, "serve/context_version": state.context_version,
+                       "serve/candidate_kl": state.kl_rev, "serve/candidate_reward": state.heldout,
+                       "drift/kl_rev": state.kl_rev})
 
 
 def _same_model(saved: Path, cfg: Config) -> None:
