@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick bench-demo bench-engines lint install clean models
+.PHONY: demo test bench bench-quick bench-demo bench-engines bench-serve lint install clean models
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-engines: models
 # plasticity probes (the full bench's run dirs; `make bench` reuses them).
 bench-demo: $(STAMP)
 	$(BIN)/python benchmarks/claims.py --demo
+
+# fastslow serve --learn under 16 simulated users on loopback (>= 120 s, >= 3 promotions; stops by itself, <= 4 min).
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve_load.py --config configs/serve-demo.yaml --out benchmarks/results/serve_load.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -207,11 +207,28 @@ def test_two_processes_agree_on_weights_and_population(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_two_processes_lose_a_failing_reflectors_round_alike(tiny_model, tmp_path):
     out = tmp_path / "run"
-    p0, p1 = _two_processes(tiny_model, out, "lockstep_reflectors:failing_reflector", "gepa")
+    # (fast.preflight off: its test call would refuse this reflector before step 0, see the next test)
+    p0, p1 = _two_processes(tiny_model, out, "lockstep_reflectors:failing_reflector", "gepa", "fast.preflight=false")
     assert p0["fast"] == p1["fast"] and p0["population"] == p1["population"]
     assert p0["fast"]["reflection_errors"] > 0 and p0["reflector_calls"] > 0 and p1["reflector_calls"] == 0
     rounds = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "fast/accepted" in r]
     assert rounds and all(r["fast/accepted"] == 0 and r["fast/new_reflection_errors"] > 0 for r in rounds)
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_a_dead_reflector_before_step_0_alike(tiny_model, tmp_path):
+    """The preflight's test call runs on rank 0 with several processes too; every rank stops on its verdict."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "trl_worker.py"), str(tiny_model), str(out), "lockstep_reflectors:failing_reflector",
+           "gepa"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0
+    refusals = re.findall(r"\[rank(\d)\]: fastslow\.config\.ConfigError: (.*test call failed.*)", done.stderr)
+    assert sorted(r for r, _ in refusals) == ["0", "1"] and len({line for _, line in refusals}) == 1
+    assert not (out / "metrics.jsonl").exists()  # nothing ran
 
 
 class _Pair:

@@ -2,7 +2,7 @@
 trained weights, its fast channel's state, its reflection-model calls, the batch size of every generate
 call and the reflection replies it sampled with, so the test can compare ranks.
 
-usage: trl_worker.py MODEL OUT [REFLECTOR [METHOD]]"""
+usage: trl_worker.py MODEL OUT [REFLECTOR [METHOD [KEY=VALUE ...]]]"""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ method = sys.argv[4] if len(sys.argv) > 4 else "fst"
 torch.set_num_threads(1)
 cfg = small_config(model, out, method=method, steps=3, extra=[
     "engine=trl", "fast.every=2", "fast.budget=24", "eval.every=3", "drift.every=3", "checkpoint_every=3",
-    f"fast.reflector={reflector}", "fast.reflection_retries=1"])
+    f"fast.reflector={reflector}", "fast.reflection_retries=1", *sys.argv[5:]])
 trainer = Trainer(cfg)
 generated: list[int] = []  # rows of each generate call the engine's sampler makes (drift: main only)
 hints: set[str] = set()  # the reflection replies this rank sampled with

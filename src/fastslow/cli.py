@@ -267,6 +267,33 @@ def report(
 
 @app.command()
 @guarded
+def serve(
+    target: Annotated[Path, typer.Argument(help="A config (with --out), a serving run dir (restart) or a training "
+                                                "run dir (its weights and prompts, served from RUN_DIR/serve).")],
+    out: Annotated[str | None, typer.Option(help="Serving run directory (overrides the config's out).")] = None,
+    host: Annotated[str, typer.Option(help="Bind address; beyond loopback needs the serve.api_key_env key.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    learn: Annotated[bool, typer.Option(help="Store answers and feedback; learn from them in the background.")]
+    = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: key=value (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved serving plan as JSON (serve.backend vllm: the "
+                                                "vLLM command and adapter pushes); serve nothing.")] = False,
+) -> None:
+    """An OpenAI-compatible server over the current weights and fast context (see fastslow.serve)."""
+    from fastslow.serve import resolve_target, run_server, serve_plan
+    from fastslow.util import redact
+
+    cfg, run_dir, source = resolve_target(target, out, list(set_ or []))
+    if dry_run:
+        typer.echo(json.dumps(serve_plan(cfg, run_dir, host=host, port=port, learn=learn), indent=2))
+        return
+    run_server(cfg, run_dir, host=host, port=port, learn=learn, source=source,
+               log=lambda m: console.print(redact(m), markup=False, highlight=False, soft_wrap=True))
+
+
+@app.command()
+@guarded
 def demo(
     out: Annotated[Path, typer.Option(help="Where the runs, probes and report go.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="A ~2 minute version (shorter stages and probes).")] = False,

@@ -233,6 +233,64 @@ class ScaleConfig(_Strict):
     )
 
 
+class ServeConfig(_Strict):
+    """``fastslow serve``: an OpenAI-compatible endpoint over the current weights and fast context, learning from
+    its traffic with ``--learn`` (see :mod:`fastslow.serve`). Training runs (``fastslow run``) ignore this section.
+
+    The fast context of a request is the served task's best prompt; ``system_message`` says what happens to a
+    request's own system message. A candidate trained on a copy of the weights is promoted only when its exact
+    KL to the base on the probe set is <= ``max_kl`` and its held-out reward is at most ``max_regression`` below
+    the served version's; otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
+    """
+
+    model_name: str = Field("fastslow", min_length=1, max_length=64,
+                            description="The model id /v1/models lists; a request naming another model gets 404.")
+    task: str | None = Field(
+        None, description="Name of the stream task whose best prompt is served and whose verifier scores answers "
+        "server-side (null: the last stage's task).")
+    max_batch: int = Field(8, gt=0, description="Requests generated together in one batch by the generation thread.")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long the generation thread waits to fill a batch once the first request is in.")
+    max_queue: int = Field(64, gt=0, description="Requests waiting for generation; one more is answered 429.")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="A request still waiting for its answer after this long is answered 503.")
+    max_body_bytes: int = Field(65_536, gt=0, description="Larger request bodies are answered 413.")
+    max_prompt_tokens: int = Field(
+        192, gt=0, description="A formatted prompt (fast context included) longer than this is answered 400.")
+    max_tokens: int = Field(64, gt=0, description="Largest max_tokens a request may ask for (more: 400).")
+    default_max_tokens: int | None = Field(
+        None, gt=0, description="Completion cap of a request that sets none (null: slow.max_new_tokens).")
+    system_message: Literal["keep", "merge", "replace"] = Field(
+        "merge", description="A request's own system message: keep (used instead of the fast context), merge "
+        "(fast context, a blank line, then the request's) or replace (dropped: the fast context only).")
+    api_key_env: str = Field(
+        "FASTSLOW_SERVE_KEY", description="Env var holding the API key. When set, every route but /healthz needs "
+        "'Authorization: Bearer <key>'; binding any host other than loopback requires it. Never logged or stored.")
+    score: Literal["feedback", "verifier"] = Field(
+        "feedback", description="--learn: where rewards come from: feedback (POST /v1/feedback) or verifier (the "
+        "task's verifier scores every answer whose user turn is a known problem of the task).")
+    every_n_feedbacks: int = Field(
+        32, gt=0, description="--learn: train a candidate once this many new feedbacks are stored, busy or idle.")
+    idle_rps: float = Field(
+        0.5, ge=0, description="--learn: below this many requests/s (over idle_window_s) the server is idle and the "
+        "candidate trains on whatever new feedback there is (at least train_batch rows).")
+    idle_window_s: float = Field(10.0, gt=0, description="Window of the request rate idle_rps is compared with.")
+    train_batch: int = Field(16, gt=1, description="--learn: feedback rollouts per CISPO step (one advantage group).")
+    train_steps: int = Field(2, gt=0, description="--learn: CISPO steps on the candidate before it is gated.")
+    fast_every_n_feedbacks: int = Field(
+        16, gt=0, description="--learn: a fast-channel (GEPA) round on the served weights after this many feedbacks.")
+    max_kl: float = Field(0.05, ge=0, description="Gate: a candidate's exact KL(pi||base) per token on the probe set "
+                          "must be <= this to be promoted.")
+    max_regression: float = Field(
+        0.05, ge=0, le=1, description="Gate: held-out reward may fall at most this much below the served version's.")
+    gate_n: int = Field(32, gt=0, description="Gate: held-out problems (eval split) scored greedily per version.")
+    keep_versions: int = Field(2, gt=0, description="Promoted versions kept on disk (serve/ in the run dir).")
+    backend: Literal["native", "vllm"] = Field(
+        "native", description="native: fastslow generates (one thread owns the model). vllm: vLLM's OpenAI server "
+        "serves and promoted LoRA adapters are pushed to it (--dry-run only: not run on this project's machines).")
+    vllm_url: str = Field("http://127.0.0.1:8001", description="backend vllm: the vLLM server's base URL.")
+
+
 class Config(_Strict):
     """One run. ``stages`` is the task stream; a single-task run is a stream of one stage."""
 
@@ -248,6 +306,7 @@ class Config(_Strict):
     drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift meter settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
     scale: ScaleConfig = Field(default_factory=ScaleConfig, description="Settings of engine 'trl' (GRPOTrainer).")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Settings of `fastslow serve` only.")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of everything; same seed on CPU = same metrics.")
     threads: int | None = Field(
         None, gt=0, description="CPU threads for torch (null: torch's default). Tiny models run faster on 1."
@@ -437,7 +496,7 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     flat_new = _flatten({k: v for k, v in new.items() if k != "stages"})
     changed = {k: [flat_old.get(k), flat_new.get(k)] for k in sorted(flat_old.keys() | flat_new.keys())
                if flat_old.get(k) != flat_new.get(k)}
-    refused = [k for k in changed if k not in RESUME_SAFE]
+    refused = [k for k in changed if k not in RESUME_SAFE and not k.startswith("serve.")]  # serve: not training
     start = 0
     for i, stage in enumerate(old_stages):
         end = start + stage["steps"]

@@ -153,10 +153,12 @@ class Policy:
         seed: int,
         use_base: bool = False,
         max_batch: int = 256,
+        streamer=None,
     ) -> Batch:
         """Sample one completion per prompt (repeat a prompt for a group). ``temperature=0`` is greedy.
 
-        Seeded per call so that a run (and a resumed run) draws the same samples on CPU.
+        Seeded per call so that a run (and a resumed run) draws the same samples on CPU. ``streamer`` (a
+        transformers ``BaseStreamer``) receives each step's new tokens, one per row (the server's SSE streams).
         """
         torch.manual_seed(seed)
         model = self.base_model if use_base else self.model
@@ -174,6 +176,7 @@ class Policy:
                     eos_token_id=eos,
                     pad_token_id=pad,
                     **(sampling if temperature > 0 else {"do_sample": False}),
+                    **({"streamer": streamer} if streamer is not None else {}),
                 )
             completion = out[:, ids.shape[1] :]
             # Tokens after the first eos are padding; the eos itself is the policy's choice to stop.
@@ -188,12 +191,16 @@ class Policy:
         return Batch(prompt_ids, prompt_mask, comp_ids, comp_mask, texts)
 
     # ---- scoring ------------------------------------------------------------------------------
-    def make_batch(self, prompts: Sequence[str], completions: Sequence[str], *, add_eos: bool = True) -> Batch:
-        """A Batch of given (formatted prompt, completion text) pairs, to score completions not sampled here."""
+    def make_batch(self, prompts: Sequence[str], completions: Sequence[str], *,
+                   add_eos: bool | Sequence[bool] = True) -> Batch:
+        """A Batch of given (formatted prompt, completion text) pairs, to score completions not sampled here.
+
+        ``add_eos``: end every completion (or, one flag per row, those that stopped) with the eos token."""
         prompt_ids, prompt_mask = self._encode_prompts(prompts)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        rows = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if add_eos else [])
-                for c in completions]
+        ends = [add_eos] * len(completions) if isinstance(add_eos, bool) else list(add_eos)
+        rows = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos] if end else [])
+                for c, end in zip(completions, ends, strict=True)]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -621,6 +621,58 @@ def _prompts_html(runs: dict[str, Run]) -> str:
     return _section("Final prompt population", "".join(parts) if parts else _note("No runs."))
 
 
+def _serve_rows(run_dir: Path) -> list[dict]:
+    """The ``serve_*`` event rows of a serving run's metrics.jsonl, in order (unmerged: several share a step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    found = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and str(row.get("event", "")).startswith("serve_"):
+            found.append(row)
+    return found
+
+
+def _serve_html(runs: dict[str, Run], plots: Path) -> list[str]:
+    """Serving runs (fastslow serve --learn): served reward and the served version's drift over time, and every
+    promotion and rejection of the drift gate."""
+    out = []
+    for label, run in runs.items():
+        rows = _serve_rows(run.path)
+        if not rows:
+            continue
+        t0 = rows[0]["time"]
+        windows = [r for r in rows if r["event"] == "serve_window"]
+        gates = [r for r in rows if r["event"] in ("serve_promoted", "serve_rejected")]
+        parts = []
+        if windows or gates:
+            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+            ax1.plot([(r["time"] - t0) for r in windows], [r["serve/reward"] for r in windows], marker=".",
+                     label="served (feedback)")
+            promoted = [r for r in gates if r["event"] == "serve_promoted"]
+            ax1.plot([(r["time"] - t0) for r in promoted], [r["serve/candidate_reward"] for r in promoted], "^",
+                     label="held-out, promoted version")
+            ax1.set(xlabel="seconds since start", ylabel="reward", title="served reward")
+            ax1.legend(fontsize=8)
+            kl = [(r["time"] - t0, r["drift/kl_rev"]) for r in rows if "drift/kl_rev" in r]
+            ax2.step([t for t, _ in kl], [v for _, v in kl], where="post", label="served version")
+            for r in gates:
+                ax2.plot(r["time"] - t0, r["serve/candidate_kl"], "^" if r["event"] == "serve_promoted" else "x",
+                         color="green" if r["event"] == "serve_promoted" else "red")
+            ax2.set(xlabel="seconds since start", ylabel="KL(pi||base) per token", title="drift (x: rejected)")
+            name = "".join(c if c.isalnum() else "_" for c in label)
+            parts.append(_img(_save(fig, plots / f"serve_{name}.png"), f"serving {label}"))
+        table = [[r["event"].removeprefix("serve_"), f"{r['time'] - t0:.1f}", f"w{r['serve/weights_version']}",
+                  _fmt(r.get("serve/candidate_kl")), _fmt(r.get("serve/candidate_reward")),
+                  _fmt(r.get("serve/served_reward")), html.escape(str(r.get("reason", "")))] for r in gates]
+        parts.append(_table(["gate", "at (s)", "served after", "KL", "held-out reward", "served before", "reason"],
+                            table) if table else _note("No candidate gated yet."))
+        out.append(_section(f"Serving: {label}", "".join(parts)))
+    return out
+
+
 def build_report(dirs: Sequence[Path], out: Path) -> Path:
     """Write out/report.html, out/plots/*.png and out/analysis.json from run or demo dirs.
 
@@ -644,6 +696,7 @@ def build_report(dirs: Sequence[Path], out: Path) -> Path:
     sec.append(_section("What happened", '<ul class="happened">' + "".join(f"<li>{s}</li>" for s in happened)
                         + "</ul>" if happened else _note("Not enough data to say.")))
     sec += _figures_html(runs, plast, plots)
+    sec += _serve_html(runs, plots)
     sec.append(_section("Channel attribution (2x2)", _attribution_html(attr) if attr
                         else _note("No attribution.json found.")))
     sec.append(_tables_html(runs, cmp))

@@ -22,7 +22,9 @@ from pathlib import Path
 LOCK = ".fastslow.lock"
 MARKER = ".fastslow-run"
 # Top-level entries a run writes (the lock and marker themselves are kept: the lock must stay while held).
-OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints")
+OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints",
+         # fastslow serve: feedback database (SQLite and its WAL files), promoted versions, a training run's serving
+         "serve.sqlite", "serve.sqlite-wal", "serve.sqlite-shm", "versions", "serve")
 # Scratch dirs (GEPA rounds) and temp files (atomic JSON writes) carry a name only fastslow uses.
 SCRATCH_PREFIX = ".fastslow-gepa-"
 TEMP_INFIX = ".fastslow-tmp-"

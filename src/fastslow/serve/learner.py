@@ -1,0 +1,332 @@
+"""What is served (weights + fast context + version) and the background learner that improves it from traffic.
+
+    feedback rows (durable, serve.sqlite)
+        -> fast channel: a GEPA round on the SERVED weights every fast_every_n_feedbacks   -> new context at once
+        -> slow channel: CISPO steps on a COPY of the weights, every every_n_feedbacks or when idle
+        -> gate: exact KL(pi||base) on the probe set <= max_kl and held-out reward >= served - max_regression
+        -> promoted: weights copied into the served model under the swap lock (between two batches)
+           rejected: the copy is reset to the served weights; the reason is a metrics.jsonl row
+
+A feedback row is one rollout: (formatted prompt, completion, reward). Traffic rarely repeats a problem, so a
+training batch of ``serve.train_batch`` rollouts is one advantage group (the batch mean is the baseline).
+Only the first step after a reset is exactly on-policy (the answers came from the served weights, the copy
+starts equal to them); CISPO's truncated ratio is computed against the copy's own weights, as in the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fastslow.channels import slow_on
+from fastslow.checkpoint import latest_good_checkpoint, save_checkpoint
+from fastslow.config import Config
+from fastslow.drift import DriftMeter
+from fastslow.policy import Policy
+from fastslow.rollout import PolicySampler, score_prompt
+from fastslow.serve.store import FeedbackStore
+from fastslow.slow import Rollouts, SlowLearner
+from fastslow.tasks import Task
+from fastslow.util import derive_seed, one_line
+
+VERSIONS = "versions"
+
+
+def policy_view(policy: Policy) -> Policy:
+    """The same weights with their own tokenizer: a second thread may sample with it while the generation
+    thread uses ``policy`` (a fast tokenizer refuses concurrent calls that change its padding)."""
+    return Policy(policy.model, copy.deepcopy(policy.tokenizer), policy.device,
+                  base_model=None if policy.is_lora else policy.base_model)
+
+
+def trainable_copy(policy: Policy) -> Policy:
+    """A copy of the served weights to train (the frozen base is shared; under LoRA only the adapter trains)."""
+    model = copy.deepcopy(policy.model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not policy.is_lora or "lora_" in name)
+    return Policy(model, copy.deepcopy(policy.tokenizer), policy.device,
+                  base_model=None if policy.is_lora else policy.base_model)
+
+
+@dataclass
+class ServedState:
+    """Counters a restart resumes from (saved with every served version)."""
+
+    weights_version: int = 0  # promotions so far
+    context_version: int = 0  # fast-context changes so far
+    context: str = ""
+    kl_rev: float = 0.0  # the served weights' exact KL(pi||base) per token on the probe set
+    heldout: float | None = None  # the served version's held-out reward (gate_n eval problems, greedy)
+    slow_cursor: int = 0  # last feedback seq trained on
+    fast_cursor: int = 0  # last feedback seq seen by a fast round
+    steps: int = 0  # CISPO steps taken on candidates
+    rollouts: int = 0  # feedback rollouts trained on
+    fast_rollouts: int = 0  # rollouts of fast-channel rounds
+    gates: int = 0  # candidates gated (promoted + rejected)
+    snapshots: int = 0  # versions saved
+
+
+class Served:
+    """What the next batch is answered with. The generation thread holds ``lock`` for a whole batch; a
+    promotion copies new weights in under the same lock, so a batch never sees two versions."""
+
+    def __init__(self, policy: Policy, task: Task, state: ServedState, system_message: str) -> None:
+        self.policy, self.task, self.state = policy, task, state
+        self.system_message = system_message
+        self.lock = threading.Lock()
+        if not state.context:
+            state.context = task.seed_prompt
+
+    @property
+    def fingerprint(self) -> str:
+        return f"fastslow-w{self.state.weights_version}-c{self.state.context_version}"
+
+    def context_for(self, user: str) -> str:
+        """The fast context of one request: the served task's best prompt (kept in one place so a context
+        retrieved per problem, e.g. from a memory channel, replaces only this function)."""
+        return self.state.context
+
+    def system_for(self, user: str, system: str | None) -> str:
+        """The system turn a request is answered with, by ``serve.system_message``."""
+        context = self.context_for(user)
+        if system is None or self.system_message == "replace":
+            return context
+        if self.system_message == "keep":
+            return system
+        return f"{context}\n\n{system}" if context else system
+
+
+class MetricsLog:
+    """Appends rows to the run dir's metrics.jsonl, each written whole and fsynced (rows are rare)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.is_file():  # a kill -9 mid-write may leave a partial last line: cut it
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                path.write_bytes(data[: data.rfind(b"\n") + 1])
+        self._lock = threading.Lock()
+
+    def write(self, row: dict) -> None:
+        line = (json.dumps(row) + "\n").encode()
+        with self._lock, self.path.open("ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def save_version(out: Path, served: Served, fast_state: dict | None, keep: int) -> Path:
+    """Seal the served weights, context and counters as ``versions/step_<n>`` (atomic; see checkpoint.py)."""
+    st = served.state
+    st.snapshots += 1
+
+    def write(tmp: Path) -> None:
+        served.policy.save(tmp / "model")
+        (tmp / "state.json").write_text(json.dumps({"served": asdict(st), "fast": fast_state}))
+
+    return save_checkpoint(out / VERSIONS, st.snapshots, write, keep=keep)
+
+
+def latest_version(out: Path, warn: Callable[[str], None]) -> tuple[Path, ServedState, dict | None] | None:
+    """The last saved version of a serve run dir: (weights dir, counters, fast-channel state), or None."""
+    ckpt = latest_good_checkpoint(out / VERSIONS, warn=warn)
+    if ckpt is None:
+        return None
+    state = json.loads((ckpt / "state.json").read_text())
+    return ckpt / "model", ServedState(**state["served"]), state.get("fast")
+
+
+class _Asked:
+    """The served task with the problems users asked as its train split (for a fast round)."""
+
+    def __init__(self, task: Task, asked: list) -> None:
+        self._task, self._asked = task, asked
+        self.name, self.seed_prompt = task.name, task.seed_prompt
+
+    def problems(self, split: str):
+        return self._asked if split == "train" else self._task.problems(split)
+
+    def verify(self, problem, completion: str):
+        return self._task.verify(problem, completion)
+
+
+class Learner:
+    """The background thread: fast rounds on the served weights, slow training on a copy, the drift gate."""
+
+    def __init__(self, cfg: Config, out: Path, served: Served, store: FeedbackStore, metrics: MetricsLog, *,
+                 fast=None, view: Policy | None = None, rate: Callable[[], float], log: Callable[[str], None],
+                 on_gate: Callable[[bool, ServedState], None] = lambda promoted, state: None) -> None:
+        self.cfg, self.out, self.served, self.store, self.metrics = cfg, out, served, store, metrics
+        self.fast, self.rate, self.log, self.on_gate = fast, rate, log, on_gate
+        self.task = served.task
+        self.known = {p.id: p for p in self.task.problems("train")}
+        # Answers to held-out problems never train either channel: the gate's held-out reward stays held out.
+        self.heldout_ids = {p.id for p in self.task.problems("eval")}
+        self.view = view or policy_view(served.policy)  # the learner's sampler on the served weights
+        self.slow_on = slow_on(cfg.method)
+        self.candidate = trainable_copy(served.policy) if self.slow_on else None
+        self.slow = SlowLearner(self.candidate, cfg.slow) if self.candidate is not None else None
+        probes = [served.policy.format(self.task.seed_prompt, p.prompt)
+                  for p in list(self.task.problems("eval"))[: cfg.drift.probe_size]]
+        self.meter = DriftMeter(self.candidate, probes, cfg.drift, seed=cfg.seed) if self.candidate else None
+        self.gated_version = self.candidate.version if self.candidate else 0  # the weights last gated (or reset)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastslow-learner", daemon=True)
+        self.t0 = time.time()
+        self.last_window = time.time()
+        self.window_seq = served.state.slow_cursor
+        self.error: str | None = None
+
+    # ---- thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - the learner failing must not take the server down
+                self.error = one_line(f"{type(exc).__name__}: {exc}")
+                self.log(f"learner: {self.error}; it retries in 5 s")
+                self.metrics.write(self._row("serve_learner_error", {"reason": self.error}))
+                self._stop.wait(5.0)
+
+    def tick(self) -> None:
+        """One look at the feedback: a fast round, a training window + gate, a served-reward row, when due."""
+        st, scfg = self.served.state, self.cfg.serve
+        if self.fast is not None and self.store.count_after(st.fast_cursor) >= scfg.fast_every_n_feedbacks:
+            self.fast_round()
+        pending = self.store.count_after(st.slow_cursor)
+        if self.slow_on and (pending >= scfg.every_n_feedbacks
+                             or (self.rate() < scfg.idle_rps and pending >= scfg.train_batch)):
+            self.train_and_gate()
+        if time.time() - self.last_window >= scfg.idle_window_s:
+            self.window_row()
+
+    # ---- rows -----------------------------------------------------------------------------------
+    def _row(self, event: str, values: dict) -> dict:
+        st = self.served.state
+        return {"step": st.steps, "rollouts": st.rollouts, "fast_rollouts": st.fast_rollouts, "event": event,
+                "time": round(time.time(), 3), "serve/weights_version": st.weights_version,
+                "serve/context_version": st.context_version, **values}
+
+    def window_row(self) -> None:
+        """Served reward over time: mean reward of the feedback stored since the last such row."""
+        rows = self.store.feedback_after(self.window_seq, 100_000)
+        now = time.time()
+        if rows:
+            self.window_seq = rows[-1].seq
+            self.metrics.write(self._row("serve_window", {
+                "serve/reward": sum(r.reward for r in rows) / len(rows), "serve/feedbacks": len(rows),
+                "serve/window_s": round(now - self.last_window, 3), "drift/kl_rev": self.served.state.kl_rev}))
+        self.last_window = now
+
+    # ---- fast channel -----------------------------------------------------------------------------
+    def fast_round(self) -> None:
+        """A GEPA round on the served weights, on the problems users asked since the last round when enough of
+        them are known problems of the task (its verifier can then score new prompts on them), else on its own."""
+        st = self.served.state
+        rows = self.store.feedback_after(st.fast_cursor, 1_000_000)
+        st.fast_cursor = rows[-1].seq if rows else st.fast_cursor
+        asked = list(dict.fromkeys(r.problem_id for r in rows if r.problem_id in self.known))
+        task = _Asked(self.task, [self.known[i] for i in asked]) if len(asked) >= self.cfg.fast.val_size else self.task
+        t0 = time.perf_counter()
+        rnd = self.fast.run_round(task, workdir=self.out)
+        st.fast_rollouts += rnd.rollouts
+        rnd.metrics["serve/round_problems_from_traffic"] = float(len(asked) if task is not self.task else 0)
+        best = self.fast.best.get(self.task.name, st.context)
+        changed = best != st.context
+        if changed:
+            with self.served.lock:  # the next batch gets the new context and its version together
+                st.context, st.context_version = best, st.context_version + 1
+        self.metrics.write(self._row("serve_fast_round", {**rnd.metrics, "serve/round_s": time.perf_counter() - t0,
+                                                          "serve/context_changed": changed,
+                                                          **({"reason": rnd.error} if rnd.error else {})}))
+        if changed:
+            save_version(self.out, self.served, self.fast.state_dict(), self.cfg.serve.keep_versions)
+
+    # ---- slow channel and gate --------------------------------------------------------------------
+    def train_and_gate(self) -> None:
+        st, scfg = self.served.state, self.cfg.serve
+        trained = 0
+        for _ in range(scfg.train_steps):
+            rows = self.store.feedback_after(st.slow_cursor, scfg.train_batch)
+            if len(rows) < 2:
+                break
+            cursor = rows[-1].seq
+            rows = [r for r in rows if r.problem_id not in self.heldout_ids]
+            if len(rows) < 2:
+                st.slow_cursor = cursor
+                continue
+            batch = self.candidate.make_batch([r.prompt for r in rows], [r.completion for r in rows],
+                                              add_eos=[r.stopped for r in rows])
+            rewards = torch.tensor([[r.reward for r in rows]], dtype=torch.float32)
+            metrics = self.slow.step(Rollouts(batch, rewards))
+            st.slow_cursor, st.steps, st.rollouts = cursor, st.steps + 1, st.rollouts + len(rows)
+            trained += 1
+            self.metrics.write(self._row("serve_train", metrics))
+        if trained and self.candidate.version != self.gated_version:  # flat rewards leave the weights as they were
+            self.gate()
+
+    def heldout(self, policy: Policy, context: str) -> float:
+        """Reward of ``policy`` with ``context`` on the first gate_n eval problems (greedy)."""
+        return score_prompt(PolicySampler(policy, verify_timeout_s=self.cfg.verify_timeout_s), self.task, context,
+                            self.cfg.serve.gate_n, max_new_tokens=self.cfg.slow.max_new_tokens,
+                            seed=derive_seed(self.cfg.seed, "serve-gate")).mean_reward
+
+    def gate(self) -> bool:
+        """Measure the candidate; promote it (atomic swap) or discard it, with a metrics row either way."""
+        st, scfg = self.served.state, self.cfg.serve
+        st.gates += 1
+        self.gated_version = self.candidate.version
+        context = st.context
+        kl = self.meter.measure()["drift/kl_rev"]
+        served_reward = self.heldout(self.view, context)  # the served version, with the context served now
+        reward = self.heldout(self.candidate, context)
+        regression = served_reward - reward
+        reasons = []
+        if kl > scfg.max_kl:
+            reasons.append(f"KL {kl:.4f} > serve.max_kl {scfg.max_kl}")
+        if regression > scfg.max_regression:
+            reasons.append(f"held-out reward {reward:.3f} fell {regression:.3f} below the served "
+                           f"{served_reward:.3f} (> serve.max_regression {scfg.max_regression})")
+        promoted = not reasons
+        values = {"serve/candidate_kl": kl, "serve/candidate_reward": reward, "serve/served_reward": served_reward,
+                  "serve/regression": regression}
+        if promoted:
+            weights = {k: v.detach().clone() for k, v in self.candidate.model.state_dict().items()}
+            with self.served.lock:  # between two batches: in-flight requests finished on the old version
+                self.served.policy.model.load_state_dict(weights)
+                self.served.policy.version += 1
+                st.weights_version, st.kl_rev, st.heldout = st.weights_version + 1, kl, reward
+            save_version(self.out, self.served, self.fast.state_dict() if self.fast else None, scfg.keep_versions)
+            self.metrics.write(self._row("serve_promoted", {**values, "drift/kl_rev": kl}))
+            self.log(f"promoted {self.served.fingerprint}: KL {kl:.4f}, held-out reward {reward:.3f} "
+                     f"(was {served_reward:.3f})")
+        else:
+            reason = "; ".join(reasons)
+            self.metrics.write(self._row("serve_rejected", {**values, "drift/kl_rev": st.kl_rev, "reason": reason}))
+            self.log(f"candidate rejected: {reason}")
+            self.reset_candidate()
+        self.on_gate(promoted, st)
+        return promoted
+
+    def reset_candidate(self) -> None:
+        """Back to the served weights, with a fresh optimizer (a rejected candidate's moments are not reused)."""
+        self.candidate.model.load_state_dict(self.served.policy.model.state_dict())
+        self.candidate.version += 1  # new weights: the drift meter must measure again
+        self.gated_version = self.candidate.version
+        self.slow = SlowLearner(self.candidate, self.cfg.slow)
