@@ -68,7 +68,8 @@ def at_base(policy: Policy) -> bool:
     if policy.is_lora:
         return weight_l2(policy) == 0.0
     base = policy.base_parameters()
-    return all(torch.equal(whole(p), whole(base[n])) for n, p in policy.model.named_parameters() if n in base)
+    # Every parameter compared (no early exit): gathering a sharded one is a collective every rank must join.
+    return all([torch.equal(whole(p), whole(base[n])) for n, p in policy.model.named_parameters() if n in base])
 
 
 class DriftMeter:
