@@ -483,6 +483,24 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
+def _default(path: str) -> Any:
+    """The default of the config field at dotted ``path`` (a sentinel when it has none)."""
+    model: Any = Config
+    field = None
+    for part in path.split("."):
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return _NO_DEFAULT
+        field = fields[part]
+        model = field.annotation
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump(mode="json") if isinstance(default, BaseModel) else (
+        list(default) if isinstance(default, tuple) else default)
+
+
+_NO_DEFAULT = object()
+
+
 def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     """Compare a checkpoint's config with the one resuming it at loop step ``step``.
 
@@ -495,7 +513,9 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     flat_old = _flatten({k: v for k, v in old.items() if k != "stages"})
     flat_new = _flatten({k: v for k, v in new.items() if k != "stages"})
     changed = {k: [flat_old.get(k), flat_new.get(k)] for k in sorted(flat_old.keys() | flat_new.keys())
-               if flat_old.get(k) != flat_new.get(k)}
+               if flat_old.get(k) != flat_new.get(k)
+               # a field newer than the checkpoint, at its default: what the older version did
+               and not (k not in flat_old and flat_new.get(k) == _default(k))}
     refused = [k for k in changed if k not in RESUME_SAFE and not k.startswith("serve.")]  # serve: not training
     start = 0
     for i, stage in enumerate(old_stages):
