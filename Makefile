@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick bench-demo bench-engines bench-serve lint install clean models
+.PHONY: demo test bench bench-quick bench-real bench-demo bench-engines bench-serve lint install clean models
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,13 @@ bench: $(STAMP)
 # The drift-plasticity study at small budgets (<= 15 min on 2 quiet CPU cores); writes benchmarks/results/.
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/claims.py --quick
+
+# The study on a real model (SmolLM2-135M-Instruct, offline) on three reasoning-gym datasets chosen by the
+# pre-registered rule of benchmarks/protocol.yaml; resumable run by run (runs/bench-real); writes results/real_*.json.
+bench-real: models
+	$(BIN)/python benchmarks/real.py select
+	$(BIN)/python benchmarks/real.py plan
+	$(BIN)/python benchmarks/real.py run
 
 # Seconds per slow step, native vs trl (1 and 2 processes, and FSDP2 on the micro model); about 10 min.
 bench-engines: models

@@ -12,9 +12,14 @@
 3. the drift-plasticity frontier: KL penalty x {full, LoRA} x {rl, fst} on each stream, plus the drift
    budget (slow.kl_target) as its own series; Spearman's rho of final KL vs plasticity and forgetting.
 
-Every hyper-parameter is in SETTINGS, fixed before any seed ran; all methods share them; all seeds are
-reported. Runs already finished (summary.json present) are reused, so an interrupted bench resumes.
+Every hyper-parameter, the method lists and the verdict rules are pre-registered in benchmarks/protocol.yaml; all
+methods share them; all seeds are reported. Its sha256 is written to <root>/claims.json before any run starts and
+to every finished run dir; runs, probes and attributions already finished under the same hash are reused (an
+interrupted bench resumes), those made under another are run again. Verdicts: four-way (reproduced, partly,
+refuted, inconclusive) from paired per-seed intervals (see protocol.yaml and :func:`verdicts`).
 Writes benchmarks/results/{claims,frontier}.json, plots and benchmarks/README.md (generated).
+
+    python benchmarks/claims.py --reverdict      # decide the committed results again under the current protocol
 """
 
 from __future__ import annotations
@@ -34,30 +39,27 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-# Fixed before any seed ran (written to README.md). Same for every method; LoRA's lr is 10x (usual practice
-# for adapters, fixed up front, same for rl and fst).
-SETTINGS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "seeds": [0, 1, 2], "single_tasks": 1, "single_steps": 8, "stage_steps": 8, "batch_problems": 8,
-        "group_size": 8,
-        "lr": 3e-4, "lora_lr": 3e-3, "lora_r": 8, "warmup_steps": 5, "max_new_tokens": 20,
-        "fast_every": 4, "population": 4, "fast_budget": 24, "val_size": 8,
-        "eval_every": 4, "eval_n": 32, "drift_every": 4, "probe_size": 12,
-        "probe_steps": 8, "probe_eval_every": 4, "attribution_n": 32,
-        "kl_coefs": [0.0, 1.0], "weights": ["full", "lora"], "kl_target": 0.05, "bootstrap": 1000,
-    },
-    "full": {
-        "seeds": [0, 1, 2], "single_tasks": 3, "single_steps": 90, "stage_steps": 90, "batch_problems": 8,
-        "group_size": 8,
-        "lr": 3e-4, "lora_lr": 3e-3, "lora_r": 8, "warmup_steps": 5, "max_new_tokens": 20,
-        "fast_every": 10, "population": 4, "fast_budget": 64, "val_size": 12,
-        "eval_every": 10, "eval_n": 96, "drift_every": 10, "probe_size": 16,
-        "probe_steps": 30, "probe_eval_every": 5, "attribution_n": 96,
-        "kl_coefs": [0.0, 0.01, 0.1, 1.0], "weights": ["full", "lora"], "kl_target": 0.3, "bootstrap": 2000,
-    },
-}
-METHODS = ("rl", "gepa", "fst")
-FRONTIER_METHODS = ("rl", "fst")
+PROTOCOL_PATH = HERE / "protocol.yaml"
+
+
+def load_protocol(path: Path = PROTOCOL_PATH) -> dict:
+    """The pre-registered protocol (settings, methods, verdict rules); see benchmarks/protocol.yaml."""
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+def protocol_sha256(path: Path = PROTOCOL_PATH) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+PROTOCOL = load_protocol()
+SETTINGS: dict[str, dict[str, Any]] = PROTOCOL["settings"]
+METHODS = tuple(PROTOCOL["methods"])
+FRONTIER_METHODS = tuple(PROTOCOL["frontier_methods"])
+ZERO_DRIFT_METHODS = tuple(PROTOCOL.get("zero_drift_methods") or ())
 
 
 def regimes() -> dict[str, dict[str, Any]]:
@@ -100,6 +102,7 @@ def plan(s: dict, root: Path) -> tuple[list[dict], list[dict]]:
     """(training runs, probes): every run of the study as {key, kind, cfg, ...}, deduplicated by out dir."""
     runs: dict[str, dict] = {}
     probes: list[dict] = []
+    sha = protocol_sha256()
     for regime, r in regimes().items():
         for seed in s["seeds"]:
             for task in r["stream"][: s["single_tasks"]]:
@@ -137,8 +140,10 @@ def plan(s: dict, root: Path) -> tuple[list[dict], list[dict]]:
             template["eval"]["every"] = s["probe_eval_every"]
             for arm, start, weights in starts:
                 probes.append({"regime": regime, "seed": seed, "arm": arm, "start": str(start), "task": heldout,
-                               "weights": weights, "template": template,
+                               "weights": weights, "template": template, "protocol": sha,
                                "out": str(root / regime / "probes" / f"{arm}-s{seed}")})
+    for j in runs.values():
+        j["protocol"] = sha
     return list(runs.values()), probes
 
 
@@ -156,21 +161,33 @@ def train_job(job: dict) -> str:
     torch.set_num_threads(1)
     out = Path(job["cfg"]["out"])
     cfg = config_from_dict(job["cfg"])
-    if not _finished_with(out, cfg.model_dump(mode="json")):
+    if not _finished_with(out, cfg.model_dump(mode="json"), job["protocol"]):
         train(cfg, force=True, log=_quiet)
+        (out / "protocol.sha256").write_text(job["protocol"] + "\n")
     return str(out)
 
 
-def _finished_with(out: Path, settings: dict) -> bool:
-    """A finished run in ``out`` made with exactly these settings (else it is run again)."""
+def _finished_with(out: Path, settings: dict, protocol: str) -> bool:
+    """A finished run in ``out`` made with exactly these settings under this protocol (else it is run again)."""
     import yaml
 
     if not (out / "summary.json").exists() or not (out / "config.yaml").exists():
         return False
+    marker = out / "protocol.sha256"
+    if not marker.exists() or marker.read_text().strip() != protocol:
+        return False
     return yaml.safe_load((out / "config.yaml").read_text()) == settings
 
 
-def merged_weights(run_dir: Path, lora_cfg: dict) -> Path:
+def _cached(path: Path, protocol: str) -> dict | None:
+    """A probe's or attribution's result made under this protocol, else None (it is made again)."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("protocol") == protocol else None
+
+
+def merged_weights(run_dir: Path, lora_cfg: dict, model: str = "micro") -> Path:
     """A LoRA run's adapter merged into its base and saved as a plain model dir (probes start from weights)."""
     from fastslow.checkpoint import run_weights
     from fastslow.config import ModelConfig
@@ -178,7 +195,7 @@ def merged_weights(run_dir: Path, lora_cfg: dict) -> Path:
 
     dest = run_dir / "merged"
     if not (dest / "config.json").exists():
-        policy = Policy.load(ModelConfig(path="micro", device="cpu", lora=lora_cfg), weights=run_weights(run_dir))
+        policy = Policy.load(ModelConfig(path=model, device="cpu", lora=lora_cfg), weights=run_weights(run_dir))
         merged = policy.model.merge_and_unload()
         merged.save_pretrained(str(dest), safe_serialization=True)
         policy.tokenizer.save_pretrained(str(dest))
@@ -195,15 +212,15 @@ def probe_job(job: dict) -> dict:
     torch.set_num_threads(1)
     out = Path(job["out"])
     result_path = out.parent / f"{out.name}.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    if (cached := _cached(result_path, job["protocol"])) is not None:
+        return cached
     start = job["start"]
     if job["weights"] == "lora":
         start = str(merged_weights(Path(start), _lora_of(job)))
     template = config_from_dict(job["template"])
     result = plasticity_probe(start, job["task"], template.stages[0].steps, template, out,
                               run=lambda cfg, **kw: train(cfg, log=_quiet, **kw))
-    result = {k: result[k] for k in ("final", "auc", "curve")}
+    result = {**{k: result[k] for k in ("final", "auc", "curve")}, "protocol": job["protocol"]}
     result_path.write_text(json.dumps(result))
     return result
 
@@ -224,13 +241,26 @@ def attribution_job(job: dict) -> dict:
 
     torch.set_num_threads(1)
     path = Path(job["run"]) / "attribution.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    if (cached := _cached(path, job["protocol"])) is not None:
+        return {k: v for k, v in cached.items() if k != "protocol"}
     tasks = {t.name: t for t in (load_task(f"micro/{n}") for n in job["tasks"])}
     result = channel_attribution(job["run"], ModelConfig(path="micro", device="cpu"), tasks, n=job["n"],
                                  max_new_tokens=job["max_new_tokens"], seed=job["seed"])
-    path.write_text(json.dumps(result))
+    path.write_text(json.dumps({**result, "protocol": job["protocol"]}))
     return result
+
+
+def config_dump(cfg: dict) -> dict:
+    from fastslow.config import config_from_dict
+
+    return config_from_dict(cfg).model_dump(mode="json")
+
+
+def preregister(root: Path, mode: str, sha: str) -> None:
+    """<root>/claims.json names the protocol before any run starts (the final claims.json replaces it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "claims.json").write_text(json.dumps({"status": "running", "mode": mode, "protocol": {
+        "file": f"benchmarks/{PROTOCOL_PATH.name}", "sha256": sha, "text": PROTOCOL_PATH.read_text()}}, indent=1))
 
 
 def run_pool(fn: Callable[[dict], Any], jobs: list[dict], workers: int, label: str) -> list[Any]:
@@ -263,25 +293,64 @@ def spread(values: Sequence[float | None], n_boot: int = 1000, seed: int = 0) ->
             "values": list(values)}
 
 
-def spearman(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Spearman's rho of paired points and a bootstrap 95% CI (resampling points)."""
-    from scipy.stats import spearmanr
+def _rank_rho(pts: list[dict], x: str, y: str, partial: bool) -> float | None:
+    """Spearman's rho of x and y over points; partial: of the ranks' residuals after each method's mean rank is
+    removed (the correlation within methods, controlling for method)."""
+    import numpy as np
+    from scipy.stats import rankdata
 
-    pts = [(float(a), float(b)) for a, b in zip(x, y) if a is not None and b is not None]
     if len(pts) < 4:
-        return {"rho": None, "ci": None, "n": len(pts)}
+        return None
+    rx, ry = rankdata([p[x] for p in pts]), rankdata([p[y] for p in pts])
+    if partial:
+        for m in {p["method"] for p in pts}:
+            idx = [i for i, p in enumerate(pts) if p["method"] == m]
+            rx[idx] -= rx[idx].mean()
+            ry[idx] -= ry[idx].mean()
+    else:
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float(np.dot(rx, rx)) * float(np.dot(ry, ry)))
+    return float(np.dot(rx, ry)) / den if den > 0 else None
 
-    def rho(sample: list[tuple[float, float]]) -> float | None:
-        xs, ys = zip(*sample)
-        if len(set(xs)) < 2 or len(set(ys)) < 2:
-            return None
-        r = spearmanr(xs, ys).statistic
-        return float(r) if math.isfinite(r) else None
 
+def cluster_rho(points: Sequence[dict], x: str, y: str, n_boot: int = 1000, seed: int = 0,
+                partial: bool = False) -> dict:
+    """Spearman's rho of one point per run, with a cluster bootstrap over seeds: a resample draws seeds with
+    replacement and takes all of a drawn seed's runs (runs of one seed share its data and probe draws)."""
+    pts = [p for p in points if p.get(x) is not None and p.get(y) is not None]
+    by_seed: dict = {}
+    for p in pts:
+        by_seed.setdefault(p["seed"], []).append(p)
+    rho = _rank_rho(pts, x, y, partial)
+    if rho is None or len(by_seed) < 2:
+        return {"rho": rho, "ci": None, "n": len(pts), "seeds": len(by_seed)}
     rng = random.Random(seed)
-    boots = sorted(b for b in (rho(rng.choices(pts, k=len(pts))) for _ in range(n_boot)) if b is not None)
+    keys = sorted(by_seed)
+    boots = []
+    for _ in range(n_boot):
+        sample = [p for k in rng.choices(keys, k=len(keys)) for p in by_seed[k]]
+        b = _rank_rho(sample, x, y, partial)
+        if b is not None and math.isfinite(b):
+            boots.append(b)
+    boots.sort()
     ci = [boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]] if boots else None
-    return {"rho": rho(pts), "ci": ci, "n": len(pts)}
+    return {"rho": rho, "ci": ci, "n": len(pts), "seeds": len(by_seed)}
+
+
+def frontier_stats(points: Sequence[dict], regimes_: Sequence[str], n_boot: int) -> dict:
+    """Per regime, KL direction and outcome: rho pooled, within each method, and partial (controlling for
+    method), each with its cluster-bootstrap interval over seeds."""
+    out = {}
+    for regime in regimes_:
+        pts = [p for p in points if p["regime"] == regime]
+        for kl in ("kl_rev", "kl_fwd"):
+            for y in ("plasticity_auc", "forgetting"):
+                entry = {"pooled": cluster_rho(pts, kl, y, n_boot),
+                         "partial": cluster_rho(pts, kl, y, n_boot, partial=True),
+                         "within": {m: cluster_rho([p for p in pts if p["method"] == m], kl, y, n_boot)
+                                    for m in sorted({p["method"] for p in pts})}}
+                out[f"{regime}/{kl}~{y}"] = entry
+    return out
 
 
 # ---- per-run measurements ----------------------------------------------------------------------
@@ -305,13 +374,29 @@ def kl_at_matched(rl, other, key: str) -> dict:
 
 
 def single_numbers(rl, other) -> dict:
-    """Sample efficiency and KL at matched reward of ``other`` against ``rl`` (DESIGN.md definitions)."""
-    from fastslow.analysis import sample_efficiency
+    """Sample efficiency and KL at matched reward of ``other`` against ``rl`` (DESIGN.md definitions).
+    ``ratio_bound``: when ``other`` never reached RL's peak, RL's slow rollouts / its last eval's (the censored
+    ratio's upper bound); when it reached it with 0 slow rollouts, RL's / its first positive eval's (a lower bound)."""
+    from fastslow.analysis import eval_curve, sample_efficiency
 
     se = sample_efficiency(rl, other)
+    xs = [x for x in eval_curve(other, "rollouts").x if x > 0]
+    rl_x = se["slow"]["rl"]
+    bound = None
+    if rl_x is not None and xs:
+        bound = rl_x / (xs[-1] if not se["reached"] else xs[0]) if rl_x > 0 else 1.0
     return {"target": se["target"], "reached": se["reached"], "ratio_slow": se["slow"]["ratio"],
-            "ratio_total": se["total"]["ratio"], "kl_rev_matched": kl_at_matched(rl, other, "kl_rev"),
-            "kl_fwd_matched": kl_at_matched(rl, other, "kl_fwd")}
+            "ratio_total": se["total"]["ratio"], "ratio_bound": bound,
+            "kl_rev_matched": kl_at_matched(rl, other, "kl_rev"), "kl_fwd_matched": kl_at_matched(rl, other, "kl_fwd")}
+
+
+def plateau(steps: Sequence[float], rewards: Sequence[float], fraction: float) -> float | None:
+    """Mean eval reward over the last ``fraction`` of the run's steps (at least the last eval)."""
+    if not rewards:
+        return None
+    cut = steps[-1] - fraction * steps[-1]
+    late = [r for s, r in zip(steps, rewards) if s >= cut] or [rewards[-1]]
+    return statistics.fmean(late)
 
 
 def run_numbers(run) -> dict:
@@ -320,9 +405,12 @@ def run_numbers(run) -> dict:
     c = eval_curve(run, "rollouts")
     cs = eval_curve(run, "step")
     fit = fit_sigmoid([x + 1 for x in cs.step], cs.reward) if cs.reward else None  # +1: keep the base row
+    reliable = bool(fit and fit.success and not fit.extrapolated and 1e-3 < fit.A < 1 - 1e-3)
     drift = run.summary.get("drift") or {}
     return {"peak": c.peak[-1] if c.peak else None, "final": c.reward[-1] if c.reward else None,
-            "asymptote": fit.A if fit and fit.success and not fit.extrapolated else None,
+            "plateau": plateau(cs.step, cs.reward, PROTOCOL["rules"]["asymptote"]["plateau_fraction"]),
+            "eval_points": len(cs.reward),
+            "asymptote": fit.A if reliable else None,
             "asymptote_fit": None if fit is None else {"A": fit.A, "rmse": fit.rmse, "extrapolated": fit.extrapolated},
             "kl_rev": drift.get("kl_rev"), "kl_fwd": drift.get("kl_fwd"), "entropy": drift.get("entropy"),
             "weight_l2": drift.get("weight_l2")}
@@ -360,91 +448,229 @@ def budget_held(run, target: float) -> dict:
 
 
 # ---- verdicts -----------------------------------------------------------------------------------
-def _m(d: dict | None) -> float | None:
-    return None if d is None else d.get("mean")
+VERDICTS = ("reproduced", "partly", "refuted", "inconclusive")
 
 
-def verdicts(claims: dict) -> list[dict]:
-    """One verdict per paper claim and regime from the aggregated numbers (rules in README.md)."""
+def paired(values: Sequence[float | None], confidence: float = 0.95) -> dict:
+    """Mean of per-seed values and its Student-t interval (None below 2 values): the study's noise margin."""
+    from scipy.stats import t
+
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    out = {"mean": statistics.fmean(xs) if xs else None, "min": min(xs, default=None), "max": max(xs, default=None),
+           "n": len(xs), "ci": None, "values": list(values)}
+    if len(xs) >= 2:
+        half = float(t.ppf((1 + confidence) / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
+        out["ci"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
+def decide(core: dict, rules: dict, *, further: bool) -> str:
+    """The four-way verdict from the core comparison's interval (> 0 is the claim's side); see protocol.yaml."""
+    ci = core.get("ci")
+    if core.get("n", 0) < rules["statistics"]["min_seeds"] or not ci:
+        return "inconclusive"
+    if ci[0] > 0:
+        return "reproduced" if further else "partly"
+    if ci[1] < 0:
+        return "refuted"
+    return "inconclusive"
+
+
+def _above(d: dict) -> bool:
+    return bool(d.get("ci")) and d["ci"][0] > 0
+
+
+def _below(d: dict) -> bool:
+    return bool(d.get("ci")) and d["ci"][1] < 0
+
+
+def _log(v: float | None, clip: Sequence[float]) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else math.log(min(max(float(v), clip[0]), clip[1]))
+
+
+def _fmt_ci(d: dict, digits: int = 3, exp: bool = False) -> str:
+    """'mean [lo, hi] 95% t (n seeds)'; exp: d holds logs, shown as ratios (geometric mean)."""
+    if d.get("mean") is None:
+        return "n/a (no seed has a value)"
+    f = math.exp if exp else (lambda v: v)
+    ci = f"[{f(d['ci'][0]):.{digits}g}, {f(d['ci'][1]):.{digits}g}]" if d.get("ci") else "[no interval]"
+    return f"{f(d['mean']):.{digits}g} {ci} (n={d['n']} seeds)"
+
+
+def _task_seed(r: dict, seed: int) -> list[dict]:
+    """The single-task entries of one seed, over the regime's tasks."""
+    return [t["seeds"][str(seed)] for t in r["single"].values() if str(seed) in t["seeds"]]
+
+
+def _mean(vals: Sequence[float | None]) -> float | None:
+    xs = [v for v in vals if v is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def se_value(f: dict) -> tuple[float | None, bool]:
+    """(RL/FST slow-rollout ratio, censored) of one task-seed. Never reached: censored at its upper bound RL's count
+    / FST's last eval count (``ratio_bound``; results from before the protocol lack it: 1, its largest value for
+    runs of equal length). Reached with 0 slow rollouts: ``ratio_bound`` (RL's count / FST's first eval count)."""
+    if f.get("reached") and f.get("ratio_slow") is not None:
+        return f["ratio_slow"], False
+    return f.get("ratio_bound", 1.0), not f.get("reached")
+
+
+def asymptote_values(nums: dict, rule: dict) -> tuple[dict[str, float | None], str]:
+    """Per method the value the asymptote verdict uses for one task-seed, and its basis ('sigmoid' or 'plateau'):
+    the fitted A only when every method's fit is reliable on >= min_fit_points evals, else the final plateau."""
+    fits = [nums[m].get("asymptote_fit") or {} for m in nums]
+    ok = all(nums[m].get("asymptote") is not None and (nums[m].get("eval_points") or 0) >= rule["min_fit_points"]
+             for m in nums) and all(fits)
+    if ok:
+        return {m: nums[m]["asymptote"] for m in nums}, "sigmoid"
+    return {m: nums[m].get("plateau", nums[m].get("final")) for m in nums}, "plateau"
+
+
+def resolves(settings: dict, rule: dict) -> tuple[bool, int]:
+    """Whether the mode's single-task eval grid can resolve the target ratio (protocol: min_eval_points)."""
+    steps = settings.get("single_steps") or settings.get("stage_steps") or 0
+    points = steps // max(settings.get("eval_every") or 1, 1)
+    return points >= rule["min_eval_points"], points
+
+
+def verdicts(claims: dict, protocol: dict | None = None) -> list[dict]:
+    """One verdict per paper claim and regime from the per-seed numbers, under the protocol's rules."""
+    P = protocol or PROTOCOL
+    rules, conf = P["rules"], P["statistics"]["confidence"]
+    clip = P["statistics"]["ratio_clip"]
+    seeds = claims["seeds"]
     out = []
     for regime, r in claims["regimes"].items():
-        agg, stream = r["aggregate"], r["stream_aggregate"]
 
-        def add(claim: str, verdict: str, evidence: str, regime: str = regime) -> None:
-            out.append({"claim": claim, "regime": regime, "verdict": verdict, "evidence": evidence})
+        def add(claim: str, verdict: str, evidence: str, core: dict, regime: str = regime) -> None:
+            out.append({"claim": claim, "regime": regime, "verdict": verdict, "evidence": evidence,
+                        "core": {k: core.get(k) for k in ("mean", "ci", "n", "values")}})
 
-        se = agg["fst_vs_rl"]["ratio_slow"]
-        reached = agg["fst_vs_rl"]["reached_share"]
-        ratio = _m(se)
-        if ratio is not None and ratio >= 1.4 and reached >= 2 / 3:
-            v = "reproduced"
-        elif ratio is not None and ratio > 1.0 and reached > 0:
-            v = "partly"
-        else:
-            v = "refuted"
-        add("sample efficiency 1.4-3x", v, f"slow-rollout ratio RL/FST {_fmt_spread(se)} (mean over reached pairs), "
-            f"FST reached RL's peak in {reached:.0%} of task-seeds; counting fast rollouts "
-            f"{_fmt_spread(agg['fst_vs_rl']['ratio_total'])}")
+        # -- sample efficiency (core: log ratio > 0; censored seeds at their bound)
+        rule = rules["sample_efficiency"]
+        per_seed, censored, reached = [], 0, []
+        for sd in seeds:
+            vals = []
+            for e in _task_seed(r, sd):
+                v, cens = se_value(e["fst_vs_rl"])
+                censored += cens
+                reached.append(bool(e["fst_vs_rl"].get("reached")))
+                vals.append(_log(v, clip))
+            per_seed.append(_mean(vals))
+        core = paired(per_seed, conf)
+        share = sum(reached) / max(len(reached), 1)
+        ok, points = resolves(claims.get("settings") or {}, rule)
+        gm = math.exp(core["mean"]) if core["mean"] is not None else None
+        v = decide(core, P, further=gm is not None and gm >= rule["ratio"] and share >= rule["min_reached_share"])
+        note = ""
+        if not ok:
+            v = "inconclusive"
+            note = (f"; RESOLUTION: {points} evals after step 0 cannot resolve a {rule['ratio']}x ratio (needs >= "
+                    f"{rule['min_eval_points']})")
+        add("sample efficiency 1.4-3x", v, f"slow-rollout ratio RL/FST, geometric mean over seeds "
+            f"{_fmt_ci(core, exp=True)}; FST reached RL's peak in {share:.0%} of task-seeds, {censored} censored "
+            f"(counted at their upper bound){note}", core)
 
-        kl = agg["fst_vs_rl"]["kl_rev_ratio"]
-        ratio = _m(kl)
-        v = ("reproduced" if ratio is not None and ratio <= 0.5 else
-             "partly" if ratio is not None and ratio < 1.0 else "refuted")
-        add("up to 70% less KL at matched reward", v, f"KL(pi||base) FST/RL {_fmt_spread(kl)}; "
-            f"KL(base||pi) FST/RL {_fmt_spread(agg['fst_vs_rl']['kl_fwd_ratio'])}")
+        # -- KL at matched reward (core: log ratio < 0)
+        rule = rules["kl_matched"]
+        per_seed = [_mean([_log(e["fst_vs_rl"]["kl_rev_matched"]["ratio"], clip) for e in _task_seed(r, sd)])
+                    for sd in seeds]
+        fwd = paired([_mean([_log(e["fst_vs_rl"]["kl_fwd_matched"]["ratio"], clip) for e in _task_seed(r, sd)])
+                      for sd in seeds], conf)
+        final = paired([_mean([_log(_div(e["methods"]["fst"].get("kl_rev"), e["methods"]["rl"].get("kl_rev")), clip)
+                               for e in _task_seed(r, sd)]) for sd in seeds], conf)
+        core = paired(per_seed, conf)
+        flipped = {**core, "ci": [-core["ci"][1], -core["ci"][0]] if core["ci"] else None}
+        gm = math.exp(core["mean"]) if core["mean"] is not None else None
+        v = decide(flipped, P, further=gm is not None and gm <= rule["ratio"])
+        add("up to 70% less KL at matched reward", v, f"KL(pi||base) FST/RL at matched reward {_fmt_ci(core, exp=True)}"
+            f"; KL(base||pi) {_fmt_ci(fwd, exp=True)}; final KL(pi||base) FST/RL {_fmt_ci(final, exp=True)}", core)
 
-        d_rl, d_gepa = agg["asymptote_gap"]["fst_minus_rl"], agg["asymptote_gap"]["fst_minus_gepa"]
-        lo_rl = (d_rl.get("ci") or [None])[0]
-        if _m(d_rl) is not None and lo_rl is not None and lo_rl > 0 and (_m(d_gepa) or 0) > 0:
-            v = "reproduced"
-        elif _m(d_rl) is not None and (_m(d_rl) > 0 or (_m(d_gepa) or 0) > 0):
-            v = "partly"
-        else:
-            v = "refuted"
-        add("higher asymptote", v, f"FST - RL asymptote {_fmt_spread(d_rl)}; FST - GEPA {_fmt_spread(d_gepa)} "
-            f"(sigmoid A, peak where the fit is unreliable)")
+        # -- asymptote (core: FST - RL > 0; further: FST - GEPA > 0)
+        rule = rules["asymptote"]
+        d_rl, d_gepa, basis = [], [], []
+        for sd in seeds:
+            a_rl, a_g = [], []
+            for e in _task_seed(r, sd):
+                vals, how = asymptote_values({m: e["methods"][m] for m in ("rl", "gepa", "fst")}, rule)
+                basis.append(how)
+                a_rl.append(_sub(vals["fst"], vals["rl"]))
+                a_g.append(_sub(vals["fst"], vals["gepa"]))
+            d_rl.append(_mean(a_rl))
+            d_gepa.append(_mean(a_g))
+        core, sec = paired(d_rl, conf), paired(d_gepa, conf)
+        v = decide(core, P, further=_above(sec))
+        fitted = basis.count("sigmoid")
+        add("higher asymptote", v, f"FST - RL {_fmt_ci(core)}; FST - GEPA {_fmt_ci(sec)}; basis: sigmoid A in {fitted} "
+            f"of {len(basis)} task-seeds, the final plateau (mean eval over the last "
+            f"{rule['plateau_fraction']:.0%} of steps) in the others", core)
 
-        p = stream["plasticity_auc"]
-        base, fst, rl = _m(p.get("base")), _m(p.get("fst")), _m(p.get("rl"))
-        if None in (base, fst, rl):
-            v = "refuted"
-        elif fst > rl and abs(base - fst) <= 0.05:
-            v = "reproduced"
-        elif fst > rl:
-            v = "partly"
-        else:
-            v = "refuted"
-        add("plasticity base ~= FST > RL", v, f"probe AUC base {_fmt_spread(p.get('base'))}, "
-            f"FST {_fmt_spread(p.get('fst'))}, RL {_fmt_spread(p.get('rl'))} (~= means within 0.05)")
+        # -- plasticity (core: FST - RL AUC > 0; further: base - FST within +-equivalence)
+        rule = rules["plasticity"]
+        runs_ = r.get("stream_runs") or {}
+        base = r.get("base_plasticity") or {}
 
-        later = stream["later_stage_gain"]
-        first = stream["first_stage_gain"]
-        f_l, r_l, r_f = _m(later.get("fst")), _m(later.get("rl")), _m(first.get("rl"))
-        if None in (f_l, r_l, r_f):
-            v = "refuted"
-        elif f_l > r_l and r_l < 0.5 * r_f:
-            v = "reproduced"
-        elif f_l > r_l:
-            v = "partly"
-        else:
-            v = "refuted"
+        def probe(m: str, sd: int, runs_: dict = runs_) -> float | None:
+            e = (runs_.get(m) or {}).get(str(sd)) or {}
+            return (e.get("plasticity") or {}).get("auc")
+
+        core = paired([_sub(probe("fst", sd), probe("rl", sd)) for sd in seeds], conf)
+        eq = paired([_sub((base.get(str(sd)) or {}).get("auc"), probe("fst", sd)) for sd in seeds], conf)
+        within = bool(eq.get("ci")) and -rule["equivalence"] <= eq["ci"][0] and eq["ci"][1] <= rule["equivalence"]
+        v = decide(core, P, further=within)
+        add("plasticity base ~= FST > RL", v, f"probe AUC FST - RL {_fmt_ci(core)}; base - FST {_fmt_ci(eq)} "
+            f"(~= : interval inside +-{rule['equivalence']})", core)
+
+        # -- stalling (core: FST later gain - RL later gain > 0; further: RL stalls)
+        rule = rules["stalling"]
+
+        def gain(m: str, sd: int, later: bool, runs_: dict = runs_) -> float | None:
+            e = (runs_.get(m) or {}).get(str(sd)) or {}
+            st = e.get("stage_peaks") or []
+            return _mean([x["gain"] for x in (st[1:] if later else st[:1]) if x.get("gain") is not None])
+
+        core = paired([_sub(gain("fst", sd, True), gain("rl", sd, True)) for sd in seeds], conf)
+        stall = paired([_sub(gain("rl", sd, True), _mul(rule["stall"], gain("rl", sd, False))) for sd in seeds], conf)
+        v = decide(core, P, further=_below(stall))
         add("RL stalls on later stages, FST keeps learning", v,
-            f"gain within later stages: FST {_fmt_spread(later.get('fst'))}, RL {_fmt_spread(later.get('rl'))}; "
-            f"RL's first-stage gain {_fmt_spread(first.get('rl'))} (stall = later < half of first)")
+            f"later-stage gain FST - RL {_fmt_ci(core)}; RL's later gain - {rule['stall']} x its first-stage gain "
+            f"{_fmt_ci(stall)} (stall: below 0)", core)
 
-        a = stream["attribution_fst"]
-        both, wt, pr = _m(a.get("trained_evolved")), _m(a.get("trained_seed")), _m(a.get("base_evolved"))
-        if None in (both, wt, pr):
-            v = "refuted"
-        elif both > wt and both > pr:
-            v = "reproduced"
-        elif both > wt or both > pr:
-            v = "partly"
-        else:
-            v = "refuted"
-        add("both channels needed", v, f"FST's 2x2: trained+evolved {_fmt_spread(a.get('trained_evolved'))}, "
-            f"trained+seed {_fmt_spread(a.get('trained_seed'))}, base+evolved {_fmt_spread(a.get('base_evolved'))}")
+        # -- both channels (core: trained+evolved - the better other arm > 0; further: beats the other arm too)
+        def cell(sd: int, c: str, runs_: dict = runs_) -> float | None:
+            e = (runs_.get("fst") or {}).get(str(sd)) or {}
+            return _mean_cell(e.get("attribution"), c)
+
+        arms = {c: paired([cell(sd, c) for sd in seeds], conf) for c in ("trained_seed", "base_evolved")}
+        better = max(arms, key=lambda c: -math.inf if arms[c]["mean"] is None else arms[c]["mean"])
+        other = next(c for c in arms if c != better)
+        core = paired([_sub(cell(sd, "trained_evolved"), cell(sd, better)) for sd in seeds], conf)
+        sec = paired([_sub(cell(sd, "trained_evolved"), cell(sd, other)) for sd in seeds], conf)
+        v = decide(core, P, further=_above(sec))
+        add("both channels needed", v,
+            f"trained+evolved - {better.replace('_', '+')} (the better arm) {_fmt_ci(core)}; "
+            f"- {other.replace('_', '+')} {_fmt_ci(sec)}", core)
     return out
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _mul(k: float, a: float | None) -> float | None:
+    return None if a is None else k * a
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def _fmt_rho(v: dict) -> str:
+    if v.get("rho") is None:
+        return "n/a"
+    ci = f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" if v.get("ci") else ""
+    return f"{v['rho']:.2f}{ci}"
 
 
 def _fmt_spread(d: dict | None, digits: int = 3) -> str:
@@ -475,6 +701,10 @@ def stream_entries(regime: str, runs: list[dict], loaded: dict, probe_res: dict,
         cl = run.summary.get("cl") or {}
         out.setdefault(j["method"], {})[str(j["seed"])] = {
             "stage_peaks": stage_peaks(run), "cl": {k: cl.get(k) for k in ("acc", "bwt", "fwt", "forgetting")},
+            # task-agnostic scenario (one context for every task), where the method's contexts are per task
+            "cl_agnostic": ({k: (run.summary.get("cl_agnostic") or {}).get(k) for k in ("acc", "bwt", "fwt",
+                                                                                      "forgetting")}
+                            if run.summary.get("cl_agnostic") else None),
             "matrix": run.summary.get("matrix"), **run_numbers(run),
             "plasticity": probe_res.get((regime, j["seed"], j["method"])),
             "attribution": attributions.get(j["cfg"]["out"])}
@@ -508,11 +738,9 @@ def analyse(s: dict, root: Path, runs: list[dict], probes: list[dict], attributi
                 pooled["kl_rev"].append(f["kl_rev_matched"]["ratio"])
                 pooled["kl_fwd"].append(f["kl_fwd_matched"]["ratio"])
 
-                def asym(m: str, nums: dict = nums) -> float | None:
-                    return nums[m]["asymptote"] if nums[m]["asymptote"] is not None else nums[m]["peak"]
-
-                pooled["d_rl"].append(asym("fst") - asym("rl"))
-                pooled["d_gepa"].append(asym("fst") - asym("gepa"))
+                asym, _ = asymptote_values({m: nums[m] for m in ("rl", "gepa", "fst")}, PROTOCOL["rules"]["asymptote"])
+                pooled["d_rl"].append(_sub(asym["fst"], asym["rl"]))
+                pooled["d_gepa"].append(_sub(asym["fst"], asym["gepa"]))
             summary = {m: {k: spread([per_seed[str(sd)]["methods"][m][k] for sd in s["seeds"]], nb)
                            for k in ("peak", "final", "asymptote", "kl_rev", "kl_fwd", "entropy")} for m in METHODS}
             per_task[task] = {"seeds": per_seed, "summary": summary}
@@ -540,6 +768,9 @@ def analyse(s: dict, root: Path, runs: list[dict], probes: list[dict], attributi
         stream_aggregate = {
             "cl": {m: {k: col(m, lambda e, k=k: e["cl"][k]) for k in ("acc", "bwt", "fwt", "forgetting")}
                    for m in METHODS},
+            "cl_agnostic": {m: {k: col(m, lambda e, k=k: (e.get("cl_agnostic") or {}).get(k))
+                                for k in ("acc", "bwt", "fwt", "forgetting")} for m in METHODS
+                            if any(e.get("cl_agnostic") for e in stream_seeds.get(m, {}).values())},
             "kl_rev": {m: col(m, lambda e: e["kl_rev"]) for m in METHODS},
             "kl_fwd": {m: col(m, lambda e: e["kl_fwd"]) for m in METHODS},
             "plasticity_auc": {"base": spread([(base_probe[str(sd)] or {}).get("auc") for sd in s["seeds"]], nb),
@@ -573,12 +804,16 @@ def analyse(s: dict, root: Path, runs: list[dict], probes: list[dict], attributi
         if fr["kl_target"]:
             point["budget"] = budget_held(run, fr["kl_target"])
         points.append(point)
-    rho = {}
-    for regime in regimes():
-        pts = [p for p in points if p["regime"] == regime]
-        for kl in ("kl_rev", "kl_fwd"):
-            for y in ("plasticity_auc", "forgetting"):
-                rho[f"{regime}/{kl}~{y}"] = spearman([p[kl] for p in pts], [p[y] for p in pts], nb)
+    for j in runs:  # methods that never move the weights: one point per run at KL 0, plasticity = the base's
+        if j["method"] in ZERO_DRIFT_METHODS and is_main_stream(j):
+            run = loaded[j["cfg"]["out"]]
+            probe = probe_res.get((j["regime"], j["seed"], "base")) or {}
+            cl = run.summary.get("cl") or {}
+            points.append({"regime": j["regime"], "method": j["method"], "series": "zero-drift", "weights": "frozen",
+                           "kl_coef": None, "kl_target": None, "seed": j["seed"], "kl_rev": 0.0, "kl_fwd": 0.0,
+                           "plasticity_auc": probe.get("auc"), "plasticity_final": probe.get("final"),
+                           "forgetting": cl.get("forgetting"), "acc": cl.get("acc")})
+    rho = frontier_stats(points, list(regimes()), nb)
     budgets = [p for p in points if p.get("budget")]
     frontier = {"seeds": s["seeds"], "points": points, "spearman": rho,
                 "budget": {"target": s["kl_target"],
@@ -626,23 +861,26 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
          "Generated by `benchmarks/claims.py` from `results/claims.json` and `results/frontier.json`; do not edit.",
          "", f"Mode **{meta['mode']}**, seeds {claims['seeds']}, wall time {meta['wall_s'] / 60:.1f} min with "
          f"{meta['workers']} worker process(es) ({meta.get('cpus', '?')} CPUs visible). Every number is the mean "
-         "over seeds with [min, max] and n; claims.json has each seed and a bootstrap 95% CI.", "",
-         "Reproduce: `make bench-quick` (quick mode) or `make bench` (full mode).", "",
+         "over seeds with [min, max] and n; claims.json has each seed; verdicts use the protocol's paired "
+         "intervals.", "",
+         "Reproduce: `make bench-quick` (quick mode), `make bench` (full mode) or `make bench-real` (SmolLM2-135M); "
+         "`python benchmarks/claims.py --reverdict` decides committed results again under the current protocol "
+         "(no runs).", "",
          *settings_section()]
     L += ["", "Regimes: **prompt**-dominant stream " + " -> ".join(claims["regimes"]["prompt"]["stream"])
           + f" (held-out probe task `{claims['regimes']['prompt']['heldout']}`); **weight**-dominant stream "
           + " -> ".join(claims["regimes"]["weight"]["stream"])
           + f" (probe `{claims['regimes']['weight']['heldout']}`). `fastslow world check` reports each task's regime.",
-          "", "Verdict rules: sample efficiency reproduced when RL/FST slow-rollout ratio >= 1.4 and FST reaches RL's "
-          "peak in >= 2/3 of task-seeds (partly: ratio > 1); KL reproduced at FST/RL <= 0.5 (partly < 1); "
-          "asymptote reproduced when FST - RL has a bootstrap CI above 0 and FST > GEPA (partly: either mean > 0); "
-          "plasticity reproduced when FST > RL and |base - FST| <= 0.05 (partly: FST > RL); stalling reproduced "
-          "when FST gains more than RL within later stages and RL's later gain is under half its first-stage gain "
-          "(partly: FST > RL); both channels reproduced when FST's trained+evolved beats both trained+seed and "
-          "base+evolved (partly: one of them).", "", "## Verdicts", "", "| claim | regime | verdict | evidence |",
-          "|---|---|---|---|"]
+          "", *rules_section(claims), "", "## Verdicts", ""]
+    if claims.get("reverdict"):
+        L += [claims["reverdict"]["note"], ""]
+    L += ["| claim | regime | verdict | evidence |", "|---|---|---|---|"]
+    before = {(v["claim"], v["regime"]): v["verdict"] for v in (claims.get("reverdict") or {}).get("before", [])}
     for v in claims["verdicts"]:
-        L.append(f"| {v['claim']} | {v['regime']} | **{v['verdict']}** | {v['evidence']} |")
+        was = before.get((v["claim"], v["regime"]))
+        change = f" (was {was})" if was and was != v["verdict"] else ""
+        L.append(f"| {v['claim']} | {v['regime']} | **{v['verdict']}**{change} | {v['evidence']} |")
+    L += ["", *other_modes(meta["mode"])]
     for regime, r in claims["regimes"].items():
         L += ["", f"## {regime}-dominant regime: single-task runs", "",
               "| task | method | peak | final | asymptote | KL(pi‖base) | KL(base‖pi) | entropy |",
@@ -665,6 +903,11 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
             L.append(f"| {m} | " + " | ".join(_fmt_spread(sa["cl"][m][k]) for k in ("acc", "bwt", "forgetting", "fwt"))
                      + f" | {_fmt_spread(sa['kl_rev'][m])} | {_fmt_spread(sa['first_stage_gain'][m])} | "
                      f"{_fmt_spread(sa['later_stage_gain'][m])} |")
+        if sa.get("cl_agnostic"):
+            L += ["", "Task-agnostic scenario (every task evaluated with one context; the table above is task-aware, "
+                  "each task with its own):", "", "| method | ACC | BWT | forgetting | FWT |", "|---|---|---|---|---|"]
+            L += [f"| {m} | " + " | ".join(_fmt_spread(c[k]) for k in ("acc", "bwt", "forgetting", "fwt")) + " |"
+                  for m, c in sa["cl_agnostic"].items()]
         L += ["", "| plasticity probe from | final | AUC |", "|---|---|---|"]
         for arm in ("base", "rl", "fst"):
             L.append(f"| {arm} | {_fmt_spread(sa['plasticity_final'].get(arm))} | "
@@ -677,11 +920,17 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
           f"One point per run: KL penalty {s['kl_coefs']} x {s['weights']} x rl/fst, plus the drift budget "
           f"(full weights, `slow.kl_target={s['kl_target']}`), seeds {claims['seeds']}, on each regime's stream.",
           "Plots: " + ", ".join(f"`results/frontier_{r}.png`" for r in claims["regimes"]) + ".", "",
-          "| regime / pair | Spearman rho | bootstrap 95% CI | points |", "|---|---|---|---|"]
+          "Spearman's rho of final KL against the outcome, one point per run; intervals are a cluster bootstrap over "
+          "seeds (a seed's runs are resampled together). *partial*: controlling for method (ranks centred within "
+          "each method), i.e. does drift predict the outcome beyond which method ran; *within*: inside one "
+          "method's runs. Methods that never move the weights are points at KL 0. With 3 seeds the bootstrap has "
+          "only 10 distinct resamples: the intervals are coarse, not optimistic.", "",
+          "| regime / pair | pooled rho [95% CI] | partial rho (method held) | within each method | points (seeds) |",
+          "|---|---|---|---|---|"]
     for pair, v in frontier["spearman"].items():
-        ci = "n/a" if not v["ci"] else f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]"
-        rho = "n/a" if v["rho"] is None else f"{v['rho']:.2f}"
-        L.append(f"| {pair} | {rho} | {ci} | {v['n']} |")
+        within = "; ".join(f"{m} {_fmt_rho(w)}" for m, w in v["within"].items())
+        L.append(f"| {pair} | {_fmt_rho(v['pooled'])} | {_fmt_rho(v['partial'])} | {within} | "
+                 f"{v['pooled']['n']} ({v['pooled'].get('seeds')}) |")
     b = frontier["budget"]
     from fastslow.slow import KLController
 
@@ -693,6 +942,52 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
           f"mean |log(KL/target)| over the second half {_fmt_spread(b['late_mean_abs_log_err'])}; "
           f"without a budget (kl 0, full) the final KL was {_fmt_spread(b['unbudgeted_final_kl'])}.", ""]
     path.write_text("\n".join(L) + "\n")
+
+
+def other_modes(mode: str) -> list[str]:
+    """The verdicts of the modes this README was not generated from: the real model's when results exist."""
+    L = ["### Other modes", ""]
+    if mode != "full":
+        L.append("- full (`make bench`): not run under this protocol yet.")
+    real = RESULTS / "real_claims.json"
+    if not real.exists():
+        L.append("- real model (`make bench-real`, SmolLM2-135M on reasoning-gym): not run under this protocol yet.")
+        return L
+    r = json.loads(real.read_text())
+    L += [f"- real model (`make bench-real`), protocol `{r['protocol']['sha256'][:12]}`, {r['finished_runs']} of "
+          f"{r['planned_runs']} runs finished, stream {', '.join(r['regimes']['real']['stream'])}:", "",
+          "| claim | verdict | evidence |", "|---|---|---|"]
+    L += [f"| {v['claim']} | **{v['verdict']}** | {v['evidence']} |" for v in r["verdicts"]]
+    return L
+
+
+def rules_section(claims: dict) -> list[str]:
+    """The verdict rules in words, with the protocol file and hash they were decided under."""
+    P, pr = PROTOCOL, claims.get("protocol") or {}
+    r, st = P["rules"], P["statistics"]
+    se, asy = r["sample_efficiency"], r["asymptote"]
+    return [f"Protocol: `{pr.get('file', 'benchmarks/protocol.yaml')}` sha256 `{pr.get('sha256', 'n/a')}` (settings, "
+            "methods and these rules; a run made under another hash is not reused).", "",
+            "Verdict rules (pre-registered): every comparison is paired by seed (a seed's value is its mean over the "
+            f"mode's tasks) with a {st['confidence']:.0%} Student-t interval over seeds. The claim's core "
+            "comparison decides: interval on the claim's side -> **reproduced** if its further condition holds, else "
+            "**partly**; on the other side -> **refuted**; spanning no effect (or fewer than "
+            f"{st['min_seeds']} seeds) -> **inconclusive**. So *partly* never contradicts the core.",
+            f"- sample efficiency: core RL/FST slow-rollout ratio > 1 (log scale; a seed where FST never reaches RL's "
+            f"peak is censored at its upper bound, not dropped); further: geometric mean >= {se['ratio']}"
+            f" and reached in >= {se['min_reached_share']:.0%} of task-seeds; a mode with fewer than "
+            f"{se['min_eval_points']} evals after step 0 cannot resolve 1.4x: inconclusive.",
+            f"- KL at matched reward: core FST/RL < 1; further: geometric mean <= {r['kl_matched']['ratio']}; the "
+            "final KL ratio is shown beside it.",
+            "- higher asymptote: core FST - RL > 0; further: FST - GEPA > 0. Sigmoid A only where every method's fit "
+            f"is reliable on >= {asy['min_fit_points']} evals, else the final plateau (mean over the last "
+            f"{asy['plateau_fraction']:.0%} of steps); the evidence says which.",
+            "- plasticity: core FST - RL probe AUC > 0; further: base - FST inside "
+            f"+-{r['plasticity']['equivalence']}.",
+            "- RL stalls: core FST - RL gain within later stages > 0; further: RL's later gain < "
+            f"{r['stalling']['stall']} x its first-stage gain.",
+            "- both channels: core trained+evolved - the better of trained+seed and base+evolved > 0; further: it "
+            "beats the other arm too."]
 
 
 DEMO_START, DEMO_END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
@@ -768,6 +1063,48 @@ def update_project_readme(claims: dict, path: Path) -> bool:
     return True
 
 
+def reverdict(results: Path, readme: Path) -> list[tuple[str, str, str, str]]:
+    """Decide the committed results (results/claims.json, frontier.json) again under the current protocol, from
+    their per-seed numbers, without running anything; rewrite both and README.md. Returns (claim, regime, before,
+    after) for every verdict."""
+    claims = json.loads((results / "claims.json").read_text())
+    frontier = json.loads((results / "frontier.json").read_text())
+    sha = protocol_sha256()
+    earlier = claims.get("reverdict") or {}
+    before = earlier.get("before") or claims["verdicts"]
+    claims["verdicts"] = verdicts(claims)
+    # the protocol the runs were made under (None: before protocol.yaml), kept across repeated re-decisions
+    was = earlier["runs_made_under"] if "runs_made_under" in earlier else (claims.get("protocol") or {}).get("sha256")
+    claims["reverdict"] = {"before": before, "runs_made_under": was, "note": (
+        f"Verdicts decided under protocol {sha[:12]} from the per-seed numbers of runs made "
+        + (f"under protocol {was[:12]}" if was else "before the protocol existed (and before FST's population fix)")
+        + "; no run was repeated. `make bench-quick` replaces them with fresh runs.")}
+    claims["protocol"] = {"file": f"benchmarks/{PROTOCOL_PATH.name}", "sha256": sha}
+    points = [p for p in frontier["points"] if p["method"] not in ZERO_DRIFT_METHODS]
+    for regime, r in claims["regimes"].items():  # zero-drift points from the main stream runs and the base probe
+        for m in ZERO_DRIFT_METHODS:
+            for sd, e in (r.get("stream_runs") or {}).get(m, {}).items():
+                probe = (r.get("base_plasticity") or {}).get(sd) or {}
+                points.append({"regime": regime, "method": m, "series": "zero-drift", "weights": "frozen",
+                               "kl_coef": None, "kl_target": None, "seed": int(sd), "kl_rev": 0.0, "kl_fwd": 0.0,
+                               "plasticity_auc": probe.get("auc"), "plasticity_final": probe.get("final"),
+                               "forgetting": (e.get("cl") or {}).get("forgetting"),
+                               "acc": (e.get("cl") or {}).get("acc")})
+    frontier["points"] = points
+    frontier["spearman"] = frontier_stats(points, list(claims["regimes"]), claims["settings"]["bootstrap"])
+    frontier["protocol"] = claims["protocol"]
+    (results / "claims.json").write_text(json.dumps(claims, indent=1))
+    (results / "frontier.json").write_text(json.dumps(frontier, indent=1))
+    from fastslow.report import plot_frontier
+
+    for regime in claims["regimes"]:
+        plot_frontier(frontier, regime, results / f"frontier_{regime}.png")
+    write_readme(claims, frontier, claims["meta"], readme)
+    old = {(v["claim"], v["regime"]): v["verdict"] for v in before}
+    return [(v["claim"], v["regime"], old.get((v["claim"], v["regime"]), "?"), v["verdict"])
+            for v in claims["verdicts"]]
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -777,6 +1114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--analyse-only", action="store_true", help="skip training; analyse existing run dirs")
     parser.add_argument("--plan", action="store_true", help="only write README.md with the settings; run nothing")
+    parser.add_argument("--reverdict", action="store_true",
+                        help="decide the committed results again under the current protocol (no runs)")
     parser.add_argument("--demo", action="store_true",
                         help="only the project README's demo table (make bench-demo): the prompt stream's rl, gepa "
                         "and fst runs with the demo's settings (full mode) and their plasticity probes")
@@ -785,6 +1124,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.plan:
         write_plan_readme(HERE / "README.md")
+        return
+    if args.reverdict:
+        for claim, regime, was, now in reverdict(args.results, HERE / "README.md"):
+            print(f"{regime:7} {claim:48} {was:12} -> {now}{'' if was == now else '   CHANGED'}")
         return
     if args.seeds is not None and not args.demo:
         parser.error("--seeds only goes with --demo (the study always reports every seed of its settings)")
@@ -797,16 +1140,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = args.root or Path("runs") / ("bench-quick" if args.quick else "bench")
     t0 = time.perf_counter()
     runs, probes = plan(s, root)
+    sha = protocol_sha256()
     atts = [{"run": j["cfg"]["out"], "tasks": regimes()[j["regime"]]["stream"], "n": s["attribution_n"],
-             "max_new_tokens": s["max_new_tokens"], "seed": j["seed"]}
+             "max_new_tokens": s["max_new_tokens"], "seed": j["seed"], "protocol": sha}
             for j in runs if is_main_stream(j) and j["method"] == "fst"]
     print(f"{mode}: {len(runs)} runs, {len(probes)} probes, {len(atts)} attributions -> {root}", flush=True)
     if not args.analyse_only:
+        preregister(root, mode, sha)
         run_pool(train_job, runs, args.workers, "run")
         run_pool(probe_job, probes, args.workers, "probe")
         run_pool(attribution_job, atts, args.workers, "attribution")
-    attributions = {a["run"]: json.loads((Path(a["run"]) / "attribution.json").read_text()) for a in atts
-                    if (Path(a["run"]) / "attribution.json").exists()}
+    stale = [j["cfg"]["out"] for j in runs if not _finished_with(Path(j["cfg"]["out"]), config_dump(j["cfg"]), sha)]
+    if stale:
+        raise SystemExit(f"{len(stale)} of {len(runs)} run dirs are missing or were made under another protocol than "
+                         f"{PROTOCOL_PATH.name} {sha[:12]} (e.g. {stale[0]}): run without --analyse-only")
+    attributions = {a["run"]: {k: v for k, v in json.loads((Path(a["run"]) / "attribution.json").read_text()).items()
+                               if k != "protocol"} for a in atts if (Path(a["run"]) / "attribution.json").exists()}
     claims, frontier = analyse(s, root, runs, probes, attributions)
     wall = time.perf_counter() - t0
     meta = {"mode": mode, "wall_s": wall, "workers": args.workers, "cpus": os.cpu_count()}
@@ -815,6 +1164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if old.exists():
             meta["wall_s"] = json.loads(old.read_text()).get("meta", {}).get("wall_s", wall)
     claims["meta"] = frontier["meta"] = meta
+    claims["protocol"] = frontier["protocol"] = {"file": f"benchmarks/{PROTOCOL_PATH.name}", "sha256": sha}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "claims.json").write_text(json.dumps(claims, indent=1))
     (args.results / "frontier.json").write_text(json.dumps(frontier, indent=1))

@@ -118,3 +118,95 @@ def test_a_round_that_hits_the_cap_keeps_the_candidates_accepted_before(tiny_mod
     rnd = channel.run_round(echo_task())
     assert rnd.rollouts <= 30 and rnd.error is None
     assert rnd.accepted >= 1 and "Reverse it." in channel.best["echo"]  # acceptances before the cap survive
+
+
+def _scripted(score):
+    """A sampler whose reward is ``score(prompt text, problem)``."""
+    from types import SimpleNamespace
+
+    from fastslow.rollout import Scored
+    from fastslow.tasks import Verdict
+
+    def sampler(task, pairs, **kw):
+        return Scored(SimpleNamespace(texts=["x"] * len(pairs)), [Verdict(score(t, p), "fb") for t, p in pairs], 0)
+
+    return sampler
+
+
+def test_a_proposal_no_better_than_its_parent_on_validation_is_not_accepted_and_the_population_is_filled():
+    # The SmolLM2 case: a proposal wins on GEPA's 2-problem minibatch but scores 0 on validation like the seed.
+    # The old code accepted it and kept a population of 1 (a front of 1); now it is rejected and fills slot 2.
+    import random
+
+    from fastslow.util import derive_seed
+
+    task = echo_task()
+    val = {p.id for p in random.Random(derive_seed(0, "gepa-round", 0)).sample(list(task.problems("train")), 4)}
+    cfg = FastConfig(population=2, budget=40, val_size=4, minibatch=2)
+    channel = FastChannel(_scripted(lambda t, p: float("Reverse it." in t and p.id not in val)), cfg,
+                          canned_reflector, seed=0, max_new_tokens=6, version=lambda: 0)
+    rnd = channel.run_round(task)
+    assert rnd.metrics["fast/proposals_rejected_on_val"] >= 1
+    assert rnd.accepted == 0 and rnd.metrics["fast/accepted"] == 0.0
+    assert rnd.metrics["fast/val_flat"] == 1.0 and rnd.val_flat and rnd.front_size == 1
+    assert len(set(channel.population)) == 2 == rnd.population == rnd.metrics["fast/population"]
+    assert channel.population[0] == channel.best["echo"] == task.seed_prompt  # a filler never becomes the best
+    assert "Reverse it." in channel.population[1] and rnd.metrics["fast/filled"] == 1.0
+    # the flat set grows for the next round (fast.val_growth 2, at most 4 x val_size)
+    assert channel.val_size == 8 and channel.state_dict()["val_size"] == 8
+    assert channel.run_round(task).metrics["fast/val_size"] == 8.0
+
+
+def test_only_strict_validation_gains_are_accepted():
+    # A hint helps on validation: proposals adding it are accepted; the front leads with the best
+    cfg = FastConfig(population=2, budget=40, val_size=4, minibatch=2)
+    channel = FastChannel(_scripted(lambda t, p: min(1.0, 0.3 * t.count("Reverse it."))), cfg, canned_reflector,
+                          seed=0, max_new_tokens=6, version=lambda: 0)
+    rnd = channel.run_round(echo_task())
+    assert rnd.accepted >= 1 and not rnd.val_flat and "Reverse it." in channel.best["echo"]
+    assert rnd.front_size >= 1 and rnd.population == 2
+
+
+def test_groups_mix_k_distinct_prompts_on_a_smollm2_shaped_config(tiny_model, tmp_path, monkeypatch):
+    """configs/smollm2-cpu.yaml's fast settings (K=2, G=4, val 4, minibatch 2, budget 24, LoRA) on the tiny
+    model: every round keeps K prompts and every slow group after the first round mixes K distinct prompts."""
+    from conftest import small_config
+
+    from fastslow.loop import train
+    from fastslow.rollout import PolicySampler
+
+    groups = []
+    real = PolicySampler.__call__
+
+    def spy(self, task, pairs, **kw):
+        if len(pairs) == 16:  # the slow step's 4 problems x G=4 (GEPA scores one prompt on <= 4 problems)
+            groups.extend({ctx for ctx, _ in pairs[i:i + 4]} for i in range(0, 16, 4))
+        return real(self, task, pairs, **kw)
+
+    monkeypatch.setattr(PolicySampler, "__call__", spy)
+    cfg = small_config(tiny_model, tmp_path / "run", steps=4, extra=[
+        "fast.population=2", "fast.val_size=4", "fast.minibatch=2", "fast.budget=24",
+        "model.lora={r: 8, alpha: 16, target_modules: all-linear}"])
+    summary = train(cfg)
+    assert summary["fast"]["round_population"] == [2, 2] and summary["eval_n"] == 8
+    assert len(summary["fast"]["round_front_size"]) == 2 and len(summary["prompts"]) == 2
+    assert len(groups) == 4 * 4 and all(len(g) == 2 for g in groups)
+
+
+def test_a_round_short_of_k_prompts_scores_worse_proposals_to_fill_but_never_lets_them_lead():
+    # Every proposal is worse than the seed on every problem: GEPA alone would score none of them on validation
+    calls = []
+
+    def reflector(prompt):  # a new hint each call, so proposals differ
+        calls.append(1)
+        current = (prompt if isinstance(prompt, str) else prompt[-1]["content"]).split("```", 2)[1].strip()
+        return f"```\n{current} Hint{len(calls)}.\n```"
+
+    cfg = FastConfig(population=3, budget=60, val_size=4, minibatch=2)
+    channel = FastChannel(_scripted(lambda t, p: 0.8 if "Hint" not in t else 0.05 * int(t.split("Hint")[1][0])),
+                          cfg, reflector, seed=0, max_new_tokens=6, version=lambda: 0)
+    rnd = channel.run_round(echo_task())
+    assert rnd.accepted == 0 and rnd.front_size == 1 and channel.best["echo"] == echo_task().seed_prompt
+    assert rnd.population == 3 == len(set(channel.population)) and rnd.metrics["fast/filled"] == 2.0
+    hints = [int(t.split("Hint")[1][0]) for t in channel.population[1:]]
+    assert hints == sorted(hints, reverse=True)  # fillers by validation score

@@ -120,3 +120,52 @@ def test_discover_run_and_demo_dirs(demo_dir: Path):
     runs, extras = discover([demo_dir, demo_dir / "rl"])
     assert [p.name for p in runs] == ["fst", "gepa", "rl"]
     assert demo_dir.resolve() in extras
+
+
+def _pair_run(d: Path, method: str, evals: list[tuple[int, float, float]], final_kl: float, n: int) -> Path:
+    """A 12-step SmolLM2-like run: (step, eval reward, KL) at each eval; eval.n = n in its config.yaml."""
+    d.mkdir(parents=True)
+    rows = [{"step": st, "rollouts": 16 * st, "fast_rollouts": 0, "eval/arith/reward": r, "drift/kl_rev": k}
+            for st, r, k in evals]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "summary.json").write_text(json.dumps({"method": method, "seed": 0, "steps": 12, "tasks": ["arith"],
+                                                "drift": {"kl_rev": final_kl}}))
+    (d / "config.yaml").write_text(f"method: {method}\neval: {{every: 6, n: {n}}}\n")
+    return d
+
+
+@pytest.mark.parametrize("n", [32, 200_000])
+def test_matched_reward_headline_says_too_little_evidence_when_eval_n_cannot_carry_it(tmp_path: Path, n: int):
+    # The issue's pair: at matched reward 0.229 FST's interpolated KL is 0.0094 vs RL's 0.0401 ("76% less drift"),
+    # while FST's final KL (0.0508) is above RL's; eval n = 32 at 3 points cannot carry a ratio.
+    rl = _pair_run(tmp_path / "rl", "rl", [(0, 0.1, 0.0), (6, 0.2, 0.02), (12, 0.229, 0.0401)], 0.0401, n)
+    fst = _pair_run(tmp_path / "fst", "fst", [(0, 0.1, 0.0), (6, 0.25, 0.011), (12, 0.24, 0.0508)], 0.0508, n)
+    build_report([rl, fst], tmp_path / "out")
+    text = re.sub(r"<[^>]+>", "", (tmp_path / "out" / "report.html").read_text())
+    happened = text.split("What happened", 1)[1].split("Reward vs rollouts", 1)[0]
+    assert "final KL fst 0.0508 vs RL 0.0401" in happened  # the measured values beside the interpolated ones
+    analysis = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    kl = analysis["vs_rl"]["fst"]["kl_at_matched_reward"]
+    assert kl["ratio"] == pytest.approx(0.0095 / 0.0401, rel=0.02)
+    assert analysis["runs"]["fst"]["eval_n"] == n and analysis["runs"]["fst"]["peak_ci"][0] < 0.25
+    if n == 32:
+        assert "too little evidence" in happened and "76% less" not in happened
+        assert kl["evidence"]["enough"] is False and kl["evidence"]["interval"][0] < 1
+    else:  # a huge eval set makes the same curves decisive
+        assert "76% less drift" in happened and "too little evidence" not in happened
+        assert kl["evidence"]["enough"] is True and kl["evidence"]["interval"][1] < 1
+
+
+def test_task_agnostic_numbers_are_reported_beside_the_task_aware_ones(tmp_path: Path):
+    # A memory-style run with per-task contexts: its summary carries the task-agnostic scenario too
+    run = write_run(tmp_path / "fst", "fst")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["cl_agnostic"] = {"acc": 0.123, "bwt": -0.045, "fwt": 0.0, "forgetting": 0.067}
+    for j, t in enumerate(TASKS):
+        summary["final"][t]["reward_agnostic"] = 0.301 + j / 100
+    (run / "summary.json").write_text(json.dumps(summary))
+    build_report([run, write_run(tmp_path / "rl", "rl")], tmp_path / "out")
+    text = re.sub(r"<[^>]+>", " ", (tmp_path / "out" / "report.html").read_text())
+    assert "fst (task-agnostic)" in text and "0.123" in text and "0.067" in text
+    assert "task-agnostic" in text.split("Final reward per task", 1)[1][:200] and "0.311" in text
+    assert "rl (task-agnostic)" not in text  # rl has one context for every task: nothing separate to report

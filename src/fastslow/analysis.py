@@ -293,6 +293,101 @@ def fit_sigmoid(C: Sequence[float], R: Sequence[float]) -> SigmoidFit | None:
                       success=finite, rmse=rmse, extrapolated=bool(log_cmid > hi_c))
 
 
+# ---- intervals: what the data can carry -------------------------------------------------------------------
+Z95 = 1.959963984540054
+
+
+def eval_n(run: Run) -> int | None:
+    """Problems per task of each evaluation: the summary's ``eval_n``, else the run's config.yaml ``eval.n``."""
+    if isinstance(run.summary.get("eval_n"), int):
+        return run.summary["eval_n"]
+    cfg = run.path / "config.yaml"
+    if cfg.exists():
+        import yaml
+
+        try:
+            n = ((yaml.safe_load(cfg.read_text()) or {}).get("eval") or {}).get("n")
+        except yaml.YAMLError:
+            return None
+        return int(n) if isinstance(n, int) else None
+    return None
+
+
+def reward_halfwidth(p: float, n: int | None, tasks: int = 1) -> float | None:
+    """95% half-width of a mean reward in [0, 1] over ``n`` x ``tasks`` problems (Bernoulli variance p(1-p), the
+    largest a [0, 1] reward with mean p can have, with Wilson's z^2/4N term so that 0 and 1 get a width too)."""
+    if not n:
+        return None
+    big_n = n * max(tasks, 1)
+    p = min(max(p, 0.0), 1.0)
+    return Z95 * math.sqrt((p * (1 - p) + Z95**2 / (4 * big_n)) / big_n)
+
+
+def _reach_x(curve: EvalCurve, level: float) -> float | None:
+    i = _first_reach(curve, level)
+    return None if i is None else curve.x[i]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return math.inf if b == 0 and a > 0 else (a / b if b else None)
+
+
+def efficiency_interval(rl: Run, other: Run) -> dict:
+    """The slow-rollout ratio's range when RL's peak R* is known only to +-h (eval n): from RL reaching R* - h and
+    ``other`` needing R* + h (0 when it never gets there: the ratio could be any small value) to RL needing R* and
+    ``other`` reaching R* - h. ``enough``: the range excludes 1."""
+    c_rl, c_o = eval_curve(rl, "rollouts"), eval_curve(other, "rollouts")
+    if not c_rl.reward or not c_o.reward:
+        return {"interval": None, "halfwidth": None, "enough": False}
+    target = c_rl.peak[-1]
+    h = max(reward_halfwidth(target, eval_n(rl), len(rl.tasks)) or 0.0,
+            reward_halfwidth(target, eval_n(other), len(other.tasks)) or 0.0) if eval_n(rl) or eval_n(other) else None
+    if h is None:
+        return {"interval": None, "halfwidth": None, "enough": False}
+    slow_o = _reach_x(c_o, target + h)
+    lo = 0.0 if slow_o is None else _ratio(_reach_x(c_rl, target - h), slow_o)
+    hi = _ratio(_reach_x(c_rl, target), _reach_x(c_o, target - h))
+    lo = 0.0 if lo is None else lo
+    hi = math.inf if hi is None else hi
+    return {"interval": [lo, hi], "halfwidth": h, "enough": not (lo <= 1.0 <= hi)}
+
+
+def matched_kl_interval(rl: Run, other: Run, level: float | None) -> dict:
+    """KL ratio other/RL when the matched reward ``level`` is known only to +-h: both trajectories read at
+    level -+ h. ``enough``: the range excludes 1. Final KLs are given beside it (never interpolated)."""
+    final = {"kl_rl": (rl.summary.get("drift") or {}).get("kl_rev"),
+             "kl_other": (other.summary.get("drift") or {}).get("kl_rev")}
+    r_rl, k_rl = _kl_trajectory(rl)
+    r_o, k_o = _kl_trajectory(other)
+    final["kl_rl"] = final["kl_rl"] if final["kl_rl"] is not None else (k_rl[-1] if k_rl else None)
+    final["kl_other"] = final["kl_other"] if final["kl_other"] is not None else (k_o[-1] if k_o else None)
+    final["ratio"] = _ratio(final["kl_other"], final["kl_rl"])
+    n_rl, n_o = eval_n(rl), eval_n(other)
+    if level is None or not r_rl or not r_o or not (n_rl or n_o):
+        return {"interval": None, "halfwidth": None, "enough": False, "final": final}
+    h = max(reward_halfwidth(level, n_rl, len(rl.tasks)) or 0.0, reward_halfwidth(level, n_o, len(other.tasks)) or 0.0)
+    lo = _ratio(_kl_at(r_o, k_o, level - h), _kl_at(r_rl, k_rl, level + h))
+    hi = _ratio(_kl_at(r_o, k_o, level + h), _kl_at(r_rl, k_rl, level - h))
+    lo = 0.0 if lo is None else lo
+    hi = math.inf if hi is None else hi
+    return {"interval": [lo, hi], "halfwidth": h, "enough": not (lo <= 1.0 <= hi), "final": final}
+
+
+def seed_interval(values: Sequence[float]) -> dict:
+    """Mean over seeds and its 95% Student-t interval (None below two seeds)."""
+    from scipy.stats import t
+
+    xs = [float(v) for v in values if v is not None]
+    out: dict = {"mean": sum(xs) / len(xs) if xs else None, "seeds": len(xs), "ci": None}
+    if len(xs) >= 2:
+        sd = float(np.std(xs, ddof=1))
+        half = float(t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
+        out["ci"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
 def run_label(run: Run, runs: Sequence[Run]) -> str:
     """The method name, with the seed appended when several runs share a method."""
     same = [r for r in runs if r.method == run.method]
@@ -334,16 +429,32 @@ def compare_runs(runs: Sequence[Run]) -> dict:
     for run in runs:
         c = eval_curve(run, "step")
         fit = fit_sigmoid(c.step, c.reward) if c.reward else None
+        n = eval_n(run)
+
+        def band(v: float | None, n: int | None = n, run: Run = run) -> list[float] | None:
+            h = None if v is None else reward_halfwidth(v, n, len(run.tasks))
+            return None if h is None else [max(0.0, v - h), min(1.0, v + h)]
+
         out["runs"][labels[id(run)]] = {
             "method": run.method,
             "seed": run.seed,
+            "eval_n": n,
+            "eval_tasks": len(run.tasks),
             "peak": c.peak[-1] if c.peak else None,
+            "peak_ci": band(c.peak[-1] if c.peak else None),
             "final_eval": c.reward[-1] if c.reward else None,
+            "final_eval_ci": band(c.reward[-1] if c.reward else None),
             "sigmoid": asdict(fit) if fit else None,
             "cl": _cl_of(run),
             "drift": run.summary.get("drift") or {},
             "final": run.summary.get("final") or {},
         }
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    out["by_method"] = {m: {k: seed_interval([out["runs"][labels[id(r)]][k] for r in rs]) for k in ("peak",
+                                                                                                   "final_eval")}
+                        for m, rs in by_method.items() if len(rs) > 1}
     rl = next((r for r in runs if r.method == "rl"), None)
     if rl is None:
         return out
@@ -351,8 +462,8 @@ def compare_runs(runs: Sequence[Run]) -> dict:
     for run in runs:
         if run.method == "rl":
             continue
-        out["vs_rl"][labels[id(run)]] = {
-            "sample_efficiency": sample_efficiency(rl, run),
-            "kl_at_matched_reward": kl_at_matched_reward(rl, run),
-        }
+        se, mk = sample_efficiency(rl, run), kl_at_matched_reward(rl, run)
+        se["evidence"] = efficiency_interval(rl, run)
+        mk["evidence"] = matched_kl_interval(rl, run, mk["reward"])
+        out["vs_rl"][labels[id(run)]] = {"sample_efficiency": se, "kl_at_matched_reward": mk}
     return out

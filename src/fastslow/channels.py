@@ -33,7 +33,9 @@ class Round:
     - ``reflection_errors`` / ``reflection_calls``: faults (tries) and calls of the reflection model this round;
     - ``failed_reflection_calls``: calls that failed after all their tries (None: not known; the loop then
       counts every call failed when every try failed);
-    - ``error``: one redacted line when the round failed and kept its re-scored population, else None.
+    - ``error``: one redacted line when the round failed and kept its re-scored population, else None;
+    - ``population`` / ``front_size``: prompts kept (K unless the round had fewer distinct ones) and the size
+      of the Pareto front they came from; ``val_flat``: the validation set could not tell candidates apart.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
@@ -44,6 +46,9 @@ class Round:
     reflection_errors: int = 0
     failed_reflection_calls: int | None = None
     error: str | None = None
+    population: int = 0
+    front_size: int = 0
+    val_flat: bool = False
 
 
 @runtime_checkable

@@ -47,7 +47,8 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_l2(policy: Policy) -> float:
-    """L2 norm of (theta - theta_base) over trained weights; for LoRA, of the merged deltas B·A·scale."""
+    """L2 norm of (theta - theta_base) over every weight the base holds (frozen ones too: a served copy of trained
+    weights is frozen but has moved); for LoRA, of the merged deltas B·A·scale."""
     if policy.is_lora:
         total = 0.0
         for module in policy.model.modules():
@@ -58,7 +59,7 @@ def weight_l2(policy: Policy) -> float:
         return total**0.5
     base = policy.base_parameters()
     total = sum(float((whole(p.detach()) - whole(base[n])).float().pow(2).sum())
-                for n, p in policy.trainable_parameters())
+                for n, p in policy.model.named_parameters() if n in base)
     return total**0.5
 
 

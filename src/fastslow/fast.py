@@ -6,7 +6,9 @@ Every T loop steps :meth:`FastChannel.run_round` runs a light GEPA round:
    Pareto (validation) set (GEPA never re-scores old candidates, so their scores would be stale);
 2. seed GEPA's state with those candidates and fresh scores, and let ``gepa.optimize`` spend a
    per-round budget of metric calls (GEPA's own seed, changed every round; our logger; no cache);
-3. keep the top-K of the Pareto front (ranked by mean validation score) as the new population.
+3. keep the top-K of the Pareto front (ranked by mean validation score) as the new population, counting only
+   proposals that strictly beat their parent on validation, and fill it to K when the front is smaller
+   (:func:`top_k_front`); a validation set too flat to tell candidates apart is grown for the next round.
 
 The slow channel then mixes the population inside every problem's group (G/K rollouts per prompt).
 Rollouts go through the engine's :class:`~fastslow.channels.Sampler`, so GEPA scores prompts with the
@@ -16,10 +18,11 @@ weights the slow channel trains, never a second copy. The only coupling to gepa 
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +126,79 @@ def seeded_state(candidates: list[str], adapter: FastAdapter, valset: list[Probl
     return state
 
 
-def top_k_front(result: Any, k: int) -> tuple[list[str], int]:
-    """Top-K texts of the Pareto front by mean validation score (ties: more instances led). Also |front|."""
-    front = find_dominator_programs(result.per_val_instance_best_candidates, result.val_aggregate_scores)
-    led = {i: sum(i in s for s in result.per_val_instance_best_candidates.values()) for i in front}
-    ranked = sorted(front, key=lambda i: (-result.val_aggregate_scores[i], -led[i], i))
+class FillAcceptance:
+    """GEPA's minibatch gate: strict improvement, or any new prompt while the pool holds fewer than ``k`` distinct ones.
+
+    Such a prompt is then scored on validation, so that a round whose proposals do not win their minibatch (a
+    flat or hard task, a weak reflector) still yields K prompts to mix. It can fill the population, never lead
+    the front: :func:`top_k_front` requires a strict gain over its parent on validation.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def should_accept(self, proposal: Any, state: GEPAState) -> bool:
+        old, new = sum(proposal.subsample_scores_before or []), sum(proposal.subsample_scores_after or [])
+        distinct = {c[COMPONENT] for c in state.program_candidates}
+        short = len(distinct) < self.k and proposal.candidate[COMPONENT] not in distinct
+        return new > old or short
+
+
+def beats_parent(result: Any, i: int) -> bool:
+    """Candidate ``i`` scores strictly above its parent(s) on this round's validation set (GEPA only checks
+    the reflection minibatch, where a lucky draw of 2-3 problems lets a no-better prompt in)."""
+    parents = [p for p in (result.parents[i] or []) if p is not None]
+    scores = result.val_aggregate_scores
+    return bool(parents) and scores[i] > max(scores[p] for p in parents) + 1e-12
+
+
+def top_k_front(result: Any, k: int, carried: int | None = None) -> tuple[list[str], dict[str, float]]:
+    """The new population: top-K of the Pareto front, filled to K when the front is smaller.
+
+    The front is taken over the *kept* pool: the ``carried`` candidates GEPA was seeded with (seed prompt and the
+    re-scored population) and the proposals that strictly beat their parent on validation (:func:`beats_parent`).
+    It is ranked by mean validation score (ties: more instances led, then older). When it holds fewer than K
+    distinct prompts, the population is filled, so that every group mixes K prompts as the paper's FST does:
+    first the kept pool's dominated candidates, then the proposals GEPA scored but that did not beat their
+    parent, each by mean validation score (ties: kept first, then older). Fillers condition rollouts only: the
+    task's best prompt is always the front's first. Fewer than K distinct prompts in the whole round (e.g. the
+    first round, no proposal scored) gives a smaller population, and ``population`` says so.
+
+    Returns (texts, info) with info = {front_size, population, filled, accepted, rejected_on_val}.
+    """
+    n = result.num_candidates
+    carried = n if carried is None else min(carried, n)
+    scores = result.val_aggregate_scores
+    accepted = [i for i in range(carried, n) if beats_parent(result, i)]
+    kept = list(range(carried)) + accepted
+    # Instance-level Pareto front of the kept pool: a candidate leads an instance when no kept one scores higher.
+    instances = {inst for i in kept for inst in result.val_subscores[i]}
+    top = {inst: max(result.val_subscores[i].get(inst, -math.inf) for i in kept) for inst in instances}
+    best_at = {inst: {i for i in kept if result.val_subscores[i].get(inst, -math.inf) >= top[inst] - 1e-12}
+               for inst in instances}
+    front = find_dominator_programs(best_at, {i: scores[i] for i in kept}) if best_at else kept[:1]
+    led = {i: sum(i in s for s in best_at.values()) for i in front}
+    ranked = sorted(front, key=lambda i: (-scores[i], -led[i], i))
+    rest = sorted((i for i in range(n) if i not in front), key=lambda i: (-scores[i], i not in kept, i))
     texts: list[str] = []
-    for i in ranked:
+    filled = 0
+    for i in ranked + rest:
         text = result.candidates[i][COMPONENT]
-        if text not in texts:
+        if len(texts) < k and text not in texts:
+            filled += i not in front
             texts.append(text)
-    return texts[:k], len(front)
+    info = {"front_size": float(len(front)), "population": float(len(texts)), "filled": float(filled),
+            "accepted": float(len(accepted)), "rejected_on_val": float(n - carried - len(accepted))}
+    return texts, info
+
+
+def val_flat(scores: Sequence[float]) -> bool:
+    """Validation too flat to tell candidates apart: every candidate scored the same, or the only one scored 0
+    or 1 on every problem (floor or ceiling: no proposal can show it is better)."""
+    if not scores:
+        return True
+    same = max(scores) - min(scores) <= 1e-12
+    return same and (len(scores) > 1 or scores[0] <= 1e-12 or scores[0] >= 1 - 1e-12)
 
 
 class FastChannel:
@@ -153,6 +218,7 @@ class FastChannel:
         self.best: dict[str, str] = {}
         self.rounds = 0
         self.round_errors = 0
+        self.val_size = cfg.val_size  # grows when a round's validation set was too flat to tell (fast.val_growth)
 
     def state_dict(self) -> dict:
         return {
@@ -160,6 +226,7 @@ class FastChannel:
             "best": self.best,
             "rounds": self.rounds,
             "round_errors": self.round_errors,
+            "val_size": self.val_size,
             "reflection_errors": self.reflector.errors,
             "reflection_calls": self.reflector.calls,
         }
@@ -167,6 +234,7 @@ class FastChannel:
     def load_state_dict(self, state: dict) -> None:
         self.population, self.best = list(state["population"]), dict(state["best"])
         self.rounds, self.round_errors = state["rounds"], state["round_errors"]
+        self.val_size = state.get("val_size", self.cfg.val_size)  # checkpoints from before it grew
         self.reflector.errors, self.reflector.calls = state["reflection_errors"], state["reflection_calls"]
 
     def preflight(self) -> None:
@@ -185,7 +253,7 @@ class FastChannel:
         cfg = self.cfg
         round_seed = derive_seed(self.seed, "gepa-round", self.rounds)
         train = list(task.problems("train"))
-        valset = random.Random(round_seed).sample(train, min(cfg.val_size, len(train)))
+        valset = random.Random(round_seed).sample(train, min(self.val_size, len(train)))
         adapter = FastAdapter(
             self.sample, task, version=self.version, temperature=cfg.temperature,
             max_new_tokens=self.max_new_tokens, seed=round_seed,
@@ -215,6 +283,7 @@ class FastChannel:
                 reflection_lm=self.reflector,
                 reflection_minibatch_size=cfg.minibatch,
                 candidate_selection_strategy="pareto",
+                acceptance_criterion=FillAcceptance(cfg.population),
                 max_metric_calls=max(cfg.budget - rescore_rollouts, 0),
                 # A reflector that keeps failing ends the round; the population is kept.
                 stop_callbacks=[lambda _state: self.reflector.exhausted],
@@ -232,26 +301,36 @@ class FastChannel:
         except Exception as exc:  # noqa: BLE001 - a failed round keeps the re-scored population; the run goes on
             self.round_errors += 1
             error = one_line(f"round failed: {type(exc).__name__}: {exc}")
-            scores = [sum(state.prog_candidate_val_subscores[i].values()) for i in range(len(candidates))]
+            scores = [sum(state.prog_candidate_val_subscores[i].values()) / max(len(valset), 1)
+                      for i in range(len(candidates))]
             order = sorted(range(len(candidates)), key=lambda i: -scores[i])
-            population, front_size = [candidates[i] for i in order][: cfg.population], len(candidates)
-            metrics["fast/best_val"] = max(scores) / max(len(valset), 1)
-            metrics["fast/accepted"] = 0.0
+            population = [candidates[i] for i in order][: cfg.population]
+            info = {"front_size": float(len(candidates)), "population": float(len(population)), "filled": 0.0,
+                    "accepted": 0.0, "rejected_on_val": 0.0}
         finally:
             adapter.limit = None
             shutil.rmtree(tmp, ignore_errors=True)
         if result is not None:
-            population, front_size = top_k_front(result, cfg.population)
-            metrics["fast/best_val"] = max(result.val_aggregate_scores)
-            accepted = result.num_candidates - len(candidates)
-            metrics["fast/accepted"] = float(accepted)
+            population, info = top_k_front(result, cfg.population, carried=len(candidates))
+            scores = list(result.val_aggregate_scores)
+            accepted = int(info["accepted"])
+        flat = val_flat(scores)
+        metrics["fast/best_val"] = max(scores)
+        metrics["fast/accepted"] = float(accepted)
+        metrics["fast/proposals_rejected_on_val"] = info["rejected_on_val"]
+        metrics["fast/filled"] = info["filled"]
+        metrics["fast/val_size"] = float(len(valset))
+        metrics["fast/val_flat"] = float(flat)
+        if flat:  # nothing can beat its parent on this set: a larger one next round (fast.val_growth)
+            self.val_size = min(max(self.val_size + 1, math.ceil(self.val_size * cfg.val_growth)),
+                                max(cfg.val_max or 4 * cfg.val_size, cfg.val_size), len(train))
         self.population = population
         self.best[task.name] = population[0]
         self.rounds += 1
         metrics.update(
             {
-                "fast/front_size": float(front_size),
-                "fast/population": float(len(population)),
+                "fast/front_size": info["front_size"],
+                "fast/population": info["population"],
                 "fast/proposals": float(self.reflector.calls - calls_before),
                 "fast/reflection_errors": float(self.reflector.errors),
                 "fast/round_errors": float(self.round_errors),
@@ -265,6 +344,7 @@ class FastChannel:
         if error is None and new_errors:
             error = f"{new_errors} reflection errors, last: {self.reflector.last_error}"
         return Round(metrics=metrics, rollouts=adapter.generated, verifier_errors=adapter.verifier_errors,
-                     accepted=accepted, reflection_calls=self.reflector.calls - calls_before,
+                     accepted=accepted, population=len(population), front_size=int(info["front_size"]),
+                     val_flat=flat, reflection_calls=self.reflector.calls - calls_before,
                      reflection_errors=new_errors, failed_reflection_calls=self.reflector.failed_calls - failed_before,
                      error=error)

@@ -154,6 +154,8 @@ class Trainer:
                 st.fast_rollouts += rnd.rollouts
                 self._verified(rnd.verifier_errors, rnd.rollouts)
                 st.accepted_total += rnd.accepted
+                st.fast_rounds.append({"step": step, "population": rnd.population, "front_size": rnd.front_size,
+                                       "val_flat": rnd.val_flat})
                 st.reflection_calls += rnd.reflection_calls
                 st.reflection_errors += rnd.reflection_errors
                 failed = rnd.failed_reflection_calls

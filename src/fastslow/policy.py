@@ -64,6 +64,7 @@ class Policy:
         # Full fine-tuning keeps a frozen copy; LoRA reuses the weights with the adapter disabled.
         self._base = base_model
         self.version = 0
+        self.trained_start = False  # loaded from trained weights (a checkpoint), not the model's own
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -97,12 +98,16 @@ class Policy:
                     task_type="CAUSAL_LM",
                 )
                 model = get_peft_model(base, lcfg)
-            return cls(model, tokenizer, device)
+            policy = cls(model, tokenizer, device)
+            policy.trained_start = weights is not None
+            return policy
         frozen = copy.deepcopy(base).eval().requires_grad_(False)
         model = base
         if weights is not None:
             model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).to(device)
-        return cls(model, tokenizer, device, base_model=frozen)
+        policy = cls(model, tokenizer, device, base_model=frozen)
+        policy.trained_start = weights is not None
+        return policy
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The model's whole state, where it must be gathered first (sharded weights); None: :meth:`save` reads it.

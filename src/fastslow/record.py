@@ -53,6 +53,7 @@ class LoopState:
     metrics_rows: int = 0
     metrics_sha256: str = ""  # of the first metrics_bytes of metrics.jsonl ("" in format-1 checkpoints)
     verifier_calls: int = 0
+    fast_rounds: list[dict] = field(default_factory=list)  # per round: step, population, front_size, val_flat
 
 
 def claim_run_dir(out: Path, *, resume: bool, force: bool) -> None:
@@ -214,9 +215,12 @@ def summary(cfg: Config, state: LoopState, engine: Engine, health: ReflectionHea
         "best_prompts": fast.best if fast else {},
         "fast": {"accepted_total": state.accepted_total, "reflection_calls": state.reflection_calls,
                  "reflection_errors": state.reflection_errors, "failed_reflection_calls": health.failed_calls,
-                 "rounds_nothing_accepted": health.rounds_nothing_accepted} if fast else None,
+                 "rounds_nothing_accepted": health.rounds_nothing_accepted,
+                 **{f"round_{k}": [r[k] for r in state.fast_rounds] for k in ("step", "population", "front_size",
+                                                                              "val_flat")}} if fast else None,
         "verifier_errors": state.verifier_errors,
         "verifier_calls": state.verifier_calls,
+        "eval_n": cfg.eval.n,  # problems per task of each evaluation: the reports' intervals need it
         "oversize_problems_skipped": oversize_skipped,
     }
 

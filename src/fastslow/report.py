@@ -20,7 +20,15 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are built on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastslow.analysis import Run, compare_runs, eval_curve, load_run, matrix_columns, run_label  # noqa: E402
+from fastslow.analysis import (  # noqa: E402
+    Run,
+    compare_runs,
+    eval_curve,
+    load_run,
+    matrix_columns,
+    reward_halfwidth,
+    run_label,
+)
 from fastslow.stream import normalise_stage_curves, stage_spans  # noqa: E402
 
 _METHOD_ORDER = ["base", "rl", "gepa", "fst"]
@@ -157,7 +165,7 @@ def plot_frontier(frontier: dict, regime: str, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     series = sorted({p["series"] for p in pts})
-    markers = {"rl": "o", "fst": "^"}
+    markers = {m: "o^sDvP"[i % 6] for i, m in enumerate(sorted({p["method"] for p in pts}))}
     for row, y in enumerate(("plasticity_auc", "forgetting")):
         for col, kl in enumerate(("kl_rev", "kl_fwd")):
             ax = axes[row][col]
@@ -169,7 +177,7 @@ def plot_frontier(frontier: dict, regime: str, path: Path) -> Path | None:
                         ax.scatter([a for a, _ in xy], [b for _, b in xy], marker=marker, s=28,
                                    color=_FALLBACK_COLORS[i % len(_FALLBACK_COLORS)],
                                    label=f"{method} {ser}" if row == col == 0 else None)
-            rho = (frontier.get("spearman") or {}).get(f"{regime}/{kl}~{y}") or {}
+            rho = ((frontier.get("spearman") or {}).get(f"{regime}/{kl}~{y}") or {}).get("pooled") or {}
             tag = "" if rho.get("rho") is None else f"  rho={rho['rho']:.2f}"
             ax.set_xscale("symlog", linthresh=1e-3)
             ax.set_xlabel({"kl_rev": "final KL(pi || base)", "kl_fwd": "final KL(base || pi)"}[kl])
@@ -195,10 +203,16 @@ def _bench_html(claims: dict | None, frontier: dict | None, plots: Path) -> list
             png = plot_frontier(frontier, regime, plots / f"frontier_{regime}.png")
             if png:
                 body.append(_img(png, f"drift-plasticity frontier ({regime})"))
-        rows = [[html.escape(k), _fmt(v.get("rho"), 2),
-                 "n/a" if not v.get("ci") else f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]", str(v.get("n"))]
+        def rho(v: dict) -> str:
+            ci = "" if not v.get("ci") else f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]"
+            return _fmt(v.get("rho"), 2) + ci
+
+        rows = [[html.escape(k), rho(v["pooled"]), rho(v["partial"]),
+                 "; ".join(f"{html.escape(m)} {rho(w)}" for m, w in v["within"].items()), str(v["pooled"]["n"])]
                 for k, v in (frontier.get("spearman") or {}).items()]
-        body.append(_table(["regime / pair", "Spearman rho", "95% CI", "points"], rows))
+        body.append(_table(["regime / pair", "pooled rho [95% CI]", "partial (method held)", "within each method",
+                            "points"], rows)
+                    + '<p class="meta">Intervals: cluster bootstrap over seeds (one point per run).</p>')
         out.append(_section("Drift-plasticity frontier", "".join(body)))
     return out
 
@@ -394,6 +408,26 @@ def _times(ratio: float | None, what: str) -> str:
     return f"{1 / ratio:.2f}&times; more {what}" if ratio > 0 else f"RL needed no {what}"
 
 
+def _ci(ci: Sequence[float] | None, digits: int = 3) -> str:
+    if not ci:
+        return "[no interval]"
+    return "[" + ", ".join("&infin;" if math.isinf(v) else f"{v:.{digits}f}" for v in ci) + "]"
+
+
+def _pm(h: float | None) -> str:
+    return "an unknown margin (eval n not recorded)" if h is None else f"&plusmn;{h:.3f}"
+
+
+def _band(d: dict) -> str:
+    n = d.get("eval_n")
+    return f"{_ci(d.get('peak_ci'))} (eval n={n} x {d.get('eval_tasks')} task(s))" if n else "(eval n unknown)"
+
+
+def _evals(info: dict, *labels: str | None) -> str:
+    ns = {lab: info[lab].get("eval_n") for lab in labels if lab in info}
+    return "eval n " + ", ".join(f"{lab} {n if n else '?'}" for lab, n in ns.items())
+
+
 def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[str]:
     """Plain sentences from the numbers, favourable or not."""
     out: list[str] = []
@@ -401,35 +435,57 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
     peaks = {lab: d["peak"] for lab, d in info.items() if d["peak"] is not None}
     if peaks:
         best = max(peaks, key=peaks.get)
-        out.append("Highest running-peak mean eval reward: "
-                   + ", ".join(f"{lab} {peaks[lab]:.3f}" for lab in sorted(peaks, key=_method_key))
+        out.append("Highest running-peak mean eval reward (95% interval from the eval size): "
+                   + ", ".join(f"{lab} {peaks[lab]:.3f} {_band(info[lab])}" for lab in sorted(peaks, key=_method_key))
                    + (f" (best: {best})." if len(peaks) > 1 else "."))
+    for method, agg in sorted((cmp.get("by_method") or {}).items(), key=lambda kv: _method_key(kv[0])):
+        f = agg["final_eval"]
+        out.append(f"{html.escape(method)} over {f['seeds']} seeds: final mean eval reward {_fmt(f['mean'])} "
+                   f"{_ci(f['ci'])} (Student t, 95%).")
     base = cmp.get("baseline")
     for lab, d in sorted(cmp["vs_rl"].items(), key=lambda kv: _method_key(kv[0])):
         se, mk = d["sample_efficiency"], d["kl_at_matched_reward"]
+        ev, kv_ = se.get("evidence") or {}, mk.get("evidence") or {}
         if se.get("target") is None:
             out.append(f"{lab}: no RL eval curve to compare against.")
         elif not se["reached"]:
             best = info[lab]["peak"]
             out.append(f"{lab} did not reach RL's peak eval reward {se['target']:.3f} (its best: "
                        f"{_fmt(best)}), so it has no sample-efficiency ratio.")
+        elif ev.get("interval") is not None and not ev["enough"]:
+            out.append(f"Sample efficiency of {lab} vs RL: <b>too little evidence</b> for a ratio: with RL's peak "
+                       f"{se['target']:.3f} known to {_pm(ev.get('halfwidth'))} ({_evals(info, lab, base)}), the "
+                       f"slow-rollout ratio could be anywhere in {_ci(ev.get('interval'), 2)}, which includes 1 "
+                       f"(measured: {_ratio(se['slow']['ratio'])}).")
         else:
             slow, total = se["slow"], se["total"]
             s = (f"{lab} reached RL's peak ({se['target']:.3f}) after {_count(slow['fst'])} slow rollouts vs "
-                 f"RL's {_count(slow['rl'])}: {_times(slow['ratio'], 'slow rollouts')}")
+                 f"RL's {_count(slow['rl'])}: {_times(slow['ratio'], 'slow rollouts')} ("
+                 + (f"interval {_ci(ev['interval'], 2)}, {_evals(info, lab, base)})" if ev.get("interval")
+                    else "no interval: eval n not recorded)"))
             if total["ratio"] is not None:
                 s += (f"; counting fast-channel rollouts too, {_count(total['fst'])} vs "
                       f"{_count(total['rl'])}: "
                       f"{_times(total['ratio'], 'rollouts')}")
             out.append(s + ".")
+        fin = kv_.get("final") or {}
+        final = (f"final KL {lab} {_fmt(fin.get('kl_other'), 4)} vs RL {_fmt(fin.get('kl_rl'), 4)}"
+                 if fin.get("kl_rl") is not None else "")
         if mk.get("ratio") is not None and mk["kl_fst"] == 0:
             out.append(f"{lab}'s weights did not move (KL 0) while reaching reward {mk['reward']:.3f}; "
                        f"RL was at KL {mk['kl_rl']:.4f} there.")
+        elif mk.get("ratio") is not None and kv_.get("interval") is not None and not kv_["enough"]:
+            out.append(f"Drift at matched reward {mk['reward']:.3f} (known to {_pm(kv_.get('halfwidth'))}): "
+                       f"<b>too little evidence</b> to compare: the KL ratio {lab}/RL could be anywhere in "
+                       f"{_ci(kv_.get('interval'), 2)}, which includes 1 (interpolated: {lab} "
+                       f"{mk['kl_fst']:.4f} vs RL {mk['kl_rl']:.4f}); {final}.")
         elif mk.get("ratio") is not None:
             change = (1 - mk["ratio"]) * 100
             word = f"{change:.0f}% less" if change > 0 else f"{-change:.0f}% more"
             out.append(f"At matched reward {mk['reward']:.3f}, {lab}'s KL(pi||base) is {mk['kl_fst']:.4f} vs "
-                       f"RL's {mk['kl_rl']:.4f}: {word} drift ({mk['ratio']:.2f}&times;).")
+                       f"RL's {mk['kl_rl']:.4f} (interpolated): {word} drift ({mk['ratio']:.2f}&times;, "
+                       + (f"interval {_ci(kv_['interval'], 2)}" if kv_.get("interval")
+                          else "no interval: eval n not recorded") + (f"); {final}." if final else ")."))
     if base is None and len(info) > 1:
         out.append("No rl run was given, so no comparison against RL was made.")
     # An asymptote only means something when the curve has bent: midpoint inside the data, A off its bound.
@@ -442,21 +498,30 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
             if lab in reliable and base in reliable:
                 diff = (f["A"] - fits[base]["A"]) * 100
                 out.append(f"Fitted asymptote A: {lab} {f['A']:.3f} vs RL {fits[base]['A']:.3f} "
-                           f"({diff:+.1f} pp).")
+                           f"({diff:+.1f} pp; one fit per run, no interval: read it beside the final evals).")
             else:
                 shaky = ", ".join(x for x in (lab, base) if x not in reliable)
                 out.append(f"No asymptote comparison for {lab} vs RL: the sigmoid fit of {shaky} is not "
                            "reliable (curve has not bent yet, or A sits on its bound).")
     for lab, d in info.items():
         cl = d.get("cl") or {}
-        if cl.get("forgetting") is not None and cl["forgetting"] > 0.02:
-            out.append(f"{lab} forgot: mean max-based forgetting {cl['forgetting']:.3f}, "
+        if cl.get("forgetting") is None or cl["forgetting"] <= 0.02:
+            continue
+        # a difference of two evals of one task: its margin is sqrt(2) times one eval's
+        h = reward_halfwidth(d["final_eval"] or 0.5, d.get("eval_n"))
+        margin = None if h is None else math.sqrt(2) * h
+        if margin is not None and cl["forgetting"] <= margin:
+            out.append(f"{lab}'s forgetting {cl['forgetting']:.3f} is within the eval margin "
+                       f"&plusmn;{margin:.3f} (eval n={d.get('eval_n')}): too little evidence that it forgot.")
+        else:
+            out.append(f"{lab} forgot: mean max-based forgetting {cl['forgetting']:.3f} "
+                       f"({'margin unknown' if margin is None else f'eval margin &plusmn;{margin:.3f}'}), "
                        f"BWT {_fmt(cl.get('bwt'))}.")
     if plast and plast.get("arms"):
         arms = plast["arms"]
         parts = ", ".join(f"{n} {_fmt(arms[n].get('final'))}" for n in sorted(arms, key=_method_key))
         task = html.escape(str(plast.get("task", "?")))
-        out.append(f"Plasticity (final reward of fresh RL on {task}): {parts}.")
+        out.append(f"Plasticity (final reward of fresh RL on {task}; one probe each, no interval): {parts}.")
         floor = (arms.get("base") or {}).get("final")
         if floor is not None:
             lost = [n for n in arms if n != "base" and (arms[n].get("final") or 0) < floor - 0.02]
@@ -545,18 +610,26 @@ def _tables_html(runs: dict[str, Run], cmp: dict) -> str:
     tasks = list(dict.fromkeys(t for r in runs.values() for t in r.tasks))
     base_rewards = next((r.summary["base_rewards"] for r in runs.values()
                          if isinstance(r.summary.get("base_rewards"), dict)), None)
+    agnostic = any("reward_agnostic" in (c or {}) for d in info.values() for c in d["final"].values())
     rows = [["base model"] + [f"{_fmt(base_rewards.get(t))} / n/a" for t in tasks]] if base_rewards else []
     for lab, d in info.items():
         cells = [d["final"].get(t) or {} for t in tasks]
         rows.append([html.escape(lab)] + [
-            f"{_fmt(c.get('reward_seed_prompt'))} / <b>{_fmt(c.get('reward'))}</b>" for c in cells])
-    parts.append("<h3>Final reward per task (seed prompt / best prompt)</h3>"
+            f"{_fmt(c.get('reward_seed_prompt'))} / <b>{_fmt(c.get('reward'))}</b>"
+            + (f" / {_fmt(c.get('reward_agnostic'))}" if agnostic else "") for c in cells])
+    head = "seed prompt / best prompt" + (" (task-aware) / one context for all tasks (task-agnostic)" if agnostic
+                                          else "")
+    parts.append(f"<h3>Final reward per task ({head})</h3>"
                  + (_table(["method"] + [html.escape(t) for t in tasks], rows) if tasks and info
                     else _note("No final rewards.")))
-    parts.append("<h3>Continual-learning metrics</h3>" + _table(
-        ["method", "ACC", "BWT", "FWT", "forgetting"],
-        [[html.escape(lab)] + [_fmt(d["cl"].get(k)) for k in ("acc", "bwt", "fwt", "forgetting")]
-         for lab, d in info.items()]))
+    cl_rows = [[html.escape(lab)] + [_fmt(d["cl"].get(k)) for k in ("acc", "bwt", "fwt", "forgetting")]
+               for lab, d in info.items()]
+    cl_rows += [[f"{html.escape(lab)} (task-agnostic)"] + [_fmt(r.summary["cl_agnostic"].get(k))
+                                                        for k in ("acc", "bwt", "fwt", "forgetting")]
+                for lab, r in runs.items() if isinstance(r.summary.get("cl_agnostic"), dict)]
+    parts.append("<h3>Continual-learning metrics</h3>" + _table(["method", "ACC", "BWT", "FWT", "forgetting"], cl_rows)
+                 + ('<p class="meta">Task-agnostic rows: every task evaluated with one context, as if the method '
+                    "were not told the task; the others are task-aware.</p>" if len(cl_rows) > len(info) else ""))
     per_task_rows = [
         [html.escape(lab), html.escape(name), str(t.get("first")), str(t.get("last"))]
         + [_fmt(t.get(k)) for k in ("final", "bwt", "forgetting", "fwt")]
@@ -581,19 +654,30 @@ def _tables_html(runs: dict[str, Run], cmp: dict) -> str:
         for lab, d in cmp["vs_rl"].items():
             se, mk = d["sample_efficiency"], d["kl_at_matched_reward"]
             slow, total = se["slow"], se["total"]
+            ev, kv_ = se.get("evidence") or {}, mk.get("evidence") or {}
+            fin = kv_.get("final") or {}
             se_rows.append([html.escape(lab), _fmt(se["target"]), _fmt(se["reached"]), _count(slow["rl"]),
-                            _count(slow["fst"]), _ratio(slow["ratio"]), _count(total["rl"]),
+                            _count(slow["fst"]), _ratio(slow["ratio"]),
+                            _ci(ev.get("interval"), 2) + ("" if ev.get("enough") else " too little evidence"),
+                            _count(total["rl"]),
                             _count(total["fst"]), _ratio(total["ratio"]),
                             _ratio(se["steps"]["ratio"]), html.escape(se.get("note", ""))])
             mk_rows.append([html.escape(lab), _fmt(mk["reward"]), _fmt(mk["kl_rl"], 4), _fmt(mk["kl_fst"], 4),
-                            _fmt(mk["ratio"]), html.escape(mk.get("note", ""))])
+                            _fmt(mk["ratio"]),
+                            _ci(kv_.get("interval"), 2) + ("" if kv_.get("enough") else " too little evidence"),
+                            _fmt(fin.get("kl_rl"), 4), _fmt(fin.get("kl_other"), 4), _fmt(fin.get("ratio")),
+                            html.escape(mk.get("note", ""))])
         parts.append("<h3>Sample efficiency vs RL</h3>" + _table(
-            ["method", "RL peak R*", "reached", "RL slow", "it slow", "ratio (slow)", "RL total", "it total",
+            ["method", "RL peak R*", "reached", "RL slow", "it slow", "ratio (slow)", "95% range", "RL total",
+             "it total",
              "ratio (slow+fast)", "steps ratio", "note"], se_rows)
             + '<p class="meta">Rollouts at the first eval where each run\'s running max reaches R*; '
               "ratio = RL's / this method's (above 1: fewer needed).</p>")
         parts.append("<h3>KL at matched reward</h3>" + _table(
-            ["method", "matched reward", "KL RL", "KL method", "ratio (method / RL)", "note"], mk_rows))
+            ["method", "matched reward", "KL RL", "KL method", "ratio (method / RL)", "95% range", "final KL RL",
+             "final KL method", "final ratio", "note"], mk_rows)
+            + '<p class="meta">Interpolated at the matched reward; the range reads both trajectories at the reward '
+              "level plus and minus its 95% margin from the eval size. Final KLs are measured, not interpolated.</p>")
     else:
         parts.append(_note("Sample efficiency and KL at matched reward need an rl run and another method."))
     fit_rows = []

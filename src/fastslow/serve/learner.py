@@ -43,8 +43,15 @@ VERSIONS = "versions"
 def policy_view(policy: Policy) -> Policy:
     """The same weights with their own tokenizer: a second thread may sample with it while the generation
     thread uses ``policy`` (a fast tokenizer refuses concurrent calls that change its padding)."""
-    return Policy(policy.model, copy.deepcopy(policy.tokenizer), policy.device,
-                  base_model=None if policy.is_lora else policy.base_model)
+    return _moved_like(Policy(policy.model, copy.deepcopy(policy.tokenizer), policy.device,
+                              base_model=None if policy.is_lora else policy.base_model), policy)
+
+
+def _moved_like(new: Policy, source: Policy) -> Policy:
+    """``new`` holds ``source``'s weights: trained ones when ``source`` was loaded trained or has been updated
+    (the drift meter checks base == policy only for weights that start at the base)."""
+    new.trained_start = source.trained_start or source.version > 0
+    return new
 
 
 def trainable_copy(policy: Policy) -> Policy:
@@ -52,8 +59,8 @@ def trainable_copy(policy: Policy) -> Policy:
     model = copy.deepcopy(policy.model)
     for name, param in model.named_parameters():
         param.requires_grad_(not policy.is_lora or "lora_" in name)
-    return Policy(model, copy.deepcopy(policy.tokenizer), policy.device,
-                  base_model=None if policy.is_lora else policy.base_model)
+    return _moved_like(Policy(model, copy.deepcopy(policy.tokenizer), policy.device,
+                              base_model=None if policy.is_lora else policy.base_model), policy)
 
 
 @dataclass
