@@ -68,11 +68,11 @@ def test_missing_trl_is_one_line(monkeypatch):
 
 def test_launch_uses_torchrun_on_cpu_and_accelerate_on_gpus():
     cpu = launch_command(Path("c.yaml"), ["--out", "x"], nproc=2, gpu=False)
-    assert cpu[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"] and cpu[4] == "2"
+    assert cpu[1:4] == ["-m", "fastslow.launch", "--nproc_per_node"] and cpu[4] == "2"  # torchrun, wrapped
     assert cpu[-5:] == ["fastslow.cli", "run", "c.yaml", "--out", "x"] and "--standalone" in cpu
     gpu = launch_command(Path("c.yaml"), [], nproc=8, nnodes=2, node_rank=1, main_address="10.0.0.1",
                          accelerate_config="configs/accelerate/zero3.yaml", gpu=True)
-    assert "accelerate.commands.launch" in gpu and gpu[gpu.index("--num_processes") + 1] == "16"
+    assert gpu[1:4] == ["-m", "fastslow.launch", "--accelerate"] and gpu[gpu.index("--num_processes") + 1] == "16"
     assert gpu[gpu.index("--machine_rank") + 1] == "1" and gpu[gpu.index("--config_file") + 1].endswith("zero3.yaml")
 
 

@@ -138,7 +138,8 @@ class FastConfig(_Strict):
     reflector_base_url: str | None = Field(
         None, description="openai:<model>: the server's base URL (default https://api.openai.com/v1)."
     )
-    reflector_key_env: str = Field("OPENAI_API_KEY", description="openai:<model>: env var holding the API key.")
+    reflector_key_env: str = Field("OPENAI_API_KEY", description="openai:<model>: env var holding the API key "
+                                   "(its value is masked in every output and file, whatever its shape).")
     reflection_max_tokens: int = Field(512, gt=0, description="Reply length cap of hf:/openai: reflectors.")
     reflection_temperature: float = Field(0.0, ge=0, description="Sampling temperature of hf:/openai: reflectors.")
     reflection_record: str | None = Field(None, description="Append every reflection call to this JSONL file.")
@@ -161,6 +162,14 @@ class FastConfig(_Strict):
     max_prompt_chars: int = Field(
         8_000, gt=0, description="A proposed prompt longer than this is rejected (a reflection error)."
     )
+
+    @field_validator("reflector_key_env")
+    @classmethod
+    def _mask_key(cls, value: str) -> str:
+        from fastslow.util import add_secret_env
+
+        add_secret_env(value)  # redacted from here on, whatever the variable is called or its value looks like
+        return value
 
 
 class DriftConfig(_Strict):
@@ -273,6 +282,14 @@ class ServeConfig(_Strict):
     api_key_env: str = Field(
         "FASTSLOW_SERVE_KEY", description="Env var holding the API key. When set, every route but /healthz needs "
         "'Authorization: Bearer <key>'; binding any host other than loopback requires it. Never logged or stored.")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _mask_key(cls, value: str) -> str:
+        from fastslow.util import add_secret_env
+
+        add_secret_env(value)  # its value is redacted everywhere, whatever the variable is called
+        return value
     score: Literal["feedback", "verifier"] = Field(
         "feedback", description="--learn: where rewards come from: feedback (POST /v1/feedback) or verifier (the "
         "task's verifier scores every answer whose user turn is a known problem of the task).")
@@ -338,6 +355,11 @@ class Config(_Strict):
     checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every N loop steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
     out: str = Field("runs/run", description="Run directory.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers that also get every metrics row (main process; "
+        "offline/local by default: <out>/tensorboard, <out>/wandb unless WANDB_MODE, <out>/mlruns unless "
+        "MLFLOW_TRACKING_URI; pip install 'fastslow[trackers]')."
+    )
 
     @field_validator("engine")
     @classmethod
@@ -477,7 +499,7 @@ RESUME_SAFE = frozenset({
     "out", "threads", "eval.every", "drift.every", "checkpoint_every", "keep_checkpoints", "verify_timeout_s",
     "verifier_error_window", "max_verifier_error_share", "oversize_problems", "allow_unsafe_execution",
     "fast.reflection_timeout_s",
-    "fast.reflection_retries", "fast.max_reply_chars", "fast.max_prompt_chars",
+    "fast.reflection_retries", "fast.max_reply_chars", "fast.max_prompt_chars", "report_to",
 })
 
 
@@ -546,3 +568,15 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     if old_stages != new_stages:
         changed["stages"] = [old_stages, new_stages]
     return changed
+
+
+def resume_task_changes(old: dict[str, str], new: dict[str, str], step: int) -> None:
+    """Refuse a resume whose tasks hold other problems than the checkpoint's (the same spec, a file edited under
+    the same path): the rows before and after would be about different data. ``old``/``new``: content hash by
+    task name (:func:`fastslow.tasks.content_hash`); a task the checkpoint did not know is new, not changed."""
+    changed = [name for name, digest in new.items() if name in old and old[name] != digest]
+    if changed:
+        raise ConfigError(
+            f"--resume: the problems of task {', '.join(map(repr, changed))[:MAX_QUOTE]} changed since the "
+            f"checkpoint at step {step} (its file was edited?): restore them, or start a new run"
+        )
