@@ -62,9 +62,11 @@ class ChannelEngine:
         failures = [f for f in self.gather(mine) if f is not None]
         if not failures:
             return
-        if error is not None and mine == tuple(failures[0]):
+        raised = error if error is not None and mine == tuple(failures[0]) else RankFailure(*failures[0])
+        raised.agreed_by_ranks = True  # every rank raises it now: the CLI lets all print before any exits
+        if raised is error:
             raise error
-        raise RankFailure(*failures[0]) from error
+        raise raised from error
 
     def close(self) -> None:
         self.close_fn()
