@@ -120,13 +120,15 @@ class FastConfig(_Strict):
     val_size: int = Field(16, gt=0, description="Pareto (validation) problems per round, drawn from train.")
     val_growth: float = Field(
         2.0, ge=1.0,
-        description="A round whose validation set is too flat to tell candidates apart (every candidate scored "
-        "the same, or the seed alone scored 0 or 1 everywhere; metric fast/val_flat) multiplies the next round's "
-        "val_size by this (at least +1), up to val_max. A proposal enters the Pareto front only when it strictly "
-        "beats its parent on validation; when the front holds fewer than K prompts the population is filled to K "
-        "by mean validation score (kept candidates, then proposals that did not beat their parent; while a round "
-        "has fewer than K distinct prompts every new proposal is scored on validation for this), so that every "
-        "group mixes K prompts (metrics fast/population, fast/front_size, fast/filled).",
+        description="A round whose validation set is too flat to tell candidates apart (every candidate "
+        "scored the same, or the seed alone scored 0 or 1 everywhere; metric fast/val_flat) multiplies the next "
+        "round's val_size by this (at least +1), up to val_max and never past what leaves half of fast.budget "
+        "for proposals (re-scoring the seed and the K carried prompts on it). A proposal enters the Pareto front "
+        "only when it strictly beats its parent on validation; when the front holds fewer than K prompts the "
+        "population is filled to K by mean validation score (kept candidates, then proposals that did not beat "
+        "their parent; while a round has fewer than K distinct prompts every new proposal is scored on "
+        "validation for this), so that every group mixes K prompts (metrics fast/population, fast/front_size, "
+        "fast/filled).",
     )
     val_max: int | None = Field(None, gt=0, description="Cap of the grown val_size (None: 4 x val_size).")
     minibatch: int = Field(3, gt=0, description="GEPA reflection minibatch size.")
