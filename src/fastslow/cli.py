@@ -75,9 +75,22 @@ def guarded(command):
         except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
             raise  # typer's own (a usage error raised by a command): main() prints it as one line
         except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
-            fail(describe(exc), code=exit_code(exc))
+            print_error(describe(exc))
+            _after_peers_printed(exc)
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper
+
+
+def _after_peers_printed(exc: BaseException) -> None:
+    """A failure every rank agreed on (``Engine.agree``): wait until every rank has printed its line, as the
+    launcher stops the other ranks as soon as one exits."""
+    dist = sys.modules.get("torch.distributed")
+    if getattr(exc, "agreed_by_ranks", False) and dist is not None and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+            pass
 
 
 def _main_process() -> bool:

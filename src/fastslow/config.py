@@ -210,24 +210,20 @@ class ScaleConfig(_Strict):
     ``tests/test_engine_conformance.py``, puts both on one definition with the option named, then requires the
     first update and 5-step metrics to agree to 1e-4):
 
-    =====================  ==========================================  ===========================================
-    what                   trl (TRL's definition)                      native        option that aligns them
-    =====================  ==========================================  ===========================================
-    advantage scale        (r - mean) / (unbiased group std + 1e-4)    population std + 1e-6   scale.advantages: native
-    flat groups            advantage 0, their tokens still count in    dropped from the loss   scale.advantages: native
-                           the token normaliser
-    token aggregation      sum over the batch's tokens / their count   mean within each group,
-                                                                       then over groups   slow.loss_aggregation: tokens
-    temperature scaling    log-probs of logits / slow.temperature      log-probs of raw logits  slow.temperature: 1
-                           (loss, k3, entropy)
-    KL penalty gradient    k3 x importance ratio (value 1, gradient    plain k3 gradient
-                           not): the unbiased reverse-KL gradient             scale.kl_bias_correction: false
-    weight decay           not on biases and norm weights              on every trained weight  slow.weight_decay: 0
-    vLLM rollouts          importance-sampling correction (above)      no vLLM                  scale.vllm: off
-    =====================  ==========================================  ===========================================
+    | what                | trl (TRL's definition)         | native                | aligned by                      |
+    |---------------------|--------------------------------|-----------------------|---------------------------------|
+    | advantage scale     | (r-mean) / (unbiased std+1e-4) | population std + 1e-6 | scale.advantages: native        |
+    | flat groups         | adv. 0, tokens still normalise | left out of the loss  | scale.advantages: native        |
+    | token aggregation   | token sum / token count        | per group, then mean  | slow.loss_aggregation: tokens   |
+    | temperature scaling | log-probs of logits / T        | of raw logits         | slow.temperature: 1             |
+    | KL gradient         | k3 x importance ratio          | plain k3              | scale.kl_bias_correction: false |
+    | weight decay        | not on biases and norms        | on every weight       | slow.weight_decay: 0            |
+    | vLLM rollouts       | importance-sampling fix        | no vLLM               | scale.vllm: off                 |
 
-    The same on both: the learning rate of every update, the drift meter (same weights, same numbers), a batch
-    whose groups are all flat makes no update, the CISPO/GRPO token loss and the k3 penalty.
+    (T = slow.temperature; TRL's KL gradient is the unbiased reverse-KL one of DeepSeek-V3.2: k3 times the
+    differentiable importance ratio, whose value is 1.) The same on both: the learning rate of every update, the
+    drift meter (same weights, same numbers), a batch whose groups are all flat makes no update, the CISPO/GRPO
+    token loss and the k3 penalty's value.
     """
 
     kl_bias_correction: bool = Field(
@@ -520,6 +516,24 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
+def _default(path: str) -> Any:
+    """The default of the config field at dotted ``path`` (a sentinel when it has none)."""
+    model: Any = Config
+    field = None
+    for part in path.split("."):
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return _NO_DEFAULT
+        field = fields[part]
+        model = field.annotation
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump(mode="json") if isinstance(default, BaseModel) else (
+        list(default) if isinstance(default, tuple) else default)
+
+
+_NO_DEFAULT = object()
+
+
 def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     """Compare a checkpoint's config with the one resuming it at loop step ``step``.
 
@@ -532,7 +546,9 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     flat_old = _flatten({k: v for k, v in old.items() if k != "stages"})
     flat_new = _flatten({k: v for k, v in new.items() if k != "stages"})
     changed = {k: [flat_old.get(k), flat_new.get(k)] for k in sorted(flat_old.keys() | flat_new.keys())
-               if flat_old.get(k) != flat_new.get(k)}
+               if flat_old.get(k) != flat_new.get(k)
+               # a field newer than the checkpoint, at its default: what the older version did
+               and not (k not in flat_old and flat_new.get(k) == _default(k))}
     refused = [k for k in changed if k not in RESUME_SAFE and not k.startswith("serve.")]  # serve: not training
     start = 0
     for i, stage in enumerate(old_stages):
