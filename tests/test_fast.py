@@ -152,9 +152,15 @@ def test_a_proposal_no_better_than_its_parent_on_validation_is_not_accepted_and_
     assert len(set(channel.population)) == 2 == rnd.population == rnd.metrics["fast/population"]
     assert channel.population[0] == channel.best["echo"] == task.seed_prompt  # a filler never becomes the best
     assert "Reverse it." in channel.population[1] and rnd.metrics["fast/filled"] == 1.0
-    # the flat set grows for the next round (fast.val_growth 2, at most 4 x val_size)
-    assert channel.val_size == 8 and channel.state_dict()["val_size"] == 8
-    assert channel.run_round(task).metrics["fast/val_size"] == 8.0
+    # the flat set grows for the next round (fast.val_growth 2, at most 4 x val_size), but re-scoring the seed and
+    # the 2 carried prompts may take at most half the budget: 40 // (2 * 3) = 6 problems
+    assert channel.val_size == 6 and channel.state_dict()["val_size"] == 6
+    assert channel.run_round(task).metrics["fast/val_size"] == 6.0
+    roomy = FastChannel(_scripted(lambda t, p: float("Reverse it." in t and p.id not in val)),
+                        cfg.model_copy(update={"budget": 48}), canned_reflector, seed=0, max_new_tokens=6,
+                        version=lambda: 0)
+    roomy.run_round(task)
+    assert roomy.val_size == 8  # 48 // 6: doubling fits
 
 
 def test_only_strict_validation_gains_are_accepted():

@@ -267,3 +267,27 @@ def test_sandbox_leaves_no_scratch_dirs_behind():
     after = {p.name for p in Path(tempfile.gettempdir()).glob("fastslow-sandbox-*")}
     assert after <= before
     assert os.getcwd()  # the parent's state is intact
+
+
+# ---- issue 21, case 1: the status channel is out of the code's reach -------------------------------------
+_FORGE_STATUS = """\
+import os
+for fd in range(3, 64):  # every inherited descriptor, and init's through /proc/1/fd
+    for target in (fd, f"/proc/1/fd/{fd}"):
+        try:
+            if isinstance(target, int):
+                os.lseek(target, 0, 0)
+                os.write(target, b"exit 0 ")
+            else:
+                with open(target, "w") as f:
+                    f.write("exit 0 ")
+        except OSError:
+            pass
+raise SystemExit(3)
+"""
+
+
+@needs_isolation
+def test_the_code_cannot_forge_its_exit_status():
+    r = run_untrusted(_FORGE_STATUS)
+    assert r.returncode == 3 and not r.ok

@@ -65,7 +65,7 @@ def _read_rows(path: Path) -> list[dict]:
     order: list[float] = []
     if not path.exists():
         return []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # a damaged byte spoils its line, not the report
         line = line.strip()
         if not line:
             continue
@@ -98,7 +98,7 @@ def load_run(path: str | Path) -> Run:
     sp = path / "summary.json"
     if sp.exists():
         try:
-            summary = json.loads(sp.read_text())
+            summary = json.loads(sp.read_text(errors="replace"))
         except json.JSONDecodeError:
             summary = {}
     if not isinstance(summary, dict):

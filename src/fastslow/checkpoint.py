@@ -14,6 +14,7 @@ looks whole. On load, the manifest is verified and a bad checkpoint falls back t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -73,12 +74,25 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], *
     final = ckpt_root / f"{PREFIX}{step:06d}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    _fault_delay()
-    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2))
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        _fault_delay()
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2))
+        _fsync_tree(tmp)
+    except Exception as exc:
+        why = _disk_error(exc)
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written one goes; the previous checkpoints stay
+        if why is None:
+            raise
+        kept = [p.name for p in list_checkpoints(ckpt_root)]
+        raise CheckpointError(
+            f"cannot write checkpoint {final.name}: {why} on the disk of {ckpt_root} "
+            f"({_free_mb(ckpt_root)} MB free); "
+            + (f"the previous checkpoint {kept[-1]} is kept (--resume continues from it)" if kept
+               else "no checkpoint was written yet")
+        ) from None
     if final.exists():  # re-writing the same step (e.g. after a resume): replace it whole, if it is ours
         if _is_foreign(final):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -96,6 +110,28 @@ def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], *
     for stale in ckpt_root.glob(f".tmp-{PREFIX}*"):  # leftovers of a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+_DISK_WORDS = ("No space left", "StorageFull", "Disk quota", "Read-only file system", "file write failed")
+
+
+def _disk_error(exc: BaseException) -> str | None:
+    """Why writing failed, when the disk is at fault (full, over quota, read-only); None for anything else.
+    torch (``PytorchStreamWriter ... file write failed``) and safetensors report a full disk in their own words."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        return os.strerror(exc.errno)
+    text = str(exc)
+    for word in _DISK_WORDS:
+        if word in text:
+            return "no space left (or the file system refused the write)" if word == "file write failed" else word
+    return None
+
+
+def _free_mb(path: Path) -> int | str:
+    try:
+        return shutil.disk_usage(path).free // (1 << 20)
+    except OSError:
+        return "?"
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -33,9 +33,12 @@ class VerifierWindow:
             self._errors -= e
             self._calls -= c
 
-    def verdict(self) -> str | None:
-        """None while the verifier is healthy (or the window is not full yet); otherwise why the run stops."""
-        if self._calls < self.window or self._errors <= self.max_share * self._calls:
+    def verdict(self, final: bool = False) -> str | None:
+        """None while the verifier is healthy (or the window is not full yet); otherwise why the run stops.
+
+        ``final``: the run's last row. A run shorter than the window is judged on all its calls then, so a
+        verifier that failed throughout a short run cannot end it with exit 0."""
+        if (self._calls < self.window and not final) or self._errors <= self.max_share * self._calls:
             return None
         return (f"the verifier failed on {self._errors} of the last {self._calls} calls (more than "
                 f"max_verifier_error_share={self.max_share:g}): its rewards cannot train the policy")

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,10 @@ from typing import Annotated
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if os.environ.get("FASTSLOW_STARTER_PID", "").isdigit():  # a rank of `fastslow launch` (CPU): ends with torchrun
+    from fastslow.util import die_with_parent
+
+    die_with_parent(parent=int(os.environ.pop("FASTSLOW_STARTER_PID")))  # (popped: not for the rank's own children)
 
 import warnings  # noqa: E402
 
@@ -34,15 +39,23 @@ models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models, ins
 app.add_typer(models_app, name="models")
 memory_app = typer.Typer(no_args_is_help=True, help="A run's experience memory (method memory, fast.kind memory).")
 app.add_typer(memory_app, name="memory")
-console = Console(stderr=True)
+# User text (paths, task names, a server's error body) is never parsed: no markup, no :emoji: codes.
+console = Console(stderr=True, emoji=False, markup=False, highlight=False)
+
+
+def say(message: str) -> None:
+    """One message to stderr, redacted, with terminal escape sequences removed."""
+    from fastslow.util import clean
+
+    console.print(clean(str(message)), soft_wrap=True)
 
 
 def print_error(message: str) -> None:
     """``error: <message>`` as one redacted line (user text is not markup)."""
     from fastslow.util import one_line
 
-    console.print("[bold red]error:[/] ", end="")
-    console.print(one_line(message, 400), markup=False, highlight=False, soft_wrap=True)
+    console.print("[bold red]error:[/] ", end="", markup=True)
+    console.print(one_line(message, 400), soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -64,9 +77,22 @@ def guarded(command):
         except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
             raise  # typer's own (a usage error raised by a command): main() prints it as one line
         except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
-            fail(describe(exc), code=exit_code(exc))
+            print_error(describe(exc))
+            _after_peers_printed(exc)
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper
+
+
+def _after_peers_printed(exc: BaseException) -> None:
+    """A failure every rank agreed on (``Engine.agree``): wait until every rank has printed its line, as the
+    launcher stops the other ranks as soon as one exits."""
+    dist = sys.modules.get("torch.distributed")
+    if getattr(exc, "agreed_by_ranks", False) and dist is not None and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+            pass
 
 
 def _main_process() -> bool:
@@ -83,8 +109,34 @@ def progress_bar() -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=False,
-        disable=not _main_process(),
+        disable=not _main_process() or not console.is_terminal,  # no terminal: plain lines (run_config)
     )
+
+
+class PlainProgress:
+    """Progress as plain lines (steps done, elapsed time, time left) for output that is not a terminal, where a
+    live bar prints nothing until the end: a line when ``FASTSLOW_PROGRESS_EVERY_S`` (10) have passed since the
+    last, and the last step's once any was printed."""
+
+    def __init__(self, label: str, total: int, start: int) -> None:
+        from fastslow.util import progress_every_s
+
+        self.label, self.total, self.start = label, total, start
+        self.every_s = progress_every_s()
+        self.t0 = self._last = time.monotonic()
+        self._printed = False
+
+    def update(self, done: int, info: str) -> None:
+        from fastslow.util import duration
+
+        now = time.monotonic()
+        if now - self._last < self.every_s and not (done == self.total and self._printed):
+            return
+        self._last, self._printed = now, True
+        took = now - self.t0
+        left = took / max(done - self.start, 1) * (self.total - done)
+        say(f"{self.label}: step {done}/{self.total} ({100 * done // max(self.total, 1)}%), {duration(took)} "
+            f"elapsed, about {duration(left)} left" + (f"  {info}" if info else ""))
 
 
 def run_config(
@@ -109,14 +161,16 @@ def run_config(
         if "fast/accepted_total" in row:
             bits.append(f"accepted {row['fast/accepted_total']:.0f}")
         if row.get("fast/failed_reflection_calls"):
-            bits.append(f"reflection errors {row['fast/failed_reflection_calls']:.0f}")
+            bits.append(f"failed reflection calls {row['fast/failed_reflection_calls']:.0f}")
         progress.update(bar, completed=done, info="  ".join(bits) or progress.tasks[bar].fields["info"])
+        if plain is not None:
+            plain.update(done, "  ".join(bits))
 
-    from fastslow.util import redact
-
-    trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step,
-                      log=lambda m: console.print(redact(m), markup=False, highlight=False))
+    plain: PlainProgress | None = None
+    trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step, log=say)
     progress.update(bar, completed=trainer.state.step)
+    if not console.is_terminal and _main_process():
+        plain = PlainProgress(label or cfg.method, cfg.total_steps, trainer.state.step)
     if own:
         with progress:
             return trainer.run()
@@ -137,6 +191,11 @@ def run(
     """Run one config: rl, gepa, memory or fst on a task or a stream."""
     from fastslow.config import load_config
 
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a rank (accelerate launch on GPUs): it ends when its starter does
+        from fastslow.util import die_with_parent
+
+        die_with_parent()
+
     overrides = list(set_ or []) + ([f"out={out}"] if out else [])
     cfg = load_config(config, overrides)
     if dry_run:
@@ -150,9 +209,10 @@ def run(
     if not _main_process():
         return
     fast = summary.get("fast")
-    health = (f"  accepted {fast['accepted_total']}  reflection errors {fast['reflection_errors']}/"
+    # failed calls over calls (a call fails after all its tries), the same units on both sides
+    health = (f"  accepted {fast['accepted_total']}  reflection errors {fast.get('failed_reflection_calls', 0)}/"
               f"{fast['reflection_calls']}") if fast else ""
-    console.print(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}  "
+    say(f"done: {cfg.out}  final reward {final}  kl_rev {summary['drift'].get('kl_rev', 0):.4f}  "
                   f"verifier errors {summary['verifier_errors']}/{summary.get('verifier_calls', 0)}{health}")
 
 
@@ -190,15 +250,21 @@ def launch(
         fail(f"launch runs {runs} on several processes; {config} has engine '{cfg.engine}' (set engine: trl or "
              "--set engine=trl)")
     accelerate_config = accelerate_config or cfg.scale.accelerate_config
-    if spec.check_launch is not None:
-        spec.check_launch(cfg, accelerate_config)  # before any process starts
+    if spec.check_launch is not None:  # before any process starts; scale.nproc: every process of the run
+        world = (nproc or cfg.scale.nproc) * nnodes
+        spec.check_launch(cfg.model_copy(update={"scale": cfg.scale.model_copy(update={"nproc": world})}),
+                          accelerate_config)
+    if nnodes > 1 and node_rank == 0:
+        from fastslow.launch import check_port_free
+
+        check_port_free(main_address, main_port)
     if accelerate_config and not torch_has_cuda():
-        console.print(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
-                      "(accelerate shards on accelerators only)", highlight=False, soft_wrap=True)
+        say(f"launch: no GPU: torchrun starts the processes and {accelerate_config} is not applied "
+            "(accelerate shards on accelerators only)")
     cmd = launch_command(config, run_args, nproc=nproc or cfg.scale.nproc,
                          accelerate_config=accelerate_config, nnodes=nnodes,
                          node_rank=node_rank, main_address=main_address, main_port=main_port)
-    raise typer.Exit(start(cmd, log=lambda m: console.print(m, highlight=False, soft_wrap=True)))
+    raise typer.Exit(start(cmd, log=say))
 
 
 def torch_has_cuda() -> bool:
@@ -211,11 +277,16 @@ def torch_has_cuda() -> bool:
 @guarded
 def eval_(
     model: Annotated[str, typer.Option(help="Model dir or id; 'micro' = the micro base; or a run's checkpoint.")],
-    task: Annotated[str, typer.Option(help="Task spec: micro/<name>, jsonl:<path>, <module>:<attr>.")],
+    task: Annotated[str, typer.Option(help=(
+        "Task spec: micro/<name> (the micro world), rg:<dataset>[?key=value&...] (reasoning-gym, e.g. "
+        "rg:basic_arithmetic?extract=last_number), humaneval, codeio, jsonl:<path>[?match=..&extract=..], "
+        "<module>:<attr> (your own)."))],
     prompt: Annotated[str | None, typer.Option(help="System prompt (default: the task's seed prompt).")] = None,
     n: Annotated[int, typer.Option(min=1, help="Eval problems.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Completion length cap.")] = 24,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="Completion length cap (default: the task's own budget, e.g. humaneval 256, rg: 32; else the config "
+             "default).", min=1)] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's).", min=1)] = None,
 ) -> None:
@@ -230,6 +301,11 @@ def eval_(
 
         torch.set_num_threads(threads)
     t = load_task(task)
+    if max_new_tokens is None:  # the task's own budget (a function body needs more than a number), else the config's
+        from fastslow.config import SlowConfig
+
+        budget = getattr(t, "max_new_tokens", None)
+        max_new_tokens = budget if isinstance(budget, int) and budget > 0 else SlowConfig().max_new_tokens
     policy = load_policy(ModelConfig(path=_model_dir(model)))
     system = t.seed_prompt if prompt is None else prompt
     scored = score_prompt(PolicySampler(policy), t, system, n, temperature=temperature,
@@ -243,7 +319,7 @@ def _model_dir(model: str) -> str:
     if (p / "checkpoints").is_dir():
         from fastslow.checkpoint import run_weights
 
-        return str(run_weights(p, warn=lambda m: console.print(m)))
+        return str(run_weights(p, warn=say))
     if (p / "model" / "config.json").is_file():  # a checkpoint dir
         return str(p / "model")
     return model
@@ -264,7 +340,7 @@ def report(
     if not discover(list(dirs))[0]:
         fail(f"no runs in {', '.join(map(str, dirs))} (a run dir holds summary.json or metrics.jsonl)")
     path = build_report(list(dirs), out or dirs[0])
-    console.print(f"report: {path}")
+    say(f"report: {path}")
 
 
 @app.command()
@@ -309,8 +385,13 @@ def demo(
         def run(cfg, *, label=None, **kw):
             return run_config(cfg, label=label, progress=progress, **kw)
 
-        result = run_demo(out, quick=quick, seed=seed, run=run, log=lambda m: console.print(m))
-    console.print(f"[bold green]report:[/] {Path(result['report']).resolve()}  ({result['wall_s'] / 60:.1f} min)")
+        result = run_demo(out, quick=quick, seed=seed, run=run, log=say)
+    from rich.markup import escape
+
+    from fastslow.util import clean
+
+    where = escape(clean(str(Path(result["report"]).resolve())))
+    console.print(f"[bold green]report:[/] {where}  ({result['wall_s'] / 60:.1f} min)", markup=True)
 
 
 @app.command()
@@ -404,7 +485,7 @@ def models_fetch(name: Annotated[str, typer.Argument(help="Model name (see `fast
     from fastslow.models import ModelInstallError, fetch
 
     try:
-        path = fetch(name, log=lambda m: console.print(m))
+        path = fetch(name, log=say)
     except ModelInstallError as exc:
         fail(str(exc))
     typer.echo(str(path))
@@ -428,6 +509,7 @@ def memory_show(
 ) -> None:
     """Print a run's memory: lessons (helpful/harmful counts, source task) and cases, per task."""
     from fastslow.memory import read_dir
+    from fastslow.util import clean  # lessons and cases are model output: no terminal escapes
 
     meta, lessons, kept = read_dir(run_dir / "memory")
     if not meta:
@@ -437,17 +519,17 @@ def memory_show(
         if task not in tasks:
             fail(f"task {task!r} has nothing in {run_dir}/memory (tasks there: {', '.join(tasks) or 'none'})")
         tasks = [task]
-    typer.echo(f"{run_dir}/memory: {meta['lessons']} lessons, {meta['cases']} cases; evicted when full "
-               f"{meta['evicted_total']}, dropped as harmful {meta['dropped_total']}")
+    lines = [f"{run_dir}/memory: {meta['lessons']} lessons, {meta['cases']} cases; evicted when full "
+             f"{meta['evicted_total']}, dropped as harmful {meta['dropped_total']}"]
     for name in tasks:
         mine = sorted((x for x in lessons if x.task == name), key=lambda x: (-(x.helpful - x.harmful), x.id))
         theirs = [c for c in kept if c.task == name]
-        typer.echo(f"\n[{name}] {len(mine)} lessons, {len(theirs)} cases")
-        for x in mine:
-            typer.echo(f"  +{x.helpful:<3d} -{x.harmful:<3d} #{x.id:<4d} {x.text}")
+        lines.append(f"\n[{name}] {len(mine)} lessons, {len(theirs)} cases")
+        lines += [f"  +{x.helpful:<3d} -{x.harmful:<3d} #{x.id:<4d} {x.text}" for x in mine]
         for c in theirs[-cases:] if cases else []:
-            attempt = " ".join(c.attempt.split())[:60]
-            typer.echo(f"  case #{c.id} reward {c.reward:.2f}: {' '.join(c.problem.split())[:60]} -> {attempt}")
+            problem, attempt = " ".join(c.problem.split())[:60], " ".join(c.attempt.split())[:60]
+            lines.append(f"  case #{c.id} reward {c.reward:.2f}: {problem} -> {attempt}")
+    typer.echo(clean("\n".join(lines)))
 
 
 def main() -> int:

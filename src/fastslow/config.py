@@ -150,13 +150,15 @@ class FastConfig(_Strict):
     val_size: int = Field(16, gt=0, description="Pareto (validation) problems per round, drawn from train.")
     val_growth: float = Field(
         2.0, ge=1.0,
-        description="A round whose validation set is too flat to tell candidates apart (every candidate scored "
-        "the same, or the seed alone scored 0 or 1 everywhere; metric fast/val_flat) multiplies the next round's "
-        "val_size by this (at least +1), up to val_max. A proposal enters the Pareto front only when it strictly "
-        "beats its parent on validation; when the front holds fewer than K prompts the population is filled to K "
-        "by mean validation score (kept candidates, then proposals that did not beat their parent; while a round "
-        "has fewer than K distinct prompts every new proposal is scored on validation for this), so that every "
-        "group mixes K prompts (metrics fast/population, fast/front_size, fast/filled).",
+        description="A round whose validation set is too flat to tell candidates apart (every candidate "
+        "scored the same, or the seed alone scored 0 or 1 everywhere; metric fast/val_flat) multiplies the next "
+        "round's val_size by this (at least +1), up to val_max and never past what leaves half of fast.budget "
+        "for proposals (re-scoring the seed and the K carried prompts on it). A proposal enters the Pareto front "
+        "only when it strictly beats its parent on validation; when the front holds fewer than K prompts the "
+        "population is filled to K by mean validation score (kept candidates, then proposals that did not beat "
+        "their parent; while a round has fewer than K distinct prompts every new proposal is scored on "
+        "validation for this), so that every group mixes K prompts (metrics fast/population, fast/front_size, "
+        "fast/filled).",
     )
     val_max: int | None = Field(None, gt=0, description="Cap of the grown val_size (None: 4 x val_size).")
     minibatch: int = Field(3, gt=0, description="GEPA reflection minibatch size.")
@@ -168,7 +170,8 @@ class FastConfig(_Strict):
     reflector_base_url: str | None = Field(
         None, description="openai:<model>: the server's base URL (default https://api.openai.com/v1)."
     )
-    reflector_key_env: str = Field("OPENAI_API_KEY", description="openai:<model>: env var holding the API key.")
+    reflector_key_env: str = Field("OPENAI_API_KEY", description="openai:<model>: env var holding the API key "
+                                   "(its value is masked in every output and file, whatever its shape).")
     reflection_max_tokens: int = Field(512, gt=0, description="Reply length cap of hf:/openai: reflectors.")
     reflection_temperature: float = Field(0.0, ge=0, description="Sampling temperature of hf:/openai: reflectors.")
     reflection_record: str | None = Field(None, description="Append every reflection call to this JSONL file.")
@@ -191,6 +194,14 @@ class FastConfig(_Strict):
     max_prompt_chars: int = Field(
         8_000, gt=0, description="A proposed prompt longer than this is rejected (a reflection error)."
     )
+
+    @field_validator("reflector_key_env")
+    @classmethod
+    def _mask_key(cls, value: str) -> str:
+        from fastslow.util import add_secret_env
+
+        add_secret_env(value)  # redacted from here on, whatever the variable is called or its value looks like
+        return value
 
 
 class DriftConfig(_Strict):
@@ -229,24 +240,20 @@ class ScaleConfig(_Strict):
     ``tests/test_engine_conformance.py``, puts both on one definition with the option named, then requires the
     first update and 5-step metrics to agree to 1e-4):
 
-    =====================  ==========================================  ===========================================
-    what                   trl (TRL's definition)                      native        option that aligns them
-    =====================  ==========================================  ===========================================
-    advantage scale        (r - mean) / (unbiased group std + 1e-4)    population std + 1e-6   scale.advantages: native
-    flat groups            advantage 0, their tokens still count in    dropped from the loss   scale.advantages: native
-                           the token normaliser
-    token aggregation      sum over the batch's tokens / their count   mean within each group,
-                                                                       then over groups   slow.loss_aggregation: tokens
-    temperature scaling    log-probs of logits / slow.temperature      log-probs of raw logits  slow.temperature: 1
-                           (loss, k3, entropy)
-    KL penalty gradient    k3 x importance ratio (value 1, gradient    plain k3 gradient
-                           not): the unbiased reverse-KL gradient             scale.kl_bias_correction: false
-    weight decay           not on biases and norm weights              on every trained weight  slow.weight_decay: 0
-    vLLM rollouts          importance-sampling correction (above)      no vLLM                  scale.vllm: off
-    =====================  ==========================================  ===========================================
+    | what                | trl (TRL's definition)         | native                | aligned by                      |
+    |---------------------|--------------------------------|-----------------------|---------------------------------|
+    | advantage scale     | (r-mean) / (unbiased std+1e-4) | population std + 1e-6 | scale.advantages: native        |
+    | flat groups         | adv. 0, tokens still normalise | left out of the loss  | scale.advantages: native        |
+    | token aggregation   | token sum / token count        | per group, then mean  | slow.loss_aggregation: tokens   |
+    | temperature scaling | log-probs of logits / T        | of raw logits         | slow.temperature: 1             |
+    | KL gradient         | k3 x importance ratio          | plain k3              | scale.kl_bias_correction: false |
+    | weight decay        | not on biases and norms        | on every weight       | slow.weight_decay: 0            |
+    | vLLM rollouts       | importance-sampling fix        | no vLLM               | scale.vllm: off                 |
 
-    The same on both: the learning rate of every update, the drift meter (same weights, same numbers), a batch
-    whose groups are all flat makes no update, the CISPO/GRPO token loss and the k3 penalty.
+    (T = slow.temperature; TRL's KL gradient is the unbiased reverse-KL one of DeepSeek-V3.2: k3 times the
+    differentiable importance ratio, whose value is 1.) The same on both: the learning rate of every update, the
+    drift meter (same weights, same numbers), a batch whose groups are all flat makes no update, the CISPO/GRPO
+    token loss and the k3 penalty's value.
     """
 
     kl_bias_correction: bool = Field(
@@ -281,7 +288,8 @@ class ServeConfig(_Strict):
     The fast context of a request is the served task's best prompt; ``system_message`` says what happens to a
     request's own system message. A candidate trained on a copy of the weights is promoted only when its exact
     KL to the base on the probe set is <= ``max_kl`` and its held-out reward is at most ``max_regression`` below
-    the served version's; otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
+    the best version served under the current context (the served one included: small drops do not compound);
+    otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
     """
 
     model_name: str = Field("fastslow", min_length=1, max_length=64,
@@ -307,6 +315,14 @@ class ServeConfig(_Strict):
     api_key_env: str = Field(
         "FASTSLOW_SERVE_KEY", description="Env var holding the API key. When set, every route but /healthz needs "
         "'Authorization: Bearer <key>'; binding any host other than loopback requires it. Never logged or stored.")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _mask_key(cls, value: str) -> str:
+        from fastslow.util import add_secret_env
+
+        add_secret_env(value)  # its value is redacted everywhere, whatever the variable is called
+        return value
     score: Literal["feedback", "verifier"] = Field(
         "feedback", description="--learn: where rewards come from: feedback (POST /v1/feedback) or verifier (the "
         "task's verifier scores every answer whose user turn is a known problem of the task).")
@@ -323,7 +339,8 @@ class ServeConfig(_Strict):
     max_kl: float = Field(0.05, ge=0, description="Gate: a candidate's exact KL(pi||base) per token on the probe set "
                           "must be <= this to be promoted.")
     max_regression: float = Field(
-        0.05, ge=0, le=1, description="Gate: held-out reward may fall at most this much below the served version's.")
+        0.05, ge=0, le=1, description="Gate: held-out reward may fall at most this much below the best version's "
+        "served under the current fast context (the served version included).")
     gate_n: int = Field(32, gt=0, description="Gate: held-out problems (eval split) scored greedily per version.")
     keep_versions: int = Field(2, gt=0, description="Promoted versions kept on disk (serve/ in the run dir).")
     backend: Literal["native", "vllm"] = Field(
@@ -374,6 +391,11 @@ class Config(_Strict):
     checkpoint_every: int = Field(10, gt=0, description="Write a checkpoint every N loop steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
     out: str = Field("runs/run", description="Run directory.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers that also get every metrics row (main process; "
+        "offline/local by default: <out>/tensorboard, <out>/wandb unless WANDB_MODE, <out>/mlruns unless "
+        "MLFLOW_TRACKING_URI; pip install 'fastslow[trackers]')."
+    )
 
     @field_validator("engine")
     @classmethod
@@ -531,7 +553,7 @@ RESUME_SAFE = frozenset({
     "out", "threads", "eval.every", "drift.every", "checkpoint_every", "keep_checkpoints", "verify_timeout_s",
     "verifier_error_window", "max_verifier_error_share", "oversize_problems", "allow_unsafe_execution",
     "fast.reflection_timeout_s",
-    "fast.reflection_retries", "fast.max_reply_chars", "fast.max_prompt_chars",
+    "fast.reflection_retries", "fast.max_reply_chars", "fast.max_prompt_chars", "report_to",
 })
 
 
@@ -542,6 +564,24 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: data}
+
+
+def _default(path: str) -> Any:
+    """The default of the config field at dotted ``path`` (a sentinel when it has none)."""
+    model: Any = Config
+    field = None
+    for part in path.split("."):
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return _NO_DEFAULT
+        field = fields[part]
+        model = field.annotation
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump(mode="json") if isinstance(default, BaseModel) else (
+        list(default) if isinstance(default, tuple) else default)
+
+
+_NO_DEFAULT = object()
 
 
 def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
@@ -556,7 +596,9 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     flat_old = _flatten({k: v for k, v in old.items() if k != "stages"})
     flat_new = _flatten({k: v for k, v in new.items() if k != "stages"})
     changed = {k: [flat_old.get(k), flat_new.get(k)] for k in sorted(flat_old.keys() | flat_new.keys())
-               if flat_old.get(k) != flat_new.get(k)}
+               if flat_old.get(k) != flat_new.get(k)
+               # a field newer than the checkpoint, at its default: what the older version did
+               and not (k not in flat_old and flat_new.get(k) == _default(k))}
     refused = [k for k in changed if k not in RESUME_SAFE and not k.startswith("serve.")]  # serve: not training
     start = 0
     for i, stage in enumerate(old_stages):
@@ -580,3 +622,15 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     if old_stages != new_stages:
         changed["stages"] = [old_stages, new_stages]
     return changed
+
+
+def resume_task_changes(old: dict[str, str], new: dict[str, str], step: int) -> None:
+    """Refuse a resume whose tasks hold other problems than the checkpoint's (the same spec, a file edited under
+    the same path): the rows before and after would be about different data. ``old``/``new``: content hash by
+    task name (:func:`fastslow.tasks.content_hash`); a task the checkpoint did not know is new, not changed."""
+    changed = [name for name, digest in new.items() if name in old and old[name] != digest]
+    if changed:
+        raise ConfigError(
+            f"--resume: the problems of task {', '.join(map(repr, changed))[:MAX_QUOTE]} changed since the "
+            f"checkpoint at step {step} (its file was edited?): restore them, or start a new run"
+        )

@@ -70,11 +70,14 @@ def _user_types() -> tuple[type[BaseException], ...]:
 
     from fastslow.checkpoint import CheckpointError
     from fastslow.config import ConfigError
+    from fastslow.registry import PluginError
     from fastslow.rundir import RunDirError
     from fastslow.tasks import TaskError
 
-    # OSError covers the environment: full disk, read-only file system, name too long, permissions.
-    return (ConfigError, RunDirError, TaskError, CheckpointError, ModelError, OSError, MemoryError, yaml.YAMLError)
+    # OSError covers the environment: full disk, read-only file system, name too long, permissions. A plug-in
+    # that fails to import is the user's environment too.
+    return (ConfigError, RunDirError, TaskError, CheckpointError, ModelError, PluginError, OSError, MemoryError,
+            yaml.YAMLError)
 
 
 def _in_user_code(filename: str) -> bool:

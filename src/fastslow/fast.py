@@ -325,9 +325,11 @@ class FastChannel:
         metrics["fast/filled"] = info["filled"]
         metrics["fast/val_size"] = float(len(valset))
         metrics["fast/val_flat"] = float(flat)
-        if flat:  # nothing can beat its parent on this set: a larger one next round (fast.val_growth)
+        if flat:  # nothing can beat its parent on this set: a larger one next round (fast.val_growth), but
+            # re-scoring the carried prompts may take at most half the round's budget, or no proposal is ever made
+            affordable = max(cfg.val_size, cfg.budget // (2 * (len(population) + 1)))
             self.val_size = min(max(self.val_size + 1, math.ceil(self.val_size * cfg.val_growth)),
-                                max(cfg.val_max or 4 * cfg.val_size, cfg.val_size), len(train))
+                                max(cfg.val_max or 4 * cfg.val_size, cfg.val_size), len(train), affordable)
         self.population = population
         self.best[task.name] = population[0]
         self.rounds += 1

@@ -32,7 +32,7 @@ from fastslow import registry
 from fastslow.channels import Engine
 from fastslow.checkpoint import latest_good_checkpoint
 from fastslow.checks import VerifierWindow, check_splits, fit_to_context
-from fastslow.config import Config, ConfigError, resume_changes
+from fastslow.config import Config, ConfigError, resume_changes, resume_task_changes
 from fastslow.drift import DriftMeter
 from fastslow.errors import TrainingError, build_checked
 from fastslow.preflight import ReflectionHealth, check_model
@@ -41,7 +41,8 @@ from fastslow.rollout import score_prompt
 from fastslow.rundir import RunDirError, RunDirLock, check_run_dir  # noqa: F401 - RunDirError re-exported
 from fastslow.slow import Rollouts
 from fastslow.stream import stage_at, stage_spans, stream_columns
-from fastslow.tasks import Task, load_task
+from fastslow.tasks import Task, close_verifier_workers, content_hash, load_task
+from fastslow.trackers import close_quietly, open_trackers
 from fastslow.util import derive_seed, launched_rank
 
 MAX_NONFINITE_STREAK = 5
@@ -87,6 +88,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.spans = stage_spans([s.model_dump() for s in cfg.stages])  # [first step, end step) per stage
         self.tasks, self.stage_tasks = load_stream(cfg)  # tasks by unique name; the task name of each stage
+        self.task_hashes = {name: content_hash(task) for name, task in self.tasks.items()}
         check_model(cfg)  # before anything loads: a missing model is one line, not a hub traceback
         for name, task in self.tasks.items():
             check_splits(task, name)
@@ -97,6 +99,7 @@ class Trainer:
             if saved.get("config") is not None:  # format-1 checkpoints carry no config
                 self._resume_changes = resume_changes(saved["config"], cfg.model_dump(mode="json"),
                                                       saved["loop"]["step"])
+            resume_task_changes(saved.get("tasks") or {}, self.task_hashes, saved["loop"]["step"])
         self.engine = build_checked(build_engine, cfg, ckpt / "model" if ckpt else None)
         self.policy, self.slow, self.fast = self.engine.policy, self.engine.slow, self.engine.fast
         self.engine.preflight()  # one short real call of the reflector: a dead one never starts a run
@@ -113,7 +116,7 @@ class Trainer:
             if not self.lock.held:
                 self.lock.acquire()
             claim_run_dir(self.out, resume=resume, force=force)
-        self.record = RunRecord(self.out, cfg, main=self.main, log=log)
+        self.record = RunRecord(self.out, cfg, main=self.main, log=log, task_hashes=self.task_hashes)
         self.state = LoopState()
         self.verifier_window = VerifierWindow(cfg.verifier_error_window, cfg.max_verifier_error_share)
         self.timing: dict[str, list[float]] = {k: [] for k in PHASES}
@@ -124,6 +127,9 @@ class Trainer:
             log(f"resumed from {ckpt} (step {self.state.step})")
         else:
             self.record.start()
+        self.trackers = []  # report_to: started before step 0 (one that cannot start is one line), main process only
+        if self.main and cfg.report_to:
+            self.trackers = open_trackers(cfg.report_to, self.out, self.record.config_dict())
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -131,6 +137,9 @@ class Trainer:
             return self._run()
         finally:
             self.engine.close()
+            close_verifier_workers()
+            for tracker in self.trackers:
+                close_quietly(tracker)
             self.lock.release()
 
     def _run(self) -> dict:
@@ -309,8 +318,10 @@ class Trainer:
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def _log_row(self, step: int, metrics: dict[str, float]) -> None:
-        self.record.log_row(self.state, step, metrics)
-        problem = self.verifier_window.verdict()
+        row = self.record.log_row(self.state, step, metrics)
+        for tracker in self.trackers:  # the same row, namespaced keys and all
+            tracker.log(row, step)
+        problem = self.verifier_window.verdict(final=step == self.cfg.total_steps)
         if problem:  # checked once the row is logged, so the run's record shows the counts that stopped it
             st = self.state
             raise TrainingError(

@@ -28,8 +28,9 @@ from fastslow.channels import Engine
 from fastslow.checkpoint import CheckpointError, foreign_checkpoints, save_checkpoint, write_json_atomic
 from fastslow.config import Config
 from fastslow.preflight import ReflectionHealth
-from fastslow.rundir import TEMP_INFIX, RunDirError, claim
+from fastslow.rundir import TEMP_INFIX, RunDirError, claim, write_text_nofollow
 from fastslow.stream import continual_metrics, stream_columns
+from fastslow.trackers import numeric
 from fastslow.util import redact
 
 
@@ -74,8 +75,10 @@ def claim_run_dir(out: Path, *, resume: bool, force: bool) -> None:
 class RunRecord:
     """The metrics chain, the checkpoints and the results of one run directory."""
 
-    def __init__(self, out: Path, cfg: Config, *, main: bool, log: Callable[[str], None] = print) -> None:
+    def __init__(self, out: Path, cfg: Config, *, main: bool, log: Callable[[str], None] = print,
+                 task_hashes: dict[str, str] | None = None) -> None:
         self.out, self.cfg, self.main, self.log = Path(out), cfg, main, log
+        self.task_hashes = task_hashes or {}  # saved with each checkpoint: a resume refuses tasks that changed
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self._hash = hashlib.sha256()
@@ -86,16 +89,22 @@ class RunRecord:
             self.metrics_path.write_text("")
             self.write_config()
 
+    def config_dict(self) -> dict:
+        """The resolved config, redacted (what config.yaml holds, and what trackers are given)."""
+        return yaml.safe_load(redact(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)))
+
     def write_config(self) -> None:
         text = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
-        (self.out / "config.yaml").write_text(redact(text))
+        write_text_nofollow(self.out / "config.yaml", redact(text))  # a planted link is refused, not followed
 
     # ---- the metrics chain --------------------------------------------------------------------
-    def log_row(self, state: LoopState, step: int, metrics: dict[str, float]) -> None:
-        """One row: ``step``, cumulative rollouts, then the metrics (a skipped non-finite value is null)."""
+    def log_row(self, state: LoopState, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """One row: ``step``, cumulative rollouts, then the metrics (a skipped non-finite value is null).
+        Returns its metrics as trackers take them (finite numbers only)."""
         row = {"step": step, "rollouts": state.rollouts, "fast_rollouts": state.fast_rollouts, **metrics}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self.append(state, json.dumps(clean) + "\n")
+        return numeric(clean)
 
     def append(self, state: LoopState, line: str) -> None:
         """Append one line; ``state`` keeps the row count and a running sha256 of everything written."""
@@ -124,6 +133,7 @@ class RunRecord:
                 "torch_rng": torch.get_rng_state().tolist(),
                 "config": self.cfg.model_dump(mode="json"),
                 "world_size": engine.world_size,
+                "tasks": self.task_hashes,
             }
             (tmp / "state.json").write_text(json.dumps(loop))
             # The rows so far travel with the checkpoint: a metrics file cut short is rebuilt from them.

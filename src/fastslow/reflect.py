@@ -12,7 +12,7 @@ from typing import Any
 
 from fastslow.config import ConfigError
 from fastslow.guard import call_with_timeout
-from fastslow.util import redact
+from fastslow.util import one_line, redact
 
 ReflectionLM = Callable[[Any], str]
 
@@ -32,7 +32,6 @@ def make_reflector(spec: str, cfg: Any = None) -> ReflectionLM:
     """
     from fastslow import registry
     from fastslow.reflectors import wrap_record_replay
-    from fastslow.util import one_line
 
     found = registry.reflector_factory(spec)
     if found is not None:
@@ -134,12 +133,14 @@ class GuardedReflector:
                     raise ReflectionError(f"proposed prompt of {len(proposal.strip())} characters exceeds "
                                           f"fast.max_prompt_chars={self.max_prompt_chars}")
                 self.consecutive_failures = 0
-                return reply
+                # A reply may quote the key (a hostile or echoing server): nothing downstream (prompts,
+                # state, summary, report) may carry it.
+                return redact(reply)
             except Exception as exc:  # noqa: BLE001 - any fault of the model is counted and retried
                 self.errors += 1
                 # The text may quote an API key (client errors often do): only a redacted copy is kept, and
                 # the original exception is not chained, so no traceback printer can show it either.
-                self.last_error = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
+                self.last_error = one_line(f"{type(exc).__name__}: {exc}", 300)
         self.consecutive_failures += 1
         self.failed_calls += 1
         raise ReflectionError(f"reflection failed after {self.retries + 1} tries: {self.last_error}") from None

@@ -192,18 +192,31 @@ def prompt_hash(prompt: Any) -> str:
 
 
 class Recording:
-    """Appends every (prompt hash, prompt, reply) of ``lm`` to a JSONL file, one line per call."""
+    """Appends every (prompt hash, prompt, reply) of ``lm`` to a JSONL file, one line per call.
 
-    def __init__(self, lm: Any, path: str | Path) -> None:
+    What is written is redacted (a server that echoes the Authorization header must not put the key on disk)
+    and capped: a reply longer than ``max_reply_chars`` (a reflection error anyway) is recorded as that error,
+    not stored, so the recording cannot grow by a server's whim.
+    """
+
+    def __init__(self, lm: Any, path: str | Path, max_reply_chars: int | None = None) -> None:
         self.lm, self.path = lm, Path(path)
+        self.max_reply_chars = max_reply_chars or _setting(None, "max_reply_chars")
         self._lock = threading.Lock()
 
     def __call__(self, prompt: Any) -> str:
+        from fastslow.util import redact
+
         reply = self.lm(prompt)
+        row: dict[str, Any] = {"hash": prompt_hash(prompt), "prompt": redact(prompt_text(prompt))}
+        if isinstance(reply, str) and len(reply) > self.max_reply_chars:
+            row["error"] = f"reply of {len(reply)} characters exceeds fast.max_reply_chars={self.max_reply_chars}"
+        else:
+            row["reply"] = redact(reply) if isinstance(reply, str) else reply
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
-                f.write(json.dumps({"hash": prompt_hash(prompt), "prompt": prompt_text(prompt), "reply": reply}) + "\n")
+                f.write(json.dumps(row) + "\n")
         return reply
 
 
@@ -214,12 +227,17 @@ class Replay:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"field 'fast.reflection_replay': no recording at {p}")
-        self.replies: dict[str, str] = {}
-        for lineno, line in enumerate(p.read_text().splitlines(), start=1):
+        self.replies: dict[str, str | BaseException] = {}
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"field 'fast.reflection_replay': {p} is not UTF-8 text (byte {exc.start}): "
+                              "not a recording") from None
+        for lineno, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     row = json.loads(line)
-                    self.replies[row["hash"]] = row["reply"]
+                    self.replies[row["hash"]] = row["reply"] if "error" not in row else RuntimeError(row["error"])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise ConfigError(f"field 'fast.reflection_replay': {p} line {lineno} is malformed") from None
         self.fallback, self.hits, self.misses = fallback, 0, 0
@@ -228,7 +246,10 @@ class Replay:
         key = prompt_hash(prompt)
         if key in self.replies:
             self.hits += 1
-            return self.replies[key]
+            reply = self.replies[key]
+            if isinstance(reply, BaseException):  # recorded as a failed call: it fails again
+                raise reply
+            return reply
         self.misses += 1
         if self.fallback is None:
             raise KeyError(f"reflection prompt {key} is not in the recording")
@@ -256,6 +277,9 @@ def _openai(rest: str, cfg: Any = None) -> Any:
         raise ConfigError(f"{FIELD}: openai: needs a model name, e.g. openai:gpt-4o-mini")
     base_url = _setting(cfg, "reflector_base_url") or "https://api.openai.com/v1"
     key_env = _setting(cfg, "reflector_key_env") or "OPENAI_API_KEY"
+    from fastslow.util import add_secret_env
+
+    add_secret_env(key_env)
     lm = OpenAIReflector(rest, base_url=base_url, key_env=key_env,
                          max_tokens=_setting(cfg, "reflection_max_tokens"),
                          temperature=_setting(cfg, "reflection_temperature"),
@@ -270,7 +294,7 @@ def wrap_record_replay(lm: Any, cfg: Any) -> Any:
     if replay:
         lm = Replay(replay, fallback=lm)
     if record:
-        lm = Recording(lm, record)
+        lm = Recording(lm, record, max_reply_chars=_setting(cfg, "max_reply_chars"))
     return lm
 
 

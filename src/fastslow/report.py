@@ -18,6 +18,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: reports are built on servers and in CI
+# Labels are user text (task names, run labels): '$...$' in one is not mathtext to parse (or to fail on).
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fastslow.analysis import (  # noqa: E402
@@ -78,7 +80,7 @@ def _load_json(places: Sequence[Path], name: str) -> dict | None:
         p = d / name
         if p.exists():
             try:
-                data = json.loads(p.read_text())
+                data = json.loads(p.read_text(errors="replace"))
             except json.JSONDecodeError:
                 continue
             if isinstance(data, dict):
@@ -367,7 +369,7 @@ def _count(v: float | None) -> str:
 
 
 def _ratio(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}&times;"
+    return "n/a" if v is None else f"{v:.2f}×"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_cols: int = 1) -> str:
@@ -400,23 +402,28 @@ def _section(title: str, body: str) -> str:
     return f"<h2>{html.escape(title)}</h2>\n{body}\n"
 
 
+def _plain(v: object, digits: int = 3) -> str:
+    """:func:`_fmt` as plain text (for sentences the page escapes as a whole)."""
+    return html.unescape(_fmt(v, digits))
+
+
 def _times(ratio: float | None, what: str) -> str:
     """'3.00x fewer X' / '2.00x more X' from an RL/method ratio (above 1 means the method needed fewer)."""
     if ratio is None:
         return "ratio undefined"
     if ratio >= 1:
-        return f"{ratio:.2f}&times; fewer {what}"
-    return f"{1 / ratio:.2f}&times; more {what}" if ratio > 0 else f"RL needed no {what}"
+        return f"{ratio:.2f}\u00d7 fewer {what}"
+    return f"{1 / ratio:.2f}\u00d7 more {what}" if ratio > 0 else f"RL needed no {what}"
 
 
 def _ci(ci: Sequence[float] | None, digits: int = 3) -> str:
     if not ci:
         return "[no interval]"
-    return "[" + ", ".join("&infin;" if math.isinf(v) else f"{v:.{digits}f}" for v in ci) + "]"
+    return "[" + ", ".join("∞" if math.isinf(v) else f"{v:.{digits}f}" for v in ci) + "]"
 
 
 def _pm(h: float | None) -> str:
-    return "an unknown margin (eval n not recorded)" if h is None else f"&plusmn;{h:.3f}"
+    return "an unknown margin (eval n not recorded)" if h is None else f"±{h:.3f}"
 
 
 def _band(d: dict) -> str:
@@ -430,7 +437,7 @@ def _evals(info: dict, *labels: str | None) -> str:
 
 
 def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[str]:
-    """Plain sentences from the numbers, favourable or not."""
+    """Plain sentences from the numbers, favourable or not (plain text: the page escapes them)."""
     out: list[str] = []
     info = cmp["runs"]
     peaks = {lab: d["peak"] for lab, d in info.items() if d["peak"] is not None}
@@ -441,7 +448,7 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
                    + (f" (best: {best})." if len(peaks) > 1 else "."))
     for method, agg in sorted((cmp.get("by_method") or {}).items(), key=lambda kv: _method_key(kv[0])):
         f = agg["final_eval"]
-        out.append(f"{html.escape(method)} over {f['seeds']} seeds: final mean eval reward {_fmt(f['mean'])} "
+        out.append(f"{method} over {f['seeds']} seeds: final mean eval reward {_plain(f['mean'])} "
                    f"{_ci(f['ci'])} (Student t, 95%).")
     base = cmp.get("baseline")
     for lab, d in sorted(cmp["vs_rl"].items(), key=lambda kv: _method_key(kv[0])):
@@ -452,9 +459,9 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
         elif not se["reached"]:
             best = info[lab]["peak"]
             out.append(f"{lab} did not reach RL's peak eval reward {se['target']:.3f} (its best: "
-                       f"{_fmt(best)}), so it has no sample-efficiency ratio.")
+                       f"{_plain(best)}), so it has no sample-efficiency ratio.")
         elif ev.get("interval") is not None and not ev["enough"]:
-            out.append(f"Sample efficiency of {lab} vs RL: <b>too little evidence</b> for a ratio: with RL's peak "
+            out.append(f"Sample efficiency of {lab} vs RL: too little evidence for a ratio: with RL's peak "
                        f"{se['target']:.3f} known to {_pm(ev.get('halfwidth'))} ({_evals(info, lab, base)}), the "
                        f"slow-rollout ratio could be anywhere in {_ci(ev.get('interval'), 2)}, which includes 1 "
                        f"(measured: {_ratio(se['slow']['ratio'])}).")
@@ -470,21 +477,21 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
                       f"{_times(total['ratio'], 'rollouts')}")
             out.append(s + ".")
         fin = kv_.get("final") or {}
-        final = (f"final KL {lab} {_fmt(fin.get('kl_other'), 4)} vs RL {_fmt(fin.get('kl_rl'), 4)}"
+        final = (f"final KL {lab} {_plain(fin.get('kl_other'), 4)} vs RL {_plain(fin.get('kl_rl'), 4)}"
                  if fin.get("kl_rl") is not None else "")
         if mk.get("ratio") is not None and mk["kl_fst"] == 0:
             out.append(f"{lab}'s weights did not move (KL 0) while reaching reward {mk['reward']:.3f}; "
                        f"RL was at KL {mk['kl_rl']:.4f} there.")
         elif mk.get("ratio") is not None and kv_.get("interval") is not None and not kv_["enough"]:
             out.append(f"Drift at matched reward {mk['reward']:.3f} (known to {_pm(kv_.get('halfwidth'))}): "
-                       f"<b>too little evidence</b> to compare: the KL ratio {lab}/RL could be anywhere in "
+                       f"too little evidence to compare: the KL ratio {lab}/RL could be anywhere in "
                        f"{_ci(kv_.get('interval'), 2)}, which includes 1 (interpolated: {lab} "
                        f"{mk['kl_fst']:.4f} vs RL {mk['kl_rl']:.4f}); {final}.")
         elif mk.get("ratio") is not None:
             change = (1 - mk["ratio"]) * 100
             word = f"{change:.0f}% less" if change > 0 else f"{-change:.0f}% more"
             out.append(f"At matched reward {mk['reward']:.3f}, {lab}'s KL(pi||base) is {mk['kl_fst']:.4f} vs "
-                       f"RL's {mk['kl_rl']:.4f} (interpolated): {word} drift ({mk['ratio']:.2f}&times;, "
+                       f"RL's {mk['kl_rl']:.4f} (interpolated): {word} drift ({mk['ratio']:.2f}×, "
                        + (f"interval {_ci(kv_['interval'], 2)}" if kv_.get("interval")
                           else "no interval: eval n not recorded") + (f"); {final}." if final else ")."))
     if base is None and len(info) > 1:
@@ -513,15 +520,15 @@ def _what_happened(cmp: dict, runs: dict[str, Run], plast: dict | None) -> list[
         margin = None if h is None else math.sqrt(2) * h
         if margin is not None and cl["forgetting"] <= margin:
             out.append(f"{lab}'s forgetting {cl['forgetting']:.3f} is within the eval margin "
-                       f"&plusmn;{margin:.3f} (eval n={d.get('eval_n')}): too little evidence that it forgot.")
+                       f"±{margin:.3f} (eval n={d.get('eval_n')}): too little evidence that it forgot.")
         else:
             out.append(f"{lab} forgot: mean max-based forgetting {cl['forgetting']:.3f} "
-                       f"({'margin unknown' if margin is None else f'eval margin &plusmn;{margin:.3f}'}), "
-                       f"BWT {_fmt(cl.get('bwt'))}.")
+                       f"({'margin unknown' if margin is None else f'eval margin ±{margin:.3f}'}), "
+                       f"BWT {_plain(cl.get('bwt'))}.")
     if plast and plast.get("arms"):
         arms = plast["arms"]
-        parts = ", ".join(f"{n} {_fmt(arms[n].get('final'))}" for n in sorted(arms, key=_method_key))
-        task = html.escape(str(plast.get("task", "?")))
+        parts = ", ".join(f"{n} {_plain(arms[n].get('final'))}" for n in sorted(arms, key=_method_key))
+        task = str(plast.get("task", "?"))
         out.append(f"Plasticity (final reward of fresh RL on {task}; one probe each, no interval): {parts}.")
         floor = (arms.get("base") or {}).get("final")
         if floor is not None:
@@ -718,7 +725,7 @@ def _serve_rows(run_dir: Path) -> list[dict]:
     """The ``serve_*`` event rows of a serving run's metrics.jsonl, in order (unmerged: several share a step)."""
     path = Path(run_dir) / "metrics.jsonl"
     found = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -786,8 +793,11 @@ def build_report(dirs: Sequence[Path], out: Path) -> Path:
     if not runs:
         sec.append(_note("No run directories found (looked for summary.json or metrics.jsonl)."))
     happened = _what_happened(cmp, runs, plast)
-    sec.append(_section("What happened", '<ul class="happened">' + "".join(f"<li>{s}</li>" for s in happened)
-                        + "</ul>" if happened else _note("Not enough data to say.")))
+    # every value in them may be the runs' text (a method, a task name): escaped whole, the verdict then marked
+    items = "".join("<li>" + html.escape(s).replace("too little evidence", "<b>too little evidence</b>") + "</li>"
+                    for s in happened)
+    sec.append(_section("What happened", f'<ul class="happened">{items}</ul>' if happened
+                        else _note("Not enough data to say.")))
     sec += _figures_html(runs, plast, plots)
     sec += _serve_html(runs, plots)
     sec.append(_section("Channel attribution (2x2)", _attribution_html(attr) if attr

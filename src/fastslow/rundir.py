@@ -13,16 +13,20 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 
+from fastslow.guard import private_fds
+
 LOCK = ".fastslow.lock"
 MARKER = ".fastslow-run"
 # Top-level entries a run writes (the lock and marker themselves are kept: the lock must stay while held).
 OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints", "memory",
+         "tensorboard", "wandb", "mlruns",  # report_to's trackers (fastslow.trackers)
          # fastslow serve: feedback database (SQLite and its WAL files), promoted versions, a training run's serving
          "serve.sqlite", "serve.sqlite-wal", "serve.sqlite-shm", "versions", "serve")
 # Scratch dirs (GEPA rounds) and temp files (atomic JSON writes) carry a name only fastslow uses.
@@ -45,12 +49,38 @@ def is_claimed(out: Path) -> bool:
     return (out / MARKER).is_file() or _holds_run(out)
 
 
+def check_no_links(out: Path) -> None:
+    """Refuse a run dir where a name fastslow writes is a symbolic link: writing through it would change a file
+    outside the run dir (a planted ``.fastslow.lock`` -> the user's file)."""
+    for name in (LOCK, MARKER, *OWNED):
+        if (out / name).is_symlink():
+            raise RunDirError(f"{out / name} is a symbolic link: fastslow never writes through one (remove it)")
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (one line, :class:`RunDirError`)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunDirError(f"{path} is a symbolic link: fastslow never writes through one (remove it)") from None
+        raise
+
+
+def write_text_nofollow(path: Path, text: str) -> None:
+    """Replace the contents of ``path`` (never following a link there)."""
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def check_run_dir(out: Path, *, resume: bool, force: bool) -> None:
     """Refuse early (before anything is loaded or written) a directory that cannot hold this run."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"run directory {out} is not a directory")
     if not out.exists():
         return
+    check_no_links(out)
     if not is_claimed(out):
         foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if foreign:
@@ -78,7 +108,7 @@ class RunDirLock:
 
     def acquire(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.out / LOCK, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -91,9 +121,11 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        private_fds.add(fd)  # a forked verifier worker closes its copy
 
     def release(self) -> None:
         if self._fd is not None:
+            private_fds.discard(self._fd)
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
 
@@ -108,7 +140,7 @@ def claim(out: Path, *, resume: bool, force: bool) -> None:
         for name in OWNED:
             _remove(out / name)
     marker = {"tool": "fastslow", "owned": [*OWNED, LOCK, MARKER], "scratch": list(SCRATCH_GLOBS)}
-    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    write_text_nofollow(out / MARKER, json.dumps(marker, indent=2) + "\n")
     for pattern in SCRATCH_GLOBS:  # one process per run dir (the lock): whatever matches is a dead one's
         for stale in out.glob(pattern):
             _remove(stale, ignore_errors=True)

@@ -13,12 +13,15 @@ Task specs used in configs:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from fastslow.guard import call_with_timeout
+from fastslow.guard import ProcessCaller, call_with_timeout
 
 Split = Literal["train", "eval"]
 
@@ -51,6 +54,7 @@ class Task(Protocol):
     - ``problems(split)`` is deterministic: the same list every call.
     - ``verify`` returns reward in [0, 1]. It may raise; the engine turns that into reward 0
       with the error as feedback, so one bad rollout never stops a run.
+    - Optional: ``max_new_tokens``, the completion budget the task needs (``fastslow eval``'s default for it).
     """
 
     name: str
@@ -65,19 +69,44 @@ class TaskError(ValueError):
     """A task spec or task file is unusable; the message says why (and where)."""
 
 
+_verifier_workers: dict[int, tuple[Task, ProcessCaller]] = {}
+
+
+def _verify_in_process(task: Task, problem: Problem, completion: str, timeout_s: float) -> Verdict:
+    """``task.verify`` in the task's worker process (forked once, killed and replaced when a call hangs)."""
+    entry = _verifier_workers.get(id(task))
+    if entry is None or entry[0] is not task:
+        entry = _verifier_workers[id(task)] = (task, ProcessCaller(task.verify))
+    try:
+        return entry[1](problem, completion, timeout_s=timeout_s)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        if "pickle" not in str(exc):
+            raise
+        # A problem that cannot cross to a process (an unpicklable meta): a thread, as before.
+        return call_with_timeout(task.verify, problem, completion, timeout_s=timeout_s)
+
+
+def close_verifier_workers() -> None:
+    """End every verifier worker process (a run's tasks are done with)."""
+    for _, caller in _verifier_workers.values():
+        caller.close()
+    _verifier_workers.clear()
+
+
 def safe_verify(
     task: Task, problem: Problem, completion: str, *, timeout_s: float | None = None
 ) -> tuple[Verdict, bool]:
     """Run the verifier; a raising or hanging verifier costs this rollout only. Returns (verdict, errored).
 
-    With ``timeout_s`` a verifier that hangs is abandoned after that long; verifiers of untrusted code
-    should also run it in a subprocess (``fastslow.tasks.sandbox``).
+    With ``timeout_s`` the verifier runs in a worker process of the task's (:class:`fastslow.guard.ProcessCaller`):
+    one that hangs, even in a busy loop, is killed after that long. Verifiers of untrusted code should also run
+    that code in the sandbox (``fastslow.tasks.sandbox``).
     """
     try:
         if timeout_s is None:
             verdict = task.verify(problem, completion)
         else:
-            verdict = call_with_timeout(task.verify, problem, completion, timeout_s=timeout_s)
+            verdict = _verify_in_process(task, problem, completion, timeout_s)
         reward = float(verdict.reward)
         if not 0.0 <= reward <= 1.0:
             raise ValueError(f"reward {reward} outside [0, 1]")
@@ -86,6 +115,16 @@ def safe_verify(
         from fastslow.util import redact  # feedback goes to the reflection model and may be stored: no keys
 
         return Verdict(0.0, redact(f"verifier error: {type(exc).__name__}: {exc}")), True
+
+
+def content_hash(task: Task) -> str:
+    """sha256 of a task's problems (both splits: ids, prompts, answers): a task file edited under the same
+    path, or a dataset drawn differently, has another hash."""
+    h = hashlib.sha256()
+    for split in ("train", "eval"):
+        for p in task.problems(split):
+            h.update(json.dumps([split, str(p.id), str(p.prompt), str(p.answer)]).encode())
+    return h.hexdigest()
 
 
 def load_task(spec: str, name: str | None = None) -> Task:

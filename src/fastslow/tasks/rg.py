@@ -5,7 +5,8 @@ lists are comma-separated, ``operators=+,-``):
 
 - ``train`` (default 512) / ``eval`` (default 64): split sizes. One seeded dataset of ``train + eval`` items is
   drawn and split; eval questions are removed from train so a split never leaks into the other;
-- ``seed`` (default 0): the dataset seed;
+- ``seed`` (default 0): the dataset seed (an integer; split sizes are at most :data:`MAX_SPLIT`);
+- ``max_new_tokens`` (default 32): the completion budget ``fastslow eval`` uses for this task;
 - ``extract`` (default ``answer``): how the answer is read from the completion (see :mod:`fastslow.tasks.extract`).
 
 The reward is the dataset's own ``score_answer``; the feedback states the expected answer and the answer format.
@@ -50,8 +51,11 @@ class ReasoningGymTask:
     """A reasoning-gym dataset with seeded train/eval splits; ``Problem.meta['entry']`` is the dataset's item."""
 
     def __init__(self, dataset: str, *, train: int = 512, eval: int = 64, seed: int = 0, extract: str = "answer",
-                 **config) -> None:
+                 max_new_tokens: int = 32, **config) -> None:
         import reasoning_gym
+
+        # `fastslow eval`'s default completion budget for this task (the shipped smollm2 config's 32)
+        self.max_new_tokens = max_new_tokens
 
         try:
             self.extract = check_kind(extract)
@@ -89,7 +93,19 @@ class ReasoningGymTask:
         return Verdict(reward, f"Answer {got!r} is wrong. Expected answer: {problem.answer}")
 
 
+MAX_SPLIT = 100_000  # items per split: beyond this a dataset is drawn for minutes and fills memory
+
+
 def rg_task(rest: str) -> ReasoningGymTask:
     name, options = parse_spec(rest)
-    sizes = {k: options.pop(k) for k in ("train", "eval", "seed", "extract") if k in options}
+    sizes = {k: options.pop(k) for k in ("train", "eval", "seed", "extract", "max_new_tokens") if k in options}
+    for key in ("train", "eval", "seed", "max_new_tokens"):
+        value = sizes.get(key)
+        if key in sizes and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TaskError(f"rg:{name}: {key} must be an integer, got {str(value)[:40]!r}")
+    for key in ("train", "eval"):
+        if sizes.get(key, 0) > MAX_SPLIT:
+            raise TaskError(f"rg:{name}: {key}={sizes[key]} is more than {MAX_SPLIT} items per split")
+    if not isinstance(sizes.get("extract", ""), str):
+        raise TaskError(f"rg:{name}: extract must be a name, got {sizes['extract']!r}")
     return ReasoningGymTask(name, **sizes, **options)

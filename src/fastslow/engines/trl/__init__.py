@@ -93,9 +93,11 @@ def build(cfg: Config, weights: Path | None) -> ChannelEngine:
 
 
 def check_launch(cfg: Config, accelerate_config: str | None) -> None:
-    """What the processes would refuse, refused before any starts: TRL missing, an unsupported sharding."""
+    """What the processes would refuse, refused before any starts: TRL missing, an unsupported sharding, a batch
+    that ``scale.nproc`` processes (all nodes together) cannot split into whole groups."""
     require_trl()
     checked_sharding(accelerate_config)
+    grpo_kwargs(cfg, world_size=cfg.scale.nproc, cuda=False)
 
 
 def describe(cfg: Config, world_size: int | None) -> dict[str, Any]:
