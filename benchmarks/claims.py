@@ -66,6 +66,8 @@ SETTINGS: dict[str, dict[str, Any]] = PROTOCOL["settings"]
 METHODS = tuple(PROTOCOL["methods"])
 FRONTIER_METHODS = tuple(PROTOCOL["frontier_methods"])
 ZERO_DRIFT_METHODS = tuple(PROTOCOL.get("zero_drift_methods") or ())
+# Methods whose weights move: plasticity probes start from their weights (the others' weights are the base's).
+PROBED = tuple(m for m in METHODS if m not in ZERO_DRIFT_METHODS)
 
 
 def regimes() -> dict[str, dict[str, Any]]:
@@ -81,7 +83,7 @@ def run_config(s: dict, *, method: str, tasks: Sequence[str], steps: int, seed: 
     """One run's config as a dict (the loop's schema)."""
     lora = weights == "lora"
     return {
-        "method": method,
+        "method": method.partition("+")[0],
         "model": {"path": "micro", "device": "cpu", "lora": {"r": s["lora_r"], "alpha": 2 * s["lora_r"]} if lora
                   else None},
         "stages": [{"task": f"micro/{t}", "steps": steps} for t in tasks],
@@ -89,7 +91,8 @@ def run_config(s: dict, *, method: str, tasks: Sequence[str], steps: int, seed: 
                  "lr": s["lora_lr"] if lora else s["lr"], "warmup_steps": s["warmup_steps"],
                  "max_new_tokens": s["max_new_tokens"], "kl_coef": kl_coef, "kl_target": kl_target},
         "fast": {"every": s["fast_every"], "population": s["population"], "budget": s["fast_budget"],
-                 "val_size": s["val_size"], "reflector": "micro"},
+                 "val_size": s["val_size"], "reflector": "micro", "kind": method.partition("+")[2] or None,
+                 "memory": {"cases_per_context": 0}},  # the micro model never saw worked examples
         "drift": {"every": s["drift_every"], "probe_size": s["probe_size"], "max_new_tokens": s["max_new_tokens"]},
         "eval": {"every": s["eval_every"], "n": s["eval_n"]},
         "checkpoint_every": steps * len(tasks),
@@ -137,10 +140,10 @@ def plan(s: dict, root: Path) -> tuple[list[dict], list[dict]]:
                 entry["frontier"] = {"id": fid, "weights": weights, "kl_coef": kl, "kl_target": target}
                 runs[key] = entry
             heldout = f"micro/{r['heldout']}"
-            starts = [("base", "base", None)] + [(m, stream_dirs[m], "full") for m in ("rl", "fst")]
+            starts = [("base", "base", None)] + [(m, stream_dirs[m], "full") for m in PROBED]
             starts += [(runs[k]["frontier"]["id"], Path(k), runs[k]["frontier"]["weights"]) for k in runs
                        if runs[k].get("frontier") and runs[k]["regime"] == regime and runs[k]["seed"] == seed
-                       and Path(k) not in (stream_dirs["rl"], stream_dirs["fst"])]
+                       and Path(k) not in [stream_dirs[m] for m in PROBED]]
             template = run_config(s, method="rl", tasks=[r["heldout"]], steps=s["probe_steps"], seed=seed,
                                   out=root / "unused")
             template["eval"]["every"] = s["probe_eval_every"]
@@ -831,9 +834,9 @@ def analyse(s: dict, root: Path, runs: list[dict], probes: list[dict], attributi
             "kl_rev": {m: col(m, lambda e: e["kl_rev"]) for m in METHODS},
             "kl_fwd": {m: col(m, lambda e: e["kl_fwd"]) for m in METHODS},
             "plasticity_auc": {"base": spread([(base_probe[str(sd)] or {}).get("auc") for sd in s["seeds"]], nb),
-                               **{m: col(m, lambda e: (e["plasticity"] or {}).get("auc")) for m in ("rl", "fst")}},
+                               **{m: col(m, lambda e: (e["plasticity"] or {}).get("auc")) for m in PROBED}},
             "plasticity_final": {"base": spread([(base_probe[str(sd)] or {}).get("final") for sd in s["seeds"]], nb),
-                                 **{m: col(m, lambda e: (e["plasticity"] or {}).get("final")) for m in ("rl", "fst")}},
+                                 **{m: col(m, lambda e: (e["plasticity"] or {}).get("final")) for m in PROBED}},
             "first_stage_gain": {m: col(m, lambda e: gain(e["stage_peaks"], False)) for m in METHODS},
             "later_stage_gain": {m: col(m, lambda e: gain(e["stage_peaks"], True)) for m in METHODS},
             "attribution_fst": {cell: col("fst", lambda e, c=cell: _mean_cell(e["attribution"], c))
@@ -976,7 +979,7 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
             L += [f"| {m} | " + " | ".join(_fmt_spread(c[k]) for k in ("acc", "bwt", "forgetting", "fwt")) + " |"
                   for m, c in sa["cl_agnostic"].items()]
         L += ["", "| plasticity probe from | final | AUC |", "|---|---|---|"]
-        for arm in ("base", "rl", "fst"):
+        for arm in ("base", *PROBED):
             L.append(f"| {arm} | {_fmt_spread(sa['plasticity_final'].get(arm))} | "
                      f"{_fmt_spread(sa['plasticity_auc'].get(arm))} |")
         at = sa["attribution_fst"]
@@ -1077,19 +1080,21 @@ def demo_table(claims: dict) -> str:
     for j, task in enumerate(r["stream"]):
         rows.append([f"final reward {task} (best prompt)"] + [cell(m, lambda e, j=j: e["matrix"][-1][j])
                                                              for m in METHODS])
-    for key in ("acc", "bwt", "forgetting"):
-        rows.append([key.upper() if key != "forgetting" else "forgetting"]
-                    + [cell(m, lambda e, k=key: e["cl"][k]) for m in METHODS])
+    for scenario, tag in (("cl", "task-aware"), ("cl_agnostic", "task-agnostic")):
+        for key in ("acc", "bwt", "forgetting"):
+            rows.append([f"{key.upper() if key != 'forgetting' else 'forgetting'} ({tag})"]
+                        + [cell(m, lambda e, k=key, sc=scenario: (e.get(sc) or {}).get(k)) for m in METHODS])
     rows.append(["final KL(pi‖base) per token"] + [cell(m, lambda e: e["kl_rev"]) for m in METHODS])
-    sa = r["stream_aggregate"]  # gepa never moves the weights: its plasticity is the base's
+    sa = r["stream_aggregate"]  # gepa and memory never move the weights: their plasticity is the base's
     for key in ("final", "auc"):
         b = sa[f"plasticity_{key}"]["base"]
         rows.append([f"plasticity on `{r['heldout']}`, {key}; base {_fmt_spread(b)}"]
-                    + [cell(m, lambda e, k=key: (e["plasticity"] or {}).get(k)) if m != "gepa" else "= base"
+                    + [cell(m, lambda e, k=key: (e["plasticity"] or {}).get(k)) if m in PROBED else "= base"
                        for m in METHODS])
     lines = [f"Mean [min, max] over seeds {seeds} (`make bench-demo`, or `make bench` with benchmarks/README.md).",
              "",
-             "| | rl | gepa (frozen weights) | fst |", "|---|---|---|---|"]
+             "| | " + " | ".join(f"{m} (frozen weights)" if m in ZERO_DRIFT_METHODS else m for m in METHODS) + " |",
+             "|---|" + "---|" * len(METHODS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -1100,7 +1105,7 @@ def demo_plan(s: dict, root: Path, seeds: Sequence[int]) -> tuple[dict, list[dic
     s = {**s, "seeds": list(seeds)}
     runs, probes = plan(s, root)
     runs = [j for j in runs if j["regime"] == "prompt" and is_main_stream(j)]
-    probes = [p for p in probes if p["regime"] == "prompt" and p["arm"] in ("base", "rl", "fst")]
+    probes = [p for p in probes if p["regime"] == "prompt" and p["arm"] in ("base", *PROBED)]
     return s, runs, probes
 
 

@@ -221,7 +221,7 @@ def test_demo_mode_plans_only_the_demo_and_fills_the_readme_table(tmp_path):
     assert s["seeds"] == [0, 1] and claims.SETTINGS["full"]["seeds"] == [0, 1, 2]  # the settings are untouched
     assert sorted((j["method"], j["seed"]) for j in runs) == sorted((m, sd) for m in claims.METHODS for sd in (0, 1))
     assert {j["regime"] for j in runs} == {"prompt"} and all(claims.is_main_stream(j) for j in runs)
-    assert sorted((p["arm"], p["seed"]) for p in probes) == sorted((a, sd) for a in ("base", "rl", "fst")
+    assert sorted((p["arm"], p["seed"]) for p in probes) == sorted((a, sd) for a in ("base", *claims.PROBED)
                                                                    for sd in (0, 1))
     # the same run dirs as the full bench (which then reuses them), with the demo's stage length
     full_runs, _ = claims.plan(claims.SETTINGS["full"], tmp_path)
@@ -235,7 +235,8 @@ def test_demo_mode_plans_only_the_demo_and_fills_the_readme_table(tmp_path):
         v = 0.1 * (j["seed"] + 1) + (0.5 if j["method"] == "fst" else 0.0)
         (out / "summary.json").write_text(json.dumps({
             "stages": [{"task": t, "steps": 90} for t in stream], "matrix": [[v] * len(stream)] * len(stream),
-            "cl": {"acc": v, "bwt": -v, "fwt": 0.0, "forgetting": v}, "drift": {"kl_rev": 2 * v}}))
+            "cl": {"acc": v, "bwt": -v, "fwt": 0.0, "forgetting": v}, "drift": {"kl_rev": 2 * v},
+            "cl_agnostic": {"acc": v / 2, "bwt": -v, "fwt": 0.0, "forgetting": v}}))
         (out / "metrics.jsonl").write_text("\n".join(json.dumps({"step": st, **{f"eval/{t}/reward": v for t in stream}})
                                                      for st in (0, 90, 180, 270)))
     for p in probes:
@@ -246,8 +247,11 @@ def test_demo_mode_plans_only_the_demo_and_fills_the_readme_table(tmp_path):
     assert claims.update_project_readme(claims.demo_claims(s, runs, probes), readme)
     text = readme.read_text()
     assert text.startswith("head\n") and text.endswith("tail\n") and "old" not in text
-    acc = next(line for line in text.splitlines() if line.startswith("| ACC"))
-    assert acc == "| ACC | 0.150 [0.100, 0.200] | 0.150 [0.100, 0.200] | 0.650 [0.600, 0.700] |"
+    acc = next(line for line in text.splitlines() if line.startswith("| ACC (task-aware)"))
+    assert acc == ("| ACC (task-aware) | 0.150 [0.100, 0.200] | 0.150 [0.100, 0.200] | 0.150 [0.100, 0.200] "
+                   "| 0.650 [0.600, 0.700] | 0.150 [0.100, 0.200] |")
+    acc = next(line for line in text.splitlines() if line.startswith("| ACC (task-agnostic)"))
+    assert acc.startswith("| ACC (task-agnostic) | 0.075 [0.050, 0.100] |") and "0.325 [0.300, 0.350]" in acc
     assert "base 0.8 [0.3, 1.3] (n=2)" in text  # the base probe's final over seeds
 
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from fastslow.analysis import load_run
 from fastslow.demo import METHODS, run_demo
 
 
@@ -10,7 +11,10 @@ def test_demo_pipeline_writes_runs_probes_attribution_and_report(tmp_path):
     result = run_demo(tmp_path, stage_steps=2, probe_steps=2, eval_n=8, log=lambda m: None)
     for method in METHODS:
         summary = json.loads((tmp_path / method / "summary.json").read_text())
-        assert summary["method"] == method and len(summary["matrix"]) == 3  # one row per stage
+        assert load_run(tmp_path / method).method == method and len(summary["matrix"]) == 3  # one row per stage
+        assert len(summary["matrix_agnostic"]) == 3
+    for method in ("memory", "fst+memory"):
+        assert (tmp_path / method / "memory" / "store.jsonl").is_file()
     plasticity = json.loads((tmp_path / "plasticity.json").read_text())
     assert set(plasticity["arms"]) == {"base", *METHODS}
     assert all(0 <= arm["final"] <= 1 and arm["curve"] for arm in plasticity["arms"].values())

@@ -39,13 +39,18 @@ def test_an_aliased_base_stops_the_run_once_the_weights_moved(tiny_model):
     assert "\n" not in describe(err.value)  # one line (TrainingError: exit 1 from the CLI)
 
 
-def test_a_base_that_is_not_the_initial_weights_is_refused_before_any_update(tiny_model):
+def test_a_base_whose_forward_is_not_the_policys_is_refused_before_any_update(tiny_model):
     policy = Policy.load(ModelConfig(path=str(tiny_model)))
-    with torch.no_grad():
-        for p in policy._base.parameters():
-            p.add_(0.05)
+    forward = policy._base.forward
+
+    def other_model(*args, **kwargs):  # e.g. another attention kernel, a patched head: same weights, other numbers
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 1.01
+        return out
+
+    policy._base.forward = other_model
     meter = DriftMeter(policy, _probes(policy), DriftConfig(max_new_tokens=6), seed=0)
-    with pytest.raises(TrainingError, match="before any update the base's logits differ"):
+    with pytest.raises(TrainingError, match="before any update the base's logits differ from the policy's"):
         meter.measure()
 
 
@@ -56,3 +61,14 @@ def test_a_real_base_passes_and_measures(tiny_model):
     _nudge(policy)
     after = meter.measure()
     assert after["drift/kl_rev"] > 0 and after["drift/kl_fwd"] > 0 and after["drift/weight_l2"] > 0
+
+
+def test_trained_weights_loaded_fresh_are_measured_not_refused(tiny_model, tmp_path):
+    """Weights loaded from a training run (serving it): no update here yet, but not the base either."""
+    trained = Policy.load(ModelConfig(path=str(tiny_model)))
+    _nudge(trained)
+    trained.save(tmp_path / "model")
+    policy = Policy.load(ModelConfig(path=str(tiny_model)), weights=tmp_path / "model")
+    assert policy.version == 0
+    drift = DriftMeter(policy, _probes(policy), DriftConfig(max_new_tokens=6), seed=0).measure()
+    assert drift["drift/kl_rev"] > 0 and drift["drift/weight_l2"] > 0

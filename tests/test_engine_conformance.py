@@ -213,3 +213,17 @@ def test_resuming_under_another_process_count_is_an_event_row(tmp_path):
     again.restore(ckpt, Stub(2), ReflectionHealth(0), finished_stages=lambda step: 0, changes={})
     events = [r for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) if "event" in r]
     assert events == [{"step": 2, "event": "resume_world_size_changed", "from": 1, "to": 2}]
+
+
+def test_a_checkpoint_older_than_the_new_options_resumes_at_their_defaults():
+    """Configs saved before slow.loss_aggregation / scale.advantages / ... existed: those fields at their default
+    are what the older version did, not a change; set otherwise they are refused."""
+    from fastslow.config import ConfigError, load_config, resume_changes
+
+    new = load_config(None, ["stages=[{task: 'conftest:vowel_task', steps: 2}]"]).model_dump(mode="json")
+    old = {**new, "slow": {k: v for k, v in new["slow"].items() if k != "loss_aggregation"},
+           "scale": {k: v for k, v in new["scale"].items() if k not in ("advantages", "kl_bias_correction")}}
+    assert resume_changes(old, new, 1) == {}
+    other = load_config(None, ["stages=[{task: 'conftest:vowel_task', steps: 2}]", "scale.advantages=native"])
+    with pytest.raises(ConfigError, match="scale.advantages"):
+        resume_changes(old, other.model_dump(mode="json"), 1)

@@ -73,10 +73,11 @@ def test_gepa_method_keeps_weights_frozen_and_counts_fast_rollouts(tiny_model, t
 def test_summary_has_the_documented_fields(tiny_model, tmp_path):
     summary = train(small_config(tiny_model, tmp_path / "run", method="fst", steps=2))
     for key in ("method", "seed", "steps", "rollouts", "fast_rollouts", "stages", "final", "drift", "matrix", "cl",
-                "prompts"):
+                "prompts", "matrix_agnostic", "cl_agnostic", "fast_kind"):
         assert key in summary
+    assert summary["cl"]["scenario"] == "task-aware" and summary["cl_agnostic"]["scenario"] == "task-agnostic"
     assert set(summary["drift"]) >= {"kl_rev", "kl_fwd", "weight_l2", "entropy"}
-    assert summary["final"]["vowel"].keys() == {"reward", "reward_seed_prompt"}
+    assert summary["final"]["vowel"].keys() == {"reward", "reward_seed_prompt", "reward_agnostic"}
     rows = [json.loads(r) for r in _rows(tmp_path / "run")]
     assert all({"step", "rollouts", "fast_rollouts"} <= r.keys() for r in rows)
     assert any("fast/front_size" in r for r in rows) and any("slow/reward_mean" in r for r in rows)

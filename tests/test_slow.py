@@ -52,7 +52,7 @@ def test_advantages_are_per_problem_across_a_group_mixing_prompts():
     class T:
         seed_prompt = "seed"
 
-    contexts = channel.prompts_for_group(T(), 4)
+    contexts = channel.contexts(T(), None, 4)
     assert contexts == ["prompt A", "prompt A", "prompt B", "prompt B"]  # G/K = 2 rollouts each
     # prompt A solved once, prompt B never: one advantage per problem over all four rollouts
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
@@ -69,7 +69,7 @@ def test_population_smaller_than_k_is_cycled():
     class T:
         seed_prompt = "seed"
 
-    assert channel.prompts_for_group(T(), 8) == ["only"] * 8
+    assert channel.contexts(T(), None, 8) == ["only"] * 8
 
 
 def test_every_trainable_parameter_changes_after_a_few_rl_steps(tiny_model, tmp_path):

@@ -31,7 +31,10 @@ class Run:
 
     @property
     def method(self) -> str:
-        return str(self.summary.get("method") or self.path.name)
+        """The method, with what its fast channel holds when that is not the method's own (``fst+memory``)."""
+        method = str(self.summary.get("method") or self.path.name)
+        kind = self.summary.get("fast_kind")
+        return f"{method}+{kind}" if method == "fst" and kind not in (None, "gepa") else method
 
     @property
     def seed(self) -> int | None:
@@ -403,18 +406,20 @@ def matrix_columns(summary: dict) -> list[str]:
     return list(dict.fromkeys(str(st.get("task")) for st in summary.get("stages") or []))
 
 
-def _cl_of(run: Run) -> dict:
-    """CL metrics recomputed from the matrix (base rewards in column order), else the summary's."""
-    matrix = run.summary.get("matrix")
+def _cl_of(run: Run, scenario: str = "task-aware") -> dict:
+    """CL metrics recomputed from the matrix (base rewards in column order), else the summary's.
+    ``scenario``: ``task-aware`` (``matrix``, ``cl``) or ``task-agnostic`` (``matrix_agnostic``, ``cl_agnostic``)."""
+    agnostic = scenario == "task-agnostic"
+    matrix = run.summary.get("matrix_agnostic" if agnostic else "matrix")
     stage_tasks = [str(st.get("task")) for st in run.summary.get("stages") or []]
     if matrix and stage_tasks:
         base_map = run.summary.get("base_rewards")
         base = base_map if isinstance(base_map, dict) and base_map else None
         try:
-            return continual_metrics(matrix, stage_tasks, base)
+            return {"scenario": scenario, **continual_metrics(matrix, stage_tasks, base)}
         except (TypeError, ValueError, IndexError):
             pass
-    return dict(run.summary.get("cl") or {})
+    return dict(run.summary.get("cl_agnostic" if agnostic else "cl") or {})
 
 
 def compare_runs(runs: Sequence[Run]) -> dict:
@@ -446,6 +451,7 @@ def compare_runs(runs: Sequence[Run]) -> dict:
             "final_eval_ci": band(c.reward[-1] if c.reward else None),
             "sigmoid": asdict(fit) if fit else None,
             "cl": _cl_of(run),
+            "cl_agnostic": _cl_of(run, "task-agnostic"),
             "drift": run.summary.get("drift") or {},
             "final": run.summary.get("final") or {},
         }

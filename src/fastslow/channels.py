@@ -87,12 +87,17 @@ class SlowChannel(Protocol):
 
 @runtime_checkable
 class FastChannel(Protocol):
-    """A population of system prompts evolved on the current weights.
+    """What the fast channel holds (a prompt population, an experience memory, or both), learnt on the current
+    weights.
 
     - ``run_round(task)``: one round on ``task``; returns a :class:`Round`. A failing round keeps the
-      population and says why in ``Round.error``; it never raises for a plug-in fault.
-    - ``prompts_for_group(task, G)``: the G contexts of one problem's group (K population prompts, G/K each).
-    - ``best``: the best prompt per task name; ``population``: the current prompts.
+      population (memory) and says why in ``Round.error``; it never raises for a plug-in fault.
+    - ``contexts(task, problem, G, view)``: the contexts for one problem. ``view="train"``: the G contexts of
+      its group (GEPA: K population prompts, G/K each; memory: the context retrieved for the problem);
+      ``"task"``: task-aware evaluation (the method is told the task: GEPA's best prompt for it, memory
+      retrieved from that task's entries); ``"agnostic"``: task-agnostic evaluation, one context source for
+      every task (GEPA: the population's top prompt; memory: retrieval from the whole memory).
+    - ``best``: the best prompt per task name; ``population``: the current prompts (empty for memory alone).
     - ``preflight()``: see below (called on the main process only, before step 0).
     """
 
@@ -101,7 +106,7 @@ class FastChannel(Protocol):
 
     def run_round(self, task: Task, workdir: Path | None = None) -> Round: ...
 
-    def prompts_for_group(self, task: Task, group_size: int) -> list[str]: ...
+    def contexts(self, task: Task, problem: Problem, group_size: int, view: str = "train") -> list[str]: ...
 
     def preflight(self) -> None:
         """One short real call of each model the channel relies on; a failure is a one-line ConfigError."""
@@ -119,7 +124,7 @@ def slow_on(method: str) -> bool:
 
 def fast_on(method: str) -> bool:
     """Methods with a fast channel (contexts that learn)."""
-    return method in ("gepa", "fst")
+    return method in ("gepa", "memory", "fst")
 
 
 @runtime_checkable

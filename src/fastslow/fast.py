@@ -241,8 +241,12 @@ class FastChannel:
         """One short real call of the reflection model (``fast.preflight: false`` skips it)."""
         check_reflector(self.cfg, self.reflector.lm)
 
-    def prompts_for_group(self, task: Task, group_size: int) -> list[str]:
-        """The G contexts of one problem's group: K population slots, G/K rollouts each."""
+    def contexts(self, task: Task, problem: Problem, group_size: int, view: str = "train") -> list[str]:
+        """The G contexts of one problem's group: K population slots, G/K rollouts each (the same for every
+        problem). Evaluation: the task's best prompt (``task``) or the population's top (``agnostic``)."""
+        if view != "train":
+            top = self.best.get(task.name) if view == "task" else (self.population or [None])[0]
+            return [top or task.seed_prompt] * group_size
         population = self.population or [task.seed_prompt]
         k = min(self.cfg.population, group_size)
         slots = [population[i % len(population)] for i in range(k)]

@@ -2,10 +2,12 @@
 
     for step in 0 .. total-1:                       (stages of the stream run back to back)
         task = stage(step).task                     (stage: start <= step < end, see stream.stage_at)
-        fast on and (step - stage start) % T == 0 ->  GEPA round on the current weights -> population
-        slow on                  ->  B problems x G rollouts (prompts mixed per group) -> RL update
+        fast on and (step - stage start) % T == 0 ->  fast round on the current weights (GEPA population and/or
+                                                      experience memory)
+        slow on                  ->  B problems x G rollouts (fast.contexts per problem) -> RL update
         every E_drift steps      ->  drift meter (and the slow step's k3 estimate on the same steps)
-        every E_eval steps       ->  evaluation of every task (seed prompt and best prompt)
+        every E_eval steps       ->  evaluation of every task (seed prompt; the fast channel's context per
+                                     problem, task-aware and task-agnostic)
         stage end                ->  evaluation + a row of the accuracy matrix
         every N steps            ->  atomic checkpoint
 
@@ -158,6 +160,7 @@ class Trainer:
                 t_round = time.perf_counter()
                 rnd = self.fast.run_round(task, workdir=self.out)
                 row.update(rnd.metrics)
+                st.last_fast = dict(rnd.metrics)
                 if rnd.error:  # a faulty reflector or round is survived, never silently
                     self.log(f"step {step}: fast channel kept its population: {rnd.error}")
                 st.fast_rollouts += rnd.rollouts
@@ -195,6 +198,8 @@ class Trainer:
                 row.update(self._evaluate(step=done))
             if done == stage_end:
                 st.matrix.append([st.last_eval[name]["reward"] for name in stream_columns(self.stage_tasks)])
+                st.matrix_agnostic.append([st.last_eval[name]["reward_agnostic"]
+                                           for name in stream_columns(self.stage_tasks)])
             row["slow/verifier_errors"] = float(st.verifier_errors)
             # What the main process does alone (writing, the verifier verdict) may fail there alone: every rank
             # learns it and stops with the same line; none waits in a collective for a failed peer.
@@ -214,8 +219,12 @@ class Trainer:
         rng = random.Random(derive_seed(cfg.seed, "batch", step))
         problems = [train[i] for i in rng.sample(range(len(train)), min(cfg.slow.batch_problems, len(train)))]
         g = cfg.slow.group_size
-        contexts = self.fast.prompts_for_group(task, g) if self.fast else [task.seed_prompt] * g
-        pairs = [(ctx, p) for p in problems for ctx in contexts]
+        pairs = []
+        for p in problems:  # one group (one advantage) per problem, whatever contexts it mixes
+            contexts = self.fast.contexts(task, p, g) if self.fast else [task.seed_prompt] * g
+            if len(contexts) != g:
+                raise TrainingError(f"the fast channel gave {len(contexts)} contexts for a group of {g}")
+            pairs += [(ctx, p) for ctx in contexts]
         t_sample = time.perf_counter()
         scored = self.engine.sample(
             task, pairs, temperature=cfg.slow.temperature, top_p=cfg.slow.top_p,
@@ -270,30 +279,40 @@ class Trainer:
         # Every rank measures (with sharded weights each forward is a collective); every rank then takes the
         # main process's numbers, so the drift budget steers alike everywhere.
         self.state.last_drift = self.engine.broadcast(self.drift.measure())
+        moved = {k: v for k, v in self.state.last_drift.items() if k in ("drift/kl_rev", "drift/kl_fwd") and v != 0}
+        if self.slow is None and moved:  # frozen weights (gepa, memory) sit at KL exactly 0, by construction
+            raise TrainingError(f"method {self.cfg.method} trains no weights but the drift meter measured {moved}")
         if self.slow is not None:  # the drift budget (slow.kl_target) steers on the exact reverse KL
             self.slow.observe_drift(self.state.last_drift.get("drift/kl_rev"))
         return dict(self.state.last_drift)
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        """Every task of the stream, greedy (by default) on its eval split, with seed and best prompt."""
+        """Every task of the stream, greedy (by default) on its eval split, with the seed prompt and with the
+        fast channel's context for each problem: task-aware (``reward``: told the task) and task-agnostic
+        (``reward_agnostic``: one context source for every task). Identical contexts are scored once."""
         t0 = time.perf_counter()
         cfg, row = self.cfg, {}
         for task in self.tasks.values():
-            result = {}
-            best = self.fast.best.get(task.name, task.seed_prompt) if self.fast else task.seed_prompt
-            for key, prompt in (("reward_seed_prompt", task.seed_prompt), ("reward", best)):
-                if key == "reward" and prompt == task.seed_prompt:
-                    result[key] = result["reward_seed_prompt"]
+            problems = list(task.problems("eval"))[: cfg.eval.n]
+            views = {"reward_seed_prompt": [task.seed_prompt] * len(problems)}
+            for key, view in (("reward", "task"), ("reward_agnostic", "agnostic")):
+                views[key] = ([self.fast.contexts(task, p, 1, view=view)[0] for p in problems] if self.fast
+                              else views["reward_seed_prompt"])
+            result: dict[str, float] = {}
+            for key, contexts in views.items():
+                same = next((k for k in result if views[k] == contexts), None)
+                if same is not None:
+                    result[key] = result[same]
                     continue
                 scored = score_prompt(
-                    self.engine.sample, task, prompt, cfg.eval.n, temperature=cfg.eval.temperature,
+                    self.engine.sample, task, contexts, cfg.eval.n, temperature=cfg.eval.temperature,
                     max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
                 )
                 self._verified(scored.verifier_errors, len(scored.verdicts))
                 result[key] = scored.mean_reward
             self.state.last_eval[task.name] = result
-            row[f"eval/{task.name}/reward"] = result["reward"]
-            row[f"eval/{task.name}/reward_seed_prompt"] = result["reward_seed_prompt"]
+            for key in ("reward", "reward_seed_prompt", "reward_agnostic"):
+                row[f"eval/{task.name}/{key}"] = result[key]
         self.timing["eval_s"].append(time.perf_counter() - t0)
         return row
 

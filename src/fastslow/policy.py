@@ -120,8 +120,10 @@ class Policy:
         state = self.model.state_dict() if state_dict is None else state_dict
         digest = hashlib.sha256()
         for name in sorted(state):
+            t = state[name].detach()
+            t = t.to_local() if hasattr(t, "to_local") else t  # a sharded parameter: this rank's shard
             digest.update(name.encode())
-            digest.update(state[name].detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            digest.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
     def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

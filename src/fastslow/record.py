@@ -47,9 +47,11 @@ class LoopState:
     reflection_calls: int = 0
     reflection_errors: int = 0
     matrix: list[list[float]] = field(default_factory=list)
+    matrix_agnostic: list[list[float]] = field(default_factory=list)  # the same with task-agnostic contexts
     base_rewards: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     last_drift: dict[str, float] = field(default_factory=dict)
+    last_fast: dict[str, float] = field(default_factory=dict)  # the last fast round's metrics
     metrics_bytes: int = 0
     metrics_rows: int = 0
     metrics_sha256: str = ""  # of the first metrics_bytes of metrics.jsonl ("" in format-1 checkpoints)
@@ -154,6 +156,7 @@ class RunRecord:
         torch.set_rng_state(torch.tensor(saved["torch_rng"], dtype=torch.uint8))
         # A lengthened last stage has not ended yet: its accuracy-matrix row is written again at its new end.
         state.matrix = state.matrix[: finished_stages(state.step)]
+        state.matrix_agnostic = state.matrix_agnostic[: finished_stages(state.step)]
         if self.main:
             self._restore_metrics(ckpt, state)
             self.write_config()
@@ -218,9 +221,15 @@ def summary(cfg: Config, state: LoopState, engine: Engine, health: ReflectionHea
         "final": state.last_eval,
         "base_rewards": state.base_rewards,
         "drift": {k.removeprefix("drift/"): v for k, v in state.last_drift.items()},
+        "fast_kind": cfg.fast_kind,
         "matrix": state.matrix,
-        "cl": continual_metrics(state.matrix, stage_tasks[: len(state.matrix)], state.base_rewards or None)
-        if state.matrix else None,
+        "matrix_agnostic": state.matrix_agnostic,
+        # Task-aware: each task is evaluated with its own context (the method is told the task); task-agnostic:
+        # one context source for every task (DESIGN.md's definitions).
+        "cl": _cl(state.matrix, stage_tasks, state.base_rewards, "task-aware"),
+        "cl_agnostic": _cl(state.matrix_agnostic, stage_tasks, state.base_rewards, "task-agnostic"),
+        "memory": {k.removeprefix("fast/memory/"): v for k, v in state.last_fast.items()
+                   if k.startswith("fast/memory/")} or None,
         "prompts": fast.population if fast else [],
         "best_prompts": fast.best if fast else {},
         "fast": {"accepted_total": state.accepted_total, "reflection_calls": state.reflection_calls,
@@ -233,6 +242,12 @@ def summary(cfg: Config, state: LoopState, engine: Engine, health: ReflectionHea
         "eval_n": cfg.eval.n,  # problems per task of each evaluation: the reports' intervals need it
         "oversize_problems_skipped": oversize_skipped,
     }
+
+
+def _cl(matrix: list[list[float]], stage_tasks: list[str], base: dict[str, float], scenario: str) -> dict | None:
+    if not matrix:
+        return None
+    return {"scenario": scenario, **continual_metrics(matrix, stage_tasks[: len(matrix)], base or None)}
 
 
 def timing_summary(timing: dict[str, list[float]]) -> dict:

@@ -33,8 +33,9 @@ from fastslow.analysis import (  # noqa: E402
 )
 from fastslow.stream import normalise_stage_curves, stage_spans  # noqa: E402
 
-_METHOD_ORDER = ["base", "rl", "gepa", "fst"]
-_COLORS = {"base": "#7f7f7f", "rl": "#1f77b4", "gepa": "#2ca02c", "fst": "#d62728"}
+_METHOD_ORDER = ["base", "rl", "gepa", "memory", "fst", "fst+memory", "fst+gepa+memory"]
+_COLORS = {"base": "#7f7f7f", "rl": "#1f77b4", "gepa": "#2ca02c", "memory": "#17becf", "fst": "#d62728",
+           "fst+memory": "#ff7f0e", "fst+gepa+memory": "#9467bd"}
 _FALLBACK_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e"]
 
 
@@ -656,6 +657,14 @@ def _tables_html(runs: dict[str, Run], cmp: dict) -> str:
             [[html.escape(lab)] + [_count(f.get(k)) for k in ("reflection_calls", "reflection_errors",
                                                               "failed_reflection_calls", "accepted_total",
                                                               "rounds_nothing_accepted")] for lab, f in health]))
+    memory = [(lab, r.summary["memory"]) for lab, r in runs.items() if isinstance(r.summary.get("memory"), dict)]
+    if memory:  # the experience memory's size at the end, and what the caps and the curator threw away
+        keys = ("lessons", "cases", "evicted_total", "refused_lessons", "context_tokens_max", "round_errors",
+                "retrieval_errors", "eval_leaks_refused")
+        parts.append("<h3>Experience memory at the end</h3>" + _table(
+            ["method", "lessons", "cases", "evicted + dropped", "lessons refused (too long)", "max context tokens",
+             "curator round errors", "retrieval errors", "eval problems refused"],
+            [[html.escape(lab)] + [_count(m.get(k)) for k in keys] for lab, m in memory]))
     if cmp["vs_rl"]:
         se_rows, mk_rows = [], []
         for lab, d in cmp["vs_rl"].items():

@@ -69,13 +69,15 @@ class PolicySampler:
                        seed=seed, use_base=self.use_base, verify_timeout_s=self.verify_timeout_s)
 
 
-def score_prompt(sample: Sampler, task: Task, prompt: str, n: int, *, max_new_tokens: int, seed: int,
-                 temperature: float = 0.0) -> Scored:
+def score_prompt(sample: Sampler, task: Task, prompt: str | Sequence[str], n: int, *, max_new_tokens: int,
+                 seed: int, temperature: float = 0.0) -> Scored:
     """Score ``prompt`` on the first ``n`` eval problems of ``task`` with the weights behind ``sample``.
 
     The evaluation of the loop, the probes, ``world check`` and ``fastslow eval``: greedy unless
-    ``temperature`` > 0, the same problems for every prompt and every call.
+    ``temperature`` > 0, the same problems for every prompt and every call. ``prompt`` may be one context per
+    problem (a memory retrieves one for each).
     """
     problems = list(task.problems("eval"))[:n]
-    return sample(task, [(prompt, p) for p in problems], temperature=temperature, max_new_tokens=max_new_tokens,
-                  seed=seed)
+    contexts = [prompt] * len(problems) if isinstance(prompt, str) else list(prompt)
+    return sample(task, list(zip(contexts, problems, strict=True)), temperature=temperature,
+                  max_new_tokens=max_new_tokens, seed=seed)

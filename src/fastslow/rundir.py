@@ -25,7 +25,7 @@ from fastslow.guard import private_fds
 LOCK = ".fastslow.lock"
 MARKER = ".fastslow-run"
 # Top-level entries a run writes (the lock and marker themselves are kept: the lock must stay while held).
-OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints",
+OWNED = ("metrics.jsonl", "summary.json", "timing.json", "config.yaml", "checkpoints", "memory",
          "tensorboard", "wandb", "mlruns",  # report_to's trackers (fastslow.trackers)
          # fastslow serve: feedback database (SQLite and its WAL files), promoted versions, a training run's serving
          "serve.sqlite", "serve.sqlite-wal", "serve.sqlite-shm", "versions", "serve")

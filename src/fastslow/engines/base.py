@@ -62,9 +62,11 @@ class ChannelEngine:
         failures = [f for f in self.gather(mine) if f is not None]
         if not failures:
             return
-        if error is not None and mine == tuple(failures[0]):
+        raised = error if error is not None and mine == tuple(failures[0]) else RankFailure(*failures[0])
+        raised.agreed_by_ranks = True  # every rank raises it now: the CLI lets all print before any exits
+        if raised is error:
             raise error
-        raise RankFailure(*failures[0]) from error
+        raise raised from error
 
     def close(self) -> None:
         self.close_fn()
@@ -87,9 +89,11 @@ class ChannelEngine:
         # Gathered on every rank (collectives where the weights are sharded), written by the main process alone.
         weights = self.policy.full_state_dict()
         slow_state = self.slow.state_dict() if self.slow is not None else None
-        # Each rank's hash of its whole weights, recorded: ranks that drifted apart are a bug and stop the run.
-        digests = self.gather(self.policy.weights_sha256(weights))
-        if len(set(digests)) > 1:
+        # Each rank's hash of its weights, recorded: whole copies (no sharding) must be identical, else the ranks
+        # drifted apart (a bug) and the run stops; sharded ranks hash their own shard (the gathered whole
+        # weights are on the main process only).
+        digests = self.gather(self.policy.weights_sha256(weights if self.sharding is None else None))
+        if self.sharding is None and len(set(digests)) > 1:
             raise TrainingError(f"the processes hold different weights (sha256 per rank: {digests})")
         if not self.is_main:
             return

@@ -1,4 +1,4 @@
-"""The native engine: one process, Hugging Face ``generate`` for rollouts, :class:`SlowLearner`, :class:`FastChannel`.
+"""The native engine: one process, Hugging Face ``generate`` for rollouts, :class:`SlowLearner`, the fast channel.
 
 The reference implementation of the seams in :mod:`fastslow.channels`; CPUs and small models.
 """
@@ -23,8 +23,31 @@ def build(cfg: Config, weights: Path | None) -> ChannelEngine:
         policy.model.requires_grad_(False)
     sample = PolicySampler(policy, verify_timeout_s=cfg.verify_timeout_s)
     slow = SlowLearner(policy, cfg.slow) if slow_on(cfg.method) else None
-    fast = None
-    if fast_on(cfg.method):
-        fast = FastChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                           max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
+    fast = build_fast(cfg, policy, sample) if fast_on(cfg.method) else None
     return ChannelEngine("native", policy, sample, slow, fast)
+
+
+def build_fast(cfg: Config, policy: Policy, sample: PolicySampler):
+    """The fast channel ``cfg.fast_kind`` names: GEPA's population, the experience memory, or both."""
+    kind = cfg.fast_kind
+    gepa = memory = None
+    if "gepa" in kind:
+        gepa = FastChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
+                           max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
+    if "memory" in kind:
+        from fastslow.checks import context_limit
+        from fastslow.memory import GepaMemoryChannel, MemoryChannel
+
+        tokenizer, limit, budget = policy.tokenizer, context_limit(policy), cfg.slow.max_new_tokens
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        def fits(context: str, problem) -> bool:
+            return limit is None or count_tokens(policy.format(context, problem.prompt)) + budget <= limit
+
+        memory = MemoryChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
+                               max_new_tokens=budget, count_tokens=count_tokens, fits=fits, out=Path(cfg.out))
+        if gepa is not None:
+            return GepaMemoryChannel(gepa, memory)
+    return memory or gepa

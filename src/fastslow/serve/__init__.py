@@ -168,6 +168,8 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     try:
         claim(out, resume=True, force=False)
         restored = latest_version(out, warn=log)
+        if restored is not None:
+            _same_model(out / "config.yaml", cfg)
         fast_state = None
         if restored is not None:
             weights, state, fast_state = restored
@@ -200,6 +202,8 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
             state.kl_rev = DriftMeter(view, probes, cfg.drift, seed=cfg.seed).measure()["drift/kl_rev"]
         (out / "config.yaml").write_text(redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))
         metrics = MetricsLog(out / "metrics.jsonl")
+        if restored is not None:
+            _recover_promotion_row(metrics, state)
         store = FeedbackStore(out / "serve.sqlite")
         # user turn -> problem; a text in both splits counts as the train problem (answering it may train)
         problems = {p.prompt.strip(): p for split in ("eval", "train") for p in task.problems(split)}
@@ -224,6 +228,37 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     except BaseException:
         lock.release()
         raise
+
+
+def _recover_promotion_row(metrics, state) -> None:
+    """A kill between sealing a promoted version and logging its row leaves the version without its row: write it
+    from the version's own record (marked recovered), so every promotion served is a row of metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.path.read_text().splitlines()] if metrics.path.is_file() else []
+    logged = max((r.get("serve/weights_version", 0) for r in rows if r.get("event") == "serve_promoted"), default=0)
+    if state.weights_version > logged:
+        metrics.write({"step": state.steps, "rollouts": state.rollouts, "fast_rollouts": state.fast_rollouts,
+                       "event": "serve_promoted", "time": round(time.time(), 3), "serve/recovered": True,
+                       "serve/weights_version": state.weights_version, "serve/context_version": state.context_version,
+                       "serve/candidate_kl": state.kl_rev, "serve/candidate_reward": state.heldout,
+                       "drift/kl_rev": state.kl_rev})
+
+
+def _same_model(saved: Path, cfg: Config) -> None:
+    """A restart must serve what was saved: the same model, adapter, method and served task."""
+    import yaml
+
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = cfg.model_dump(mode="json")
+    changed = [key for key in ("method", "model") if old.get(key) != new.get(key)]
+    if [s.get("task") for s in old.get("stages", [])] != [s["task"] for s in new["stages"]]:
+        changed.append("stages")
+    if old.get("serve", {}).get("task") != new["serve"]["task"]:
+        changed.append("serve.task")
+    if changed:
+        raise ConfigError(f"restart of {saved.parent} with a config that changes {', '.join(changed)}: its saved "
+                          "versions belong to the original; serve into a new directory instead")
 
 
 def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8000, learn: bool = False,

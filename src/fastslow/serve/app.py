@@ -119,6 +119,7 @@ class Job:
     future: asyncio.Future | None = None
     deltas: asyncio.Queue | None = None  # streaming: text pieces as they are generated
     fingerprint: str = ""  # the version the job is answered with (set when its batch starts)
+    prompt: str = ""  # the formatted prompt it was answered from (fast context included; set with fingerprint)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -132,17 +133,21 @@ class Answer:
 
 
 def _deliver(job: Job, fn: Callable, *args) -> None:
-    """Run ``fn(*args)`` on the job's event loop (a closed connection's future is left alone)."""
-
-    def call() -> None:
-        if fn is job.future.set_result and job.future.done():
-            return
-        fn(*args)
-
+    """Run ``fn(*args)`` on the job's event loop (``fn`` is a method of its queue or future)."""
     try:
-        job.loop.call_soon_threadsafe(call)
+        job.loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # the event loop is gone (shutdown)
         pass
+
+
+def _resolve(job: Job, value: object) -> None:
+    """Hand a job its answer on its event loop, unless it timed out or its client went away meanwhile."""
+
+    def call() -> None:
+        if not job.future.done():
+            job.future.set_result(value)
+
+    _deliver(job, call)
 
 
 class _RowStreamer(BaseStreamer):
@@ -227,7 +232,7 @@ class Generator:
                     answers = self._generate(group, temperature, top_p)
                 except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
                     for job in group:
-                        _deliver(job, job.future.set_result, ApiError(
+                        _resolve(job, ApiError(
                             500, f"generation failed: {type(exc).__name__}: {one_line(exc, 200)}", "server_error"))
                     continue
                 try:
@@ -236,7 +241,7 @@ class Generator:
                     answers = [ApiError(503, f"could not store the answer: {one_line(exc, 200)}", "server_error")
                                ] * len(group)
                 for job, answer in zip(group, answers, strict=True):
-                    _deliver(job, job.future.set_result, answer)
+                    _resolve(job, answer)
             self.batches += 1
 
     def _generate(self, jobs: list[Job], temperature: float, top_p: float) -> list[Answer]:
@@ -245,8 +250,9 @@ class Generator:
             policy, fingerprint = served.policy, served.fingerprint
             for job in jobs:
                 job.fingerprint = fingerprint
-            prompts = [format_prompt(policy.tokenizer, served.system_for(j.user, j.system), j.history, j.user)
-                       for j in jobs]
+                job.prompt = format_prompt(policy.tokenizer, served.system_for(job.user, job.system), job.history,
+                                           job.user)
+            prompts = [job.prompt for job in jobs]
             streamer = None
             if any(j.deltas is not None for j in jobs):
                 streamer = _RowStreamer(jobs, policy.tokenizer, policy.tokenizer.eos_token_id)
@@ -302,7 +308,10 @@ class ServeMetrics:
 
 # ---- the app --------------------------------------------------------------------------------------
 class _BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes is answered 413 (Content-Length, or counted as it arrives)."""
+    """ASGI middleware: a body over ``limit`` bytes is answered 413 (by Content-Length, or counted as it arrives).
+
+    The body (at most ``limit`` bytes) is read whole before the app runs and handed to it in one message, so an
+    oversize chunked body never reaches a route."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -310,38 +319,32 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length", b"0")
         too_large = error_body(413, f"request body over serve.max_body_bytes ({self.limit} bytes)",
                                code="body_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
             return await too_large(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.limit:
-                raise _TooLarge
-            return message
+                return await too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
 
-        started = False
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later calls wait for the client's disconnect, as usual
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        async def watch(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited, watch)
-        except _TooLarge:
-            if not started:
-                await too_large(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 class ServerState:
@@ -363,8 +366,12 @@ class ServerState:
     def rate(self) -> float:
         """Chat requests per second over the last serve.idle_window_s."""
         window = self.cfg.serve.idle_window_s
-        now = time.monotonic()
-        return sum(1 for t in reversed(self.arrivals) if now - t <= window) / window
+        now, count = time.monotonic(), 0
+        for t in reversed(self.arrivals):  # newest first: stop at the first one outside the window
+            if now - t > window:
+                break
+            count += 1
+        return count / window
 
     def _after_batch(self, jobs: list[Job], answers: list[Answer]) -> None:
         """Count the batch; with --learn store its answers (and verdicts) before any client sees them."""
@@ -375,9 +382,7 @@ class ServerState:
         rows, verdicts = [], []
         for job, answer in zip(jobs, answers, strict=True):
             problem = self.problems.get(job.user.strip())
-            prompt = format_prompt(self.served.policy.tokenizer, self.served.system_for(job.user, job.system),
-                                   job.history, job.user)
-            rows.append((job.id, task.name, problem.id if problem else None, self.scrub(prompt),
+            rows.append((job.id, task.name, problem.id if problem else None, self.scrub(job.prompt),
                          self.scrub(answer.text), answer.finish_reason == "stop", answer.fingerprint))
             if problem is not None and self.cfg.serve.score == "verifier":
                 verdicts.append((job.id, problem, answer.text))
@@ -425,7 +430,7 @@ def create_app(state: ServerState) -> FastAPI:
                 return response
         response = await call_next(request)
         state.metrics.requests.labels(route, str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse) or response.status_code != 200:
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):  # SSE: timed to the end
             state.metrics.latency.labels(route).observe(time.perf_counter() - t0)
         return response
 
@@ -447,7 +452,7 @@ def create_app(state: ServerState) -> FastAPI:
         body = await request.body()
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
@@ -526,7 +531,7 @@ def make_job(state: ServerState, req: ChatRequest) -> Job:
 async def wait_answer(job: Job, timeout: float) -> Answer:
     try:
         answer = await asyncio.wait_for(asyncio.shield(job.future), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # noqa: UP041 - TimeoutError itself only from 3.11
         job.future.cancel()
         raise ApiError(503, f"no answer within serve.request_timeout_s ({timeout} s)", "server_error",
                        "timeout") from None
@@ -573,7 +578,7 @@ async def stream_chunks(state: ServerState, job: Job, include_usage: bool, t0: f
         while not job.future.done():
             try:
                 piece = await asyncio.wait_for(job.deltas.get(), max(0.0, min(0.05, deadline - time.perf_counter())))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 - TimeoutError itself only from 3.11
                 if time.perf_counter() > deadline:
                     job.future.cancel()
                     yield f"data: {json.dumps({'error': {'message': 'no answer in time', 'type': 'server_error'}})}\n\n"

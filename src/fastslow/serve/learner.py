@@ -43,8 +43,10 @@ VERSIONS = "versions"
 def policy_view(policy: Policy) -> Policy:
     """The same weights with their own tokenizer: a second thread may sample with it while the generation
     thread uses ``policy`` (a fast tokenizer refuses concurrent calls that change its padding)."""
-    return _moved_like(Policy(policy.model, copy.deepcopy(policy.tokenizer), policy.device,
+    view = _moved_like(Policy(policy.model, copy.deepcopy(policy.tokenizer), policy.device,
                               base_model=None if policy.is_lora else policy.base_model), policy)
+    view.version = policy.version
+    return view
 
 
 def _moved_like(new: Policy, source: Policy) -> Policy:
@@ -59,8 +61,10 @@ def trainable_copy(policy: Policy) -> Policy:
     model = copy.deepcopy(policy.model)
     for name, param in model.named_parameters():
         param.requires_grad_(not policy.is_lora or "lora_" in name)
-    return _moved_like(Policy(model, copy.deepcopy(policy.tokenizer), policy.device,
-                              base_model=None if policy.is_lora else policy.base_model), policy)
+    copied = _moved_like(Policy(model, copy.deepcopy(policy.tokenizer), policy.device,
+                                base_model=None if policy.is_lora else policy.base_model), policy)
+    copied.version = policy.version
+    return copied
 
 
 @dataclass
@@ -78,6 +82,7 @@ class ServedState:
     rollouts: int = 0  # feedback rollouts trained on
     fast_rollouts: int = 0  # rollouts of fast-channel rounds
     gates: int = 0  # candidates gated (promoted + rejected)
+    best_heldout: float | None = None  # the best held-out reward served under the current context (a ratchet)
     snapshots: int = 0  # versions saved
 
 
@@ -259,6 +264,7 @@ class Learner:
         if changed:
             with self.served.lock:  # the next batch gets the new context and its version together
                 st.context, st.context_version = best, st.context_version + 1
+            st.best_heldout = None  # held-out rewards under the old context do not compare
         self.metrics.write(self._row("serve_fast_round", {**rnd.metrics, "serve/round_s": time.perf_counter() - t0,
                                                           "serve/context_changed": changed,
                                                           **({"reason": rnd.error} if rnd.error else {})}))
@@ -303,27 +309,32 @@ class Learner:
         kl = self.meter.measure()["drift/kl_rev"]
         served_reward = self.heldout(self.view, context)  # the served version, with the context served now
         reward = self.heldout(self.candidate, context)
-        regression = served_reward - reward
+        # Against the best version served under this context, not only the current one: small regressions within
+        # the budget must not compound over promotions.
+        reference = max(served_reward, st.best_heldout if st.best_heldout is not None else served_reward)
+        regression = reference - reward
         reasons = []
         if kl > scfg.max_kl:
             reasons.append(f"KL {kl:.4f} > serve.max_kl {scfg.max_kl}")
         if regression > scfg.max_regression:
-            reasons.append(f"held-out reward {reward:.3f} fell {regression:.3f} below the served "
-                           f"{served_reward:.3f} (> serve.max_regression {scfg.max_regression})")
+            reasons.append(f"held-out reward {reward:.3f} fell {regression:.3f} below the best served "
+                           f"{reference:.3f} (> serve.max_regression {scfg.max_regression})")
         promoted = not reasons
         values = {"serve/candidate_kl": kl, "serve/candidate_reward": reward, "serve/served_reward": served_reward,
-                  "serve/regression": regression}
+                  "serve/reference_reward": reference, "serve/regression": regression}
         if promoted:
             weights = {k: v.detach().clone() for k, v in self.candidate.model.state_dict().items()}
             with self.served.lock:  # between two batches: in-flight requests finished on the old version
                 self.served.policy.model.load_state_dict(weights)
-                self.served.policy.version += 1
+                self.served.policy.version = self.view.version = self.candidate.version
                 st.weights_version, st.kl_rev, st.heldout = st.weights_version + 1, kl, reward
+                st.best_heldout = max(reference, reward)
             save_version(self.out, self.served, self.fast.state_dict() if self.fast else None, scfg.keep_versions)
             self.metrics.write(self._row("serve_promoted", {**values, "drift/kl_rev": kl}))
             self.log(f"promoted {self.served.fingerprint}: KL {kl:.4f}, held-out reward {reward:.3f} "
                      f"(was {served_reward:.3f})")
         else:
+            st.best_heldout = reference
             reason = "; ".join(reasons)
             self.metrics.write(self._row("serve_rejected", {**values, "drift/kl_rev": st.kl_rev, "reason": reason}))
             self.log(f"candidate rejected: {reason}")

@@ -86,8 +86,8 @@ class LockstepFast:
             raise RuntimeError(f"GEPA round {self.inner.rounds} diverged between ranks (state digests {digests})")
         return result
 
-    def prompts_for_group(self, task: Task, group_size: int) -> list[str]:
-        return self.inner.prompts_for_group(task, group_size)
+    def contexts(self, task: Task, problem, group_size: int, view: str = "train") -> list[str]:
+        return self.inner.contexts(task, problem, group_size, view)
 
     def preflight(self) -> None:
         self.inner.preflight()  # the engine calls it on the main process and broadcasts the verdict
