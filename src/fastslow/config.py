@@ -558,11 +558,12 @@ RESUME_SAFE = frozenset({
 })
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys (``{"slow": {"lr": 1}}`` -> ``{"slow.lr": 1}``)."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: data}
 
@@ -594,8 +595,8 @@ def resume_changes(old: dict, new: dict, step: int) -> dict[str, list]:
     Stages after ``step`` may change: that is the future of the stream.
     """
     old_stages, new_stages = old.get("stages", []), new.get("stages", [])
-    flat_old = _flatten({k: v for k, v in old.items() if k != "stages"})
-    flat_new = _flatten({k: v for k, v in new.items() if k != "stages"})
+    flat_old = flatten({k: v for k, v in old.items() if k != "stages"})
+    flat_new = flatten({k: v for k, v in new.items() if k != "stages"})
     changed = {k: [flat_old.get(k), flat_new.get(k)] for k in sorted(flat_old.keys() | flat_new.keys())
                if flat_old.get(k) != flat_new.get(k)
                # a field newer than the checkpoint, at its default: what the older version did

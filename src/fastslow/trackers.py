@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from fastslow.config import ConfigError
+from fastslow.config import ConfigError, flatten
 
 KNOWN = ("tensorboard", "wandb", "mlflow", "trackio")
 PROJECT = "fastslow"
@@ -84,7 +84,7 @@ class _MLflow:
             mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
         mlflow.set_experiment(PROJECT)
         self.run = mlflow.start_run(run_name=name)
-        flat = _flatten(config)
+        flat = flatten(config)
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -110,15 +110,6 @@ class _Trackio:
 
 _KINDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow, "trackio": _Trackio}
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "trackio": "trackio"}
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 def check_installed(names: list[str]) -> None:

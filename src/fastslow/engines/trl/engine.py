@@ -232,23 +232,6 @@ class TrlEngine:
 
         return gather_object([obj])
 
-    def agree(self, error: BaseException | None) -> None:
-        """Every rank calls this at the same point with what it raised there (or None): when any rank failed,
-        every rank raises the first failing rank's error as the same one line and exit status."""
-        from fastslow.errors import RankFailure, describe, exit_code
-
-        if self.world_size == 1:
-            if error is not None:
-                raise error
-            return
-        mine = None if error is None else (describe(error), exit_code(error))
-        failures = [f for f in self.gather(mine) if f is not None]
-        if not failures:
-            return
-        if error is not None and mine == failures[0]:
-            raise error
-        raise RankFailure(*failures[0]) from error
-
     def describe(self) -> dict[str, Any]:
         """The resolved settings (what ``--dry-run`` prints)."""
         keys = sorted(grpo_kwargs(self.cfg, world_size=self.world_size))
