@@ -956,7 +956,7 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
               "| task | method | peak | final | asymptote | KL(pi‖base) | KL(base‖pi) | entropy |",
               "|---|---|---|---|---|---|---|---|"]
         for task, t in r["single"].items():
-            for m in METHODS:
+            for m in (m for m in METHODS if m in t["summary"]):  # results older than a method lack it
                 sm = t["summary"][m]
                 L.append(f"| {task} | {m} | " + " | ".join(_fmt_spread(sm[k]) for k in
                          ("peak", "final", "asymptote", "kl_rev", "kl_fwd", "entropy")) + " |")
@@ -969,7 +969,7 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
               f"### {regime}-dominant stream", "", "| method | ACC | BWT | forgetting | FWT | final KL(pi‖base) | "
               "first-stage gain | later-stage gain |", "|---|---|---|---|---|---|---|---|"]
         sa = r["stream_aggregate"]
-        for m in METHODS:
+        for m in (m for m in METHODS if m in sa["cl"]):
             L.append(f"| {m} | " + " | ".join(_fmt_spread(sa["cl"][m][k]) for k in ("acc", "bwt", "forgetting", "fwt"))
                      + f" | {_fmt_spread(sa['kl_rev'][m])} | {_fmt_spread(sa['first_stage_gain'][m])} | "
                      f"{_fmt_spread(sa['later_stage_gain'][m])} |")
