@@ -65,6 +65,9 @@ class Policy:
         self._base = base_model
         self.version = 0
         self.trained_start = False  # loaded from trained weights (a checkpoint), not the model's own
+        # Prompt tokens shared by rows are run once; off where every forward is a collective (sharded weights):
+        # ranks holding different prompts would run different numbers of forwards and wait on each other.
+        self.share_prompts = True
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -176,7 +179,7 @@ class Policy:
             ids, mask = self._encode_prompts(prompts[start : start + max_batch])
             inputs = {"input_ids": ids, "attention_mask": mask}
             with self._eval_mode(model):
-                shared = share_prefixes(ids, mask, pad)
+                shared = share_prefixes(ids, mask, pad) if self.share_prompts else None
                 if shared is not None:
                     # The cache holds every prompt token but the last, which generate runs as its first step.
                     inputs = {"input_ids": shared.row_ids(), "attention_mask": shared.row_mask(),
@@ -239,7 +242,8 @@ class Policy:
             # Rows repeating a prompt share it; a head common to distinct prompts is not split off here: scoring
             # distinct rows (drift probes, evaluation) keeps the one-forward kernels, which the drift meter's
             # base == policy check at step 0 compares bit for bit across engines.
-            shared = share_prefixes(batch.prompt_ids, batch.prompt_mask, self.tokenizer.pad_token_id, head=False)
+            shared = (share_prefixes(batch.prompt_ids, batch.prompt_mask, self.tokenizer.pad_token_id, head=False)
+                      if self.share_prompts else None)
             if shared is None:
                 ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
                 mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)

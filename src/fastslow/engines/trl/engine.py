@@ -69,6 +69,7 @@ class TrlPolicy(Policy):
     def __init__(self, trainer, tokenizer, base_model=None) -> None:
         super().__init__(trainer.model, tokenizer, trainer.accelerator.device, base_model=base_model)
         self.trainer = trainer
+        self.share_prompts = not trainer.accelerator.is_fsdp2  # see Policy.share_prompts
 
     def generate(self, prompts: Sequence[str], *, temperature: float, top_p: float = 1.0, max_new_tokens: int,
                  seed: int, use_base: bool = False, max_batch: int = 256) -> Batch:
