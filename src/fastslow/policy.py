@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.utils import logging as hf_logging
 
 from fastslow.config import ModelConfig
@@ -180,18 +181,21 @@ class Policy:
             inputs = {"input_ids": ids, "attention_mask": mask}
             with self._eval_mode(model):
                 shared = share_prefixes(ids, mask, pad) if self.share_prompts else None
+                cache = None
                 if shared is not None:
                     # The cache holds every prompt token but the last, which generate runs as its first step.
-                    inputs = {"input_ids": shared.row_ids(), "attention_mask": shared.row_mask(),
-                              "past_key_values": prefill(model, shared, drop_last=True)[0]}
-                out = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
-                    **(sampling if temperature > 0 else {"do_sample": False}),
-                    **({"streamer": streamer} if streamer is not None else {}),
-                )
+                    inputs = {"input_ids": shared.row_ids(), "attention_mask": shared.row_mask()}
+                    cache = prefill(model, shared, drop_last=True)[0]
+                inputs["past_key_values"] = room_cache(cache, max_new_tokens + 1)
+                with live_rows(model, inputs["past_key_values"], eos):
+                    out = model.generate(
+                        **inputs,
+                        max_new_tokens=max_new_tokens,
+                        eos_token_id=eos,
+                        pad_token_id=pad,
+                        **(sampling if temperature > 0 else {"do_sample": False}),
+                        **({"streamer": streamer} if streamer is not None else {}),
+                    )
             completion = out[:, inputs["input_ids"].shape[1] :]
             # Tokens after the first eos are padding; the eos itself is the policy's choice to stop.
             is_eos = completion == eos
@@ -460,6 +464,112 @@ def prefill(model, shared: SharedPrefixes, *, drop_last: bool):
     if cache is not None:
         cache.batch_select_indices(shared.inverse)
     return cache, (None if drop_last else logits[shared.inverse])
+
+
+class RoomLayer(DynamicLayer):
+    """A :class:`DynamicLayer` whose keys and values are views of buffers with ``room`` free slots after them.
+
+    Each decoding step writes its token into the next slot instead of concatenating (a copy of the whole cache,
+    per layer and step, which dominated sampling of small models on CPU). Attention reads the same values.
+    """
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+        self._k = self._v = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, new = self.get_seq_length(), key_states.shape[-2]
+        if self._k is None or self.keys._base is not self._k or n + new > self._k.shape[-2]:  # no (more) room
+            shape = (*key_states.shape[:-2], n + new + self.room, key_states.shape[-1])
+            k, v = key_states.new_empty(shape), value_states.new_empty(shape)
+            if n:
+                k[..., :n, :], v[..., :n, :] = self.keys, self.values
+            self._k, self._v = k, v
+        self._k[..., n : n + new, :] = key_states
+        self._v[..., n : n + new, :] = value_states
+        self.keys, self.values = self._k[..., : n + new, :], self._v[..., : n + new, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is None or self.keys._base is not self._k:
+            return super().batch_select_indices(indices)
+        n = self.get_seq_length()
+        self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)  # room and all
+        self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+
+
+def room_cache(cache: DynamicCache | None, room: int) -> DynamicCache:
+    """``cache`` (None: an empty one) with room for ``room`` more tokens per layer (:class:`RoomLayer`)."""
+    out = DynamicCache()
+    out.layer_class_to_replicate = lambda: RoomLayer(room)
+    for layer in (cache.layers if cache is not None else []):
+        fresh = RoomLayer(room)
+        if layer.is_initialized:
+            fresh.update(layer.keys, layer.values)
+        out.layers.append(fresh)
+    return out
+
+
+# Matrix kernels give a row the same numbers in any batch of at least a few rows (a handful of rows take other
+# paths): decoding never drops below this many rows, so every row's logits are those of the whole batch.
+MIN_LIVE_ROWS = 8
+
+
+@contextlib.contextmanager
+def live_rows(model, cache: DynamicCache, eos: int | None) -> Iterator[None]:
+    """While ``model.generate`` runs: each decoding step runs only the rows that have not stopped yet.
+
+    A row stops at its eos; generate then pads it whatever its logits, so they are not computed (zeros stand in:
+    the sampler's draws, one per row and token of the vocabulary, are the same). Once at most 3/4 of the rows in
+    the batch still run, ``cache`` keeps only those (at least :data:`MIN_LIVE_ROWS`; a smaller batch keeps all).
+    """
+    lm = getattr(model, "_m", model)  # the base view of a LoRA policy: the peft model
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # the module whose forward generate calls
+    state: dict = {}
+
+    def before(_module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if eos is None or args or ids is None:
+            return None
+        b = ids.shape[0]
+        if not state:  # the first forward (the prompt): every row
+            state.update(b=b, rows=torch.arange(b, device=ids.device), done=torch.zeros(b, dtype=torch.bool,
+                                                                                     device=ids.device))
+            return None
+        state["done"] |= ids[:, -1] == eos
+        rows, done = state["rows"], state["done"]
+        live = (~done[rows]).nonzero().squeeze(1)  # positions in the cache
+        if b >= MIN_LIVE_ROWS and len(live) <= 3 * len(rows) // 4 and len(rows) > MIN_LIVE_ROWS:
+            if len(live) < MIN_LIVE_ROWS:  # stopped rows fill up to the minimum
+                stopped = done[rows].nonzero().squeeze(1)[: MIN_LIVE_ROWS - len(live)]
+                live = torch.sort(torch.cat([live, stopped])).values
+            cache.batch_select_indices(live)
+            rows = state["rows"] = rows[live]
+        if len(rows) == b:
+            return None
+        kwargs = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
+                  for k, v in kwargs.items()}
+        return args, kwargs
+
+    def after(_module, _args, _kwargs, output):
+        rows = state.get("rows")
+        if rows is None or len(rows) == state["b"]:
+            return None
+        logits = output.logits.new_zeros((state["b"], *output.logits.shape[1:]))
+        logits[rows] = output.logits
+        output.logits = logits
+        return output
+
+    hooks = [lm.register_forward_pre_hook(before, with_kwargs=True),
+             lm.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _pad_cat(
