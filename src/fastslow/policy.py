@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.utils import logging as hf_logging
 
 from fastslow.config import ModelConfig
@@ -69,6 +68,9 @@ class Policy:
         # Prompt tokens shared by rows are run once; off where every forward is a collective (sharded weights):
         # ranks holding different prompts would run different numbers of forwards and wait on each other.
         self.share_prompts = True
+        # Prompts recur (a group's rollouts, every evaluation's problems): each text is templated and tokenized once.
+        self._formatted: dict[tuple[str, str, str | None], str] = {}
+        self._token_ids: dict[str, list[int]] = {}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -138,16 +140,33 @@ class Policy:
     # ---- prompts ------------------------------------------------------------------------------
     def format(self, system: str, user: str) -> str:
         """The prompt text: the chat template when the tokenizer has one, else plain text."""
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": user}]
-            if system:
-                messages.insert(0, {"role": "system", "content": system})
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return f"{system}\n\n{user}\n" if system else f"{user}\n"
+        template = getattr(self.tokenizer, "chat_template", None)
+        key = (system, user, template)
+        text = self._formatted.get(key)
+        if text is None:
+            if template:
+                messages = [{"role": "user", "content": user}]
+                if system:
+                    messages.insert(0, {"role": "system", "content": system})
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            else:
+                text = f"{system}\n\n{user}\n" if system else f"{user}\n"
+            _bound(self._formatted)
+            self._formatted[key] = text
+        return text
 
     def _encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        """Token ids of ``prompts``, left-padded, and their mask (as the tokenizer pads them)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._token_ids]
+        if new:
+            _bound(self._token_ids, extra=len(new))
+            self._token_ids.update(zip(new, self.tokenizer(new, add_special_tokens=False)["input_ids"], strict=True))
+        rows = [self._token_ids[p] for p in prompts]
+        width = max((len(r) for r in rows), default=0)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long).view(len(rows), width)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return ids.to(self.device), mask.view(len(rows), width).to(self.device)
 
     # ---- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,8 +205,8 @@ class Policy:
                     # The cache holds every prompt token but the last, which generate runs as its first step.
                     inputs = {"input_ids": shared.row_ids(), "attention_mask": shared.row_mask()}
                     cache = prefill(model, shared, drop_last=True)[0]
-                inputs["past_key_values"] = room_cache(cache, max_new_tokens + 1)
-                with live_rows(model, inputs["past_key_values"], eos):
+                cache = inputs["past_key_values"] = cache if cache is not None else DynamicCache()
+                with live_rows(model, cache, eos):
                     out = model.generate(
                         **inputs,
                         max_new_tokens=max_new_tokens,
@@ -332,6 +351,12 @@ class Policy:
             self.model.train(was_training)
 
 
+def _bound(memo: dict, size: int = 1 << 14, extra: int = 1) -> None:
+    """Start a memo afresh before it would hold more than ``size`` entries (prompts recur within a few steps)."""
+    if len(memo) + extra > size:
+        memo.clear()
+
+
 @contextlib.contextmanager
 def _frozen(model) -> Iterator[None]:
     """Weights marked as not needing gradients for a no-grad forward.
@@ -464,53 +489,6 @@ def prefill(model, shared: SharedPrefixes, *, drop_last: bool):
     if cache is not None:
         cache.batch_select_indices(shared.inverse)
     return cache, (None if drop_last else logits[shared.inverse])
-
-
-class RoomLayer(DynamicLayer):
-    """A :class:`DynamicLayer` whose keys and values are views of buffers with ``room`` free slots after them.
-
-    Each decoding step writes its token into the next slot instead of concatenating (a copy of the whole cache,
-    per layer and step, which dominated sampling of small models on CPU). Attention reads the same values.
-    """
-
-    def __init__(self, room: int) -> None:
-        super().__init__()
-        self.room = room
-        self._k = self._v = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, new = self.get_seq_length(), key_states.shape[-2]
-        if self._k is None or self.keys._base is not self._k or n + new > self._k.shape[-2]:  # no (more) room
-            shape = (*key_states.shape[:-2], n + new + self.room, key_states.shape[-1])
-            k, v = key_states.new_empty(shape), value_states.new_empty(shape)
-            if n:
-                k[..., :n, :], v[..., :n, :] = self.keys, self.values
-            self._k, self._v = k, v
-        self._k[..., n : n + new, :] = key_states
-        self._v[..., n : n + new, :] = value_states
-        self.keys, self.values = self._k[..., : n + new, :], self._v[..., : n + new, :]
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._k is None or self.keys._base is not self._k:
-            return super().batch_select_indices(indices)
-        n = self.get_seq_length()
-        self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)  # room and all
-        self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
-
-
-def room_cache(cache: DynamicCache | None, room: int) -> DynamicCache:
-    """``cache`` (None: an empty one) with room for ``room`` more tokens per layer (:class:`RoomLayer`)."""
-    out = DynamicCache()
-    out.layer_class_to_replicate = lambda: RoomLayer(room)
-    for layer in (cache.layers if cache is not None else []):
-        fresh = RoomLayer(room)
-        if layer.is_initialized:
-            fresh.update(layer.keys, layer.values)
-        out.layers.append(fresh)
-    return out
 
 
 # Matrix kernels give a row the same numbers in any batch of at least a few rows (a handful of rows take other
