@@ -120,6 +120,9 @@ class Trainer:
         self.state = LoopState()
         self.verifier_window = VerifierWindow(cfg.verifier_error_window, cfg.max_verifier_error_share)
         self.timing: dict[str, list[float]] = {k: [] for k in PHASES}
+        # Greedy evaluations of unchanged weights on unchanged contexts are repeated by frozen-weight methods at every
+        # evaluation: (weights version, task, contexts) -> (mean reward, verifier errors, verdicts) of the last one.
+        self._eval_memo: dict[tuple, tuple[float, int, int]] = {}
         if ckpt is not None:
             self.state = self.record.restore(
                 ckpt, self.engine, self.health, changes=self._resume_changes,
@@ -292,6 +295,7 @@ class Trainer:
         (``reward_agnostic``: one context source for every task). Identical contexts are scored once."""
         t0 = time.perf_counter()
         cfg, row = self.cfg, {}
+        self._eval_memo = {k: v for k, v in self._eval_memo.items() if k[0] == self.policy.version}
         for task in self.tasks.values():
             problems = list(task.problems("eval"))[: cfg.eval.n]
             views = {"reward_seed_prompt": [task.seed_prompt] * len(problems)}
@@ -304,12 +308,16 @@ class Trainer:
                 if same is not None:
                     result[key] = result[same]
                     continue
-                scored = score_prompt(
-                    self.engine.sample, task, contexts, cfg.eval.n, temperature=cfg.eval.temperature,
-                    max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
-                )
-                self._verified(scored.verifier_errors, len(scored.verdicts))
-                result[key] = scored.mean_reward
+                memo_key = (self.policy.version, task.name, tuple(contexts))
+                if cfg.eval.temperature > 0 or memo_key not in self._eval_memo:  # a seeded draw: sampled anew
+                    scored = score_prompt(
+                        self.engine.sample, task, contexts, cfg.eval.n, temperature=cfg.eval.temperature,
+                        max_new_tokens=cfg.slow.max_new_tokens, seed=derive_seed(cfg.seed, "eval", step, task.name),
+                    )
+                    self._eval_memo[memo_key] = (scored.mean_reward, scored.verifier_errors, len(scored.verdicts))
+                reward, errors, verdicts = self._eval_memo[memo_key]
+                self._verified(errors, verdicts)
+                result[key] = reward
             self.state.last_eval[task.name] = result
             for key in ("reward", "reward_seed_prompt", "reward_agnostic"):
                 row[f"eval/{task.name}/{key}"] = result[key]
