@@ -295,7 +295,8 @@ class Trainer:
         (``reward_agnostic``: one context source for every task). Identical contexts are scored once."""
         t0 = time.perf_counter()
         cfg, row = self.cfg, {}
-        self._eval_memo = {k: v for k, v in self._eval_memo.items() if k[0] == self.policy.version}
+        for stale in [k for k in self._eval_memo if k[0] != self.policy.version]:
+            del self._eval_memo[stale]
         for task in self.tasks.values():
             problems = list(task.problems("eval"))[: cfg.eval.n]
             views = {"reward_seed_prompt": [task.seed_prompt] * len(problems)}

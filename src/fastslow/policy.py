@@ -68,12 +68,12 @@ class Policy:
         # Prompt tokens shared by rows are run once; off where every forward is a collective (sharded weights):
         # ranks holding different prompts would run different numbers of forwards and wait on each other.
         self.share_prompts = True
-        # Prompts recur (a group's rollouts, every evaluation's problems): each text is templated and tokenized once.
-        self._formatted: dict[tuple[str, str, str | None], str] = {}
-        self._token_ids: dict[str, list[int]] = {}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
+        # Prompts recur (a group's rollouts, every evaluation's problems): each text is tokenized once.
+        self._token_ids: dict[str, list[int]] = {}
+        self._specials = tuple(sorted(tokenizer.special_tokens_map.items(), key=str))  # a chat template may use them
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -141,18 +141,18 @@ class Policy:
     def format(self, system: str, user: str) -> str:
         """The prompt text: the chat template when the tokenizer has one, else plain text."""
         template = getattr(self.tokenizer, "chat_template", None)
-        key = (system, user, template)
-        text = self._formatted.get(key)
+        if not template:
+            return f"{system}\n\n{user}\n" if system else f"{user}\n"
+        # Memoised across policies of a process: a benchmark worker formats the same problems run after run.
+        key = (template, self._specials, system, user)
+        text = _FORMATTED.get(key)
         if text is None:
-            if template:
-                messages = [{"role": "user", "content": user}]
-                if system:
-                    messages.insert(0, {"role": "system", "content": system})
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            else:
-                text = f"{system}\n\n{user}\n" if system else f"{user}\n"
-            _bound(self._formatted)
-            self._formatted[key] = text
+            messages = [{"role": "user", "content": user}]
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            _bound(_FORMATTED, 1 << 17)
+            _FORMATTED[key] = text
         return text
 
     def _encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,6 +349,9 @@ class Policy:
             yield
         finally:
             self.model.train(was_training)
+
+
+_FORMATTED: dict[tuple, str] = {}  # Policy.format's texts
 
 
 def _bound(memo: dict, size: int = 1 << 14, extra: int = 1) -> None:
