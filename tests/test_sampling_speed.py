@@ -124,3 +124,9 @@ class NeverRemembers(dict):
 
     def __contains__(self, key) -> bool:
         return False
+
+
+def test_token_counts_are_the_tokenizers(tiny_model):
+    policy = Policy.load(ModelConfig(path=str(tiny_model)))
+    for text in ("", "abc", policy.format("Sys.", "xy"), "abc"):
+        assert policy.count_tokens(text) == len(policy.tokenizer(text, add_special_tokens=False)["input_ids"])

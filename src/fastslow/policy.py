@@ -73,6 +73,7 @@ class Policy:
         tokenizer.padding_side = "left"
         # Prompts recur (a group's rollouts, every evaluation's problems): each text is tokenized once.
         self._token_ids: dict[str, list[int]] = {}
+        self._counts: dict[str, int] = {}
         self._specials = tuple(sorted(tokenizer.special_tokens_map.items(), key=str))  # a chat template may use them
 
     # ---- construction -------------------------------------------------------------------------
@@ -154,6 +155,15 @@ class Policy:
             _bound(_FORMATTED, 1 << 17)
             _FORMATTED[key] = text
         return text
+
+    def count_tokens(self, text: str) -> int:
+        """The number of tokens of ``text`` (no special tokens added), memoised."""
+        n = self._counts.get(text)
+        if n is None:
+            n = len(self._token_ids.get(text) or self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            _bound(self._counts, 1 << 16)
+            self._counts[text] = n
+        return n
 
     def _encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of ``prompts``, left-padded, and their mask (as the tokenizer pads them)."""

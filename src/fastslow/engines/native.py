@@ -38,16 +38,14 @@ def build_fast(cfg: Config, policy: Policy, sample: PolicySampler):
         from fastslow.checks import context_limit
         from fastslow.memory import GepaMemoryChannel, MemoryChannel
 
-        tokenizer, limit, budget = policy.tokenizer, context_limit(policy), cfg.slow.max_new_tokens
-
-        def count_tokens(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        limit, budget = context_limit(policy), cfg.slow.max_new_tokens
 
         def fits(context: str, problem) -> bool:
-            return limit is None or count_tokens(policy.format(context, problem.prompt)) + budget <= limit
+            return limit is None or policy.count_tokens(policy.format(context, problem.prompt)) + budget <= limit
 
         memory = MemoryChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                               max_new_tokens=budget, count_tokens=count_tokens, fits=fits, out=Path(cfg.out))
+                               max_new_tokens=budget, count_tokens=policy.count_tokens, fits=fits,
+                               out=Path(cfg.out))
         if gepa is not None:
             return GepaMemoryChannel(gepa, memory)
     return memory or gepa
