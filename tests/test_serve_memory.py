@@ -249,3 +249,32 @@ def test_shipped_serve_memory_config_learns_from_verifier_feedback(tmp_path, mon
         assert all(x in srv.state.served.context_for("abc") for x in lessons)
     finally:
         srv.close()
+
+
+def test_retrieval_keeps_every_request_under_the_prompt_limit(serve):
+    """Memory is added only while the request as served stays under serve.max_prompt_tokens: no 400s from it."""
+    srv, client = serve(extra=["serve.max_prompt_tokens=40"])
+    feed(client, [f"say {w}" for w in WORDS[:8]])
+    srv.learner.fast_round()
+    assert srv.state.served.memory.store.lessons
+    for w in WORDS[:8]:  # each would be over 40 tokens with its lesson ("For apple use vowels." is 21)
+        assert ask(client, f"say {w}").choices[0].finish_reason in ("stop", "length")
+        assert srv.state.served.context_for(f"say {w}") == srv.state.served.task.seed_prompt
+
+
+def test_a_serve_dir_from_before_user_turns_were_stored_is_migrated(tmp_path):
+    from fastslow.serve.store import FeedbackStore
+
+    con = sqlite3.connect(tmp_path / "serve.sqlite")
+    con.executescript("""CREATE TABLE answers (id TEXT PRIMARY KEY, created REAL NOT NULL, task TEXT NOT NULL,
+        problem_id TEXT, prompt TEXT NOT NULL, completion TEXT NOT NULL, stopped INTEGER NOT NULL,
+        fingerprint TEXT NOT NULL);
+        INSERT INTO answers VALUES ('old', 0, 't', NULL, 'p', 'c', 1, 'fastslow-w0-c0');""")
+    con.close()
+    store = FeedbackStore(tmp_path / "serve.sqlite")
+    try:
+        store.add_answers([("new", "t", None, "p2", "c2", False, "fastslow-w0-c0", "say fig")])
+        assert store.add_feedback("old", 0.5, None, "feedback") == store.add_feedback("new", 1.0, None, "x") == "ok"
+        assert [(r.id, r.user) for r in store.feedback_after(0, 10)] == [("old", None), ("new", "say fig")]
+    finally:
+        store.close()
