@@ -46,8 +46,12 @@ def build_fast(cfg: Config, policy: Policy, sample: PolicySampler):
         def fits(context: str, problem) -> bool:
             return limit is None or count_tokens(policy.format(context, problem.prompt)) + budget <= limit
 
+        from fastslow.memory.retrieve import hidden_state_embedder
+
+        embed = hidden_state_embedder(policy) if cfg.fast.memory.retriever != "bm25" else None
         memory = MemoryChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                               max_new_tokens=budget, count_tokens=count_tokens, fits=fits, out=Path(cfg.out))
+                               max_new_tokens=budget, count_tokens=count_tokens, fits=fits, out=Path(cfg.out),
+                               embed=embed, version=lambda: policy.version)
         if gepa is not None:
             return GepaMemoryChannel(gepa, memory)
     return memory or gepa
