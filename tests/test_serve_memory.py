@@ -278,3 +278,13 @@ def test_a_serve_dir_from_before_user_turns_were_stored_is_migrated(tmp_path):
         assert [(r.id, r.user) for r in store.feedback_after(0, 10)] == [("old", None), ("new", "say fig")]
     finally:
         store.close()
+
+
+def test_dense_retrieval_embeds_with_the_served_weights(serve):
+    srv, client = serve(extra=["fast.memory.retriever=hybrid"])
+    feed(client, [f"say {w}" for w in WORDS[:8]])
+    srv.learner.fast_round()
+    memory = srv.state.served.memory
+    assert ask(client, "say apple").system_fingerprint == "fastslow-w0-c1"
+    assert memory.embed.embedded > 0 and memory.retrieval_errors == 0
+    assert "For apple use vowels." in srv.state.served.context_for("say apple")

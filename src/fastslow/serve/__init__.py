@@ -230,14 +230,14 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
 def _fast_channel(cfg: Config, served, view, out: Path):
     """The fast channel ``cfg.fast_kind`` names, on the served weights (``view``): GEPA's population, the
     experience memory (its files in ``out/memory``; ``served`` retrieves from it per request), or both."""
-    import copy
-
     from fastslow.checks import context_limit
     from fastslow.fast import FastChannel
     from fastslow.memory import GepaMemoryChannel, MemoryChannel
+    from fastslow.memory.retrieve import hidden_state_embedder
     from fastslow.reflect import make_reflector
     from fastslow.rollout import PolicySampler
     from fastslow.serve.app import format_prompt
+    from fastslow.serve.learner import policy_view
 
     sample = PolicySampler(view, verify_timeout_s=cfg.verify_timeout_s)
     gepa = memory = None
@@ -245,8 +245,10 @@ def _fast_channel(cfg: Config, served, view, out: Path):
         gepa = FastChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
                            max_new_tokens=cfg.slow.max_new_tokens, version=lambda: served.state.weights_version)
     if "memory" in cfg.fast_kind:
-        tokenizer = copy.deepcopy(view.tokenizer)  # retrieval counts tokens on any thread (under memory_lock)
-        limit, budget = context_limit(view), cfg.serve.default_max_tokens or cfg.slow.max_new_tokens
+        # Its own tokenizer: retrieval runs on any thread (under Served.memory_lock) while the learner samples.
+        mine = policy_view(view)
+        tokenizer, limit = mine.tokenizer, context_limit(mine)
+        budget = cfg.serve.default_max_tokens or cfg.slow.max_new_tokens
 
         def count_tokens(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -255,9 +257,11 @@ def _fast_channel(cfg: Config, served, view, out: Path):
             n = count_tokens(format_prompt(tokenizer, context, [], problem.prompt))
             return n <= cfg.serve.max_prompt_tokens and (limit is None or n + budget <= limit)
 
+        embed = hidden_state_embedder(mine) if cfg.fast.memory.retriever != "bm25" else None  # the served weights
         memory = served.memory = MemoryChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast),
                                                seed=cfg.seed, max_new_tokens=budget, count_tokens=count_tokens,
-                                               fits=fits, out=out)
+                                               fits=fits, out=out, embed=embed,
+                                               version=lambda: served.state.weights_version)
         if gepa is not None:
             return GepaMemoryChannel(gepa, memory)
     return memory or gepa
