@@ -986,6 +986,7 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
         cells = ("base_seed", "base_evolved", "trained_seed", "trained_evolved")
         L += ["", "FST's channel attribution (mean over the stream's tasks): "
               + ", ".join(f"{c} {_fmt_spread(at[c])}" for c in cells) + "."]
+        L += memory_section(r, claims["seeds"])
     L += ["", "## The drift-plasticity frontier", "",
           f"One point per run: KL penalty {s['kl_coefs']} x {s['weights']} x rl/fst, plus the drift budget "
           f"(full weights, `slow.kl_target={s['kl_target']}`), seeds {claims['seeds']}, on each regime's stream.",
@@ -1012,6 +1013,45 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
           f"mean |log(KL/target)| over the second half {_fmt_spread(b['late_mean_abs_log_err'])}; "
           f"without a budget (kl 0, full) the final KL was {_fmt_spread(b['unbudgeted_final_kl'])}.", ""]
     path.write_text("\n".join(L + [*(b + "\n" for b in kept_blocks(path))]) + "\n")
+
+
+def memory_section(r: dict, seeds: Sequence[int]) -> list[str]:
+    """Where the experience memory (frozen weights) stands against the weight-training methods, paired by seed:
+    stream ACC in both scenarios, and its single-task ceiling against the best method that trains weights."""
+    runs = r.get("stream_runs", {})
+    if "memory" not in runs:
+        return []
+
+    def stream(m: str, get: Callable[[dict], float | None]) -> list[float | None]:
+        return [get(runs[m][str(sd)]) if str(sd) in runs.get(m, {}) else None for sd in seeds]
+
+    def diff(a: str, b: str, get: Callable[[dict], float | None]) -> dict:
+        return paired([_sub(x, y) for x, y in zip(stream(a, get), stream(b, get))])
+
+    aware, agnostic = (lambda e: (e.get("cl") or {}).get("acc")), (lambda e: (e.get("cl_agnostic") or {}).get("acc"))
+    pairs = [(a, b) for a, b in (("memory", "fst"), ("memory", "rl"), ("memory", "gepa"), ("fst+memory", "fst"),
+                                 ("fst+memory", "memory")) if a in runs and b in runs]
+    L = ["", "Memory on the drift axis (stream ACC, paired by seed, mean [95% t interval]; memory's KL is 0):", "",
+         "| comparison | ACC task-aware | ACC task-agnostic | final KL(pi‖base) |", "|---|---|---|---|"]
+    for a, b in pairs:
+        L.append(f"| {a} - {b} | {_fmt_ci(diff(a, b, aware))} | {_fmt_ci(diff(a, b, agnostic))} | "
+                 f"{_fmt_ci(diff(a, b, lambda e: e.get('kl_rev')))} |")
+    # The ceiling: memory's single-task final against the best weight-training method's, task by task.
+    trainers = [m for m in METHODS if m not in ZERO_DRIFT_METHODS]
+    gaps = []
+    for sd in seeds:
+        per_task = []
+        for t in r["single"].values():
+            ms = (t.get("seeds", {}).get(str(sd)) or {}).get("methods", {})
+            best = max((ms[m]["final"] for m in trainers if ms.get(m, {}).get("final") is not None), default=None)
+            per_task.append(_sub((ms.get("memory") or {}).get("final"), best))
+        gaps.append(_mean(per_task))
+    gap, word = paired(gaps), {True: "above", False: "below"}
+    side = word[True] if _above(gap) else word[False] if _below(gap) else "not distinguishable from"
+    L += ["", f"Ceiling: on single tasks memory's final reward minus the best weight-training method's "
+          f"({', '.join(trainers)}) is {_fmt_ci(gap)}: memory is {side} it. (The paper's frozen-weight prompt-only "
+          "arm: 21.8 against RL 34.8 and FST 37.5, averaged over its tasks.)"]
+    return L
 
 
 def other_modes(mode: str) -> list[str]:
