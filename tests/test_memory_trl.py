@@ -4,7 +4,10 @@ One process: the trl run gives native's metrics rows and native's memory file (b
 weights; with the slow channel on, to 1e-4 with the objectives aligned, as the conformance suite), and
 ``--resume`` restores the store from the checkpoint. Two processes (torchrun, gloo): the curator's reflection
 model is called on rank 0 alone, every rank holds the same store and retrieves the same context for every
-problem, only rank 0 writes ``memory/``, and kill -9 then ``--resume`` gives the uninterrupted run.
+problem, only rank 0 writes ``memory/``, and kill -9 then ``--resume`` gives the uninterrupted run. Frozen
+weights on two processes write native's one-process rows and memory file; with the slow channel on they cannot:
+each rank samples its share of the training rollouts with seed + rank, so the weights (and what the memory
+learns on them) follow another random stream than one process's.
 """
 
 from __future__ import annotations
@@ -109,10 +112,20 @@ def test_two_processes_share_one_memory(tiny_model, tmp_path, method, kind):
     assert [x.text for x in stored] == lessons and len(cases) == len(m0["store"]["cases"])
     rows = read_rows(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    if method == "memory":
-        assert all(r["drift/kl_rev"] == r["drift/kl_fwd"] == 0.0 for r in rows if "drift/kl_rev" in r)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["memory"]["lessons"] == len(lessons)
+    if method == "memory":  # frozen weights, greedy rounds and eval: native on one process, the same record
+        import lockstep_reflectors
+
+        assert all(r["drift/kl_rev"] == r["drift/kl_fwd"] == 0.0 for r in rows if "drift/kl_rev" in r)
+
+        lockstep_reflectors.calls = 0  # its replies count the calls: start where the worker's rank 0 did
+        native = tmp_path / "native"
+        train(small_config(tiny_model, native, method="memory", steps=3, extra=[  # tests/trl_worker.py's settings
+            "fast.every=2", "fast.budget=24", "eval.every=3", "drift.every=3", "checkpoint_every=3",
+            "fast.reflector=lockstep_reflectors:per_process_reflector", "fast.reflection_retries=1"]))
+        assert (native / "memory" / "store.jsonl").read_bytes() == (out / "memory" / "store.jsonl").read_bytes()
+        assert [json.dumps(r) for r in read_rows(native)] == [json.dumps(r) for r in rows]
 
 
 def _launch(cfg: Path, out: Path, *extra: str, kill_after: Path | None = None) -> subprocess.CompletedProcess:
