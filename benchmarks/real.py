@@ -34,9 +34,10 @@ import claims as study  # noqa: E402 - the same protocol, statistics and verdict
 RESULTS = HERE / "results"
 ROOT = Path("runs") / "bench-real"
 REAL: dict[str, Any] = study.PROTOCOL["real"]
-# Method names -> (loop method, fast.kind). Memory methods are planned only when the config schema knows them.
+# Method names -> (loop method, fast.kind), as in claims.run_config and the demo: fst+memory is the weights plus
+# the experience memory (no prompt population). Memory methods are planned only when the config schema knows them.
 METHOD_CONFIG = {"rl": ("rl", None), "gepa": ("gepa", None), "fst": ("fst", None), "memory": ("memory", None),
-                 "fst+memory": ("fst", "gepa+memory")}
+                 "fst+memory": ("fst", "memory")}
 
 
 def spec(candidate: str, **options: int) -> str:

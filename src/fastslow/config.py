@@ -130,6 +130,10 @@ class MemoryConfig(_Strict):
     drop_harmful_margin: int = Field(
         3, gt=0, description="A lesson whose harmful count exceeds its helpful count by this much is dropped.")
     reflect_examples: int = Field(8, gt=0, description="Scored attempts shown to the reflector per round.")
+    retriever: Literal["bm25", "dense", "hybrid"] = Field(
+        "bm25", description="How lessons and cases are ranked per problem. bm25: words (bm25s); dense: cosine of "
+        "the policy's own hidden states (current weights, last layer mean-pooled; re-embedded after each weight "
+        "update; no other model); hybrid: reciprocal-rank fusion of both, sum 1/(60 + rank).")
 
 
 class FastConfig(_Strict):

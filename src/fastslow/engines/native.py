@@ -38,6 +38,7 @@ def build_fast(cfg: Config, policy: Policy, sample: Sampler, out: Path | None = 
     if "memory" in kind:
         from fastslow.checks import context_limit
         from fastslow.memory import GepaMemoryChannel, MemoryChannel
+        from fastslow.memory.retrieve import hidden_state_embedder
 
         tokenizer, limit, budget = policy.tokenizer, context_limit(policy), cfg.slow.max_new_tokens
 
@@ -47,8 +48,10 @@ def build_fast(cfg: Config, policy: Policy, sample: Sampler, out: Path | None = 
         def fits(context: str, problem) -> bool:
             return limit is None or count_tokens(policy.format(context, problem.prompt)) + budget <= limit
 
+        embed = hidden_state_embedder(policy) if cfg.fast.memory.retriever != "bm25" else None
         memory = MemoryChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                               max_new_tokens=budget, count_tokens=count_tokens, fits=fits, out=out)
+                               max_new_tokens=budget, count_tokens=count_tokens, fits=fits, out=out, embed=embed,
+                               version=lambda: policy.version)
         if gepa is not None:
             return GepaMemoryChannel(gepa, memory)
     return memory or gepa

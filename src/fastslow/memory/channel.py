@@ -15,7 +15,10 @@ A round on ``task`` (every ``fast.every`` steps, like a GEPA round, on the curre
 A curator failure (the reflector failing after its retries, a garbled reply) costs that round: none of its
 deltas is applied, it is counted (``fast/memory/round_errors``), the run goes on; a reflector that fails on
 every call stops the run through the loop's reflection health, as for GEPA. A retrieval failure is counted
-(``fast/memory/retrieval_errors``) and that context is ranked without BM25.
+(``fast/memory/retrieval_errors``) and that context is ranked without retrieval (utility, recency).
+
+Retrieval (``fast.memory.retriever``, :mod:`fastslow.memory.retrieve`): BM25, or dense / hybrid over the policy's
+own hidden states, through an ``embed`` callable the engine passes (the channel never sees a model).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 from fastslow.channels import Round, Sampler
 from fastslow.config import FastConfig
 from fastslow.memory.curator import curate
-from fastslow.memory.retrieve import BM25Index, RetrievalError
+from fastslow.memory.retrieve import Embed, EmbeddingCache, RetrievalError, Retriever, make_retriever
 from fastslow.memory.store import Case, Delta, Lesson, Store, normalise, read_dir
 from fastslow.preflight import check_reflector
 from fastslow.reflect import GuardedReflector, ReflectionLM
@@ -43,12 +46,14 @@ class MemoryChannel:
     ``count_tokens(text)``: tokens of a context with the policy's tokenizer; ``fits(context, problem)``: the
     formatted prompt plus the completion budget fits the model. ``base_prompt(task)``: what memory is added to
     (the seed prompt; GEPA's best prompt under ``gepa+memory``). ``out``: the run dir (the store goes to
-    ``out/memory``; None: not written).
+    ``out/memory``; None: not written). ``embed(texts)`` (unit vectors from the current weights) and ``version()``
+    (the weights' version; the vectors are cached until it moves): needed by the dense and hybrid retrievers.
     """
 
     def __init__(self, sample: Sampler, cfg: FastConfig, reflector: ReflectionLM, *, seed: int, max_new_tokens: int,
                  count_tokens: Callable[[str], int], fits: Callable[[str, Problem], bool] | None = None,
-                 out: Path | None = None, base_prompt: Callable[[Task], str] | None = None) -> None:
+                 out: Path | None = None, base_prompt: Callable[[Task], str] | None = None,
+                 embed: Embed | None = None, version: Callable[[], int] = lambda: 0) -> None:
         self.sample, self.cfg, self.mcfg, self.seed = sample, cfg, cfg.memory, seed
         self.max_new_tokens, self.count_tokens, self.fits = max_new_tokens, count_tokens, fits
         self.dir = Path(out) / "memory" if out is not None else None
@@ -62,7 +67,9 @@ class MemoryChannel:
         self.population: list[str] = []
         self.best: dict[str, str] = {}
         self.rounds = self.round_errors = self.retrieval_errors = self.refused = self.leaks_refused = 0
-        self._lesson_index, self._case_index = BM25Index(), BM25Index()
+        self.embed = EmbeddingCache(embed, version) if embed is not None else None  # lessons and cases share it
+        self._lesson_index = make_retriever(self.mcfg.retriever, self.embed)
+        self._case_index = make_retriever(self.mcfg.retriever, self.embed)
         self._eval_prompts: dict[str, set[str]] = {}
 
     def preflight(self) -> None:
@@ -104,7 +111,7 @@ class MemoryChannel:
         ``task`` retrieve from ``task``'s memory, ``agnostic`` from the whole memory (the task is not told)."""
         return [self.context(self.base_prompt(task), task, problem, view)[0]] * group_size
 
-    def _ranked(self, entries: list, texts: list[str], index: BM25Index, query: str, tiebreak) -> list:
+    def _ranked(self, entries: list, texts: list[str], index: Retriever, query: str, tiebreak) -> list:
         try:
             scores = index.scores(texts, query)
         except RetrievalError:
