@@ -47,9 +47,12 @@ def _max_rel(a: list[dict], b: list[dict]) -> float:
     return worst
 
 
-@pytest.mark.parametrize("method,kind", [("memory", None), ("fst", "memory"), ("fst", "gepa+memory")])
-def test_memory_runs_on_trl_as_on_native(tiny_model, tmp_path, method, kind):
-    extra = [*MEMORY, *([f"fast.kind={kind}"] if kind else []), *(ALIGNED if method == "fst" else ())]
+@pytest.mark.parametrize("method,kind,retriever", [("memory", None, "bm25"), ("fst", "memory", "dense"),
+                                                   ("fst", "gepa+memory", "hybrid")])
+def test_memory_runs_on_trl_as_on_native(tiny_model, tmp_path, method, kind, retriever):
+    """dense / hybrid: retrieval embeds with the policy's hidden states, here the trainer's model."""
+    extra = [*MEMORY, *([f"fast.kind={kind}"] if kind else []), *(ALIGNED if method == "fst" else ()),
+             f"fast.memory.retriever={retriever}"]
     runs = {e: tmp_path / e for e in ("native", "trl")}
     summary = {e: train(small_config(tiny_model, out, method=method, extra=[*extra, f"engine={e}"]))
                for e, out in runs.items()}
@@ -91,16 +94,19 @@ def _env() -> dict:
 @pytest.mark.parametrize("method,kind", [("memory", None), ("fst", "gepa+memory")])
 def test_two_processes_share_one_memory(tiny_model, tmp_path, method, kind):
     """Replies carry the rank and a call counter: had rank 1 called its own model it would store "Hint 1-..."
-    lessons, and its contexts would differ from rank 0's."""
+    lessons, and its contexts would differ from rank 0's. fst: hybrid retrieval (BM25 and the policy's hidden
+    states), whose embedding forwards every rank makes alike."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "trl_worker.py"), str(tiny_model), str(out),
-           "lockstep_reflectors:per_process_reflector", method, *([f"fast.kind={kind}"] if kind else [])]
+           "lockstep_reflectors:per_process_reflector", method,
+           *([f"fast.kind={kind}", "fast.memory.retriever=hybrid"] if kind else [])]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     p0, p1 = (json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1))
     m0 = p0["fast"] if method == "memory" else p0["fast"]["memory"]
     assert p0["fast"] == p1["fast"] and m0["rounds"] == 2  # the same store (and population) on both ranks
+    assert m0["retrieval_errors"] == 0  # (a failing embedding would have been counted here)
     lessons = [x["text"] for x in m0["store"]["lessons"]]
     assert lessons and all(t.startswith("Hint 0-") for t in lessons)  # the curator ran on rank 0 only
     assert p0["reflector_calls"] > 0 and p1["reflector_calls"] == 0
@@ -137,14 +143,16 @@ def _launch(cfg: Path, out: Path, *extra: str, kill_after: Path | None = None) -
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _fst_memory_config(tmp_path: Path, tiny_model: Path) -> Path:
-    cfg = tmp_path / "fst-memory.yaml"
+def _fst_memory_config(tmp_path: Path, tiny_model: Path, *, kind: str = "memory", retriever: str = "bm25",
+                       lora: bool = False) -> Path:
+    cfg = tmp_path / f"fst-{kind}-{retriever}-{lora}.yaml"
     cfg.write_text(f"""method: fst
 engine: trl
-model: {{path: '{tiny_model}'}}
+model: {{path: '{tiny_model}'{", lora: {r: 4}" if lora else ""}}}
 stages: [{{task: 'conformance_tasks:killable_vowel_task', steps: 5}}]
 slow: {{batch_problems: 2, group_size: 4, max_new_tokens: 6, lr: 0.01, warmup_steps: 2}}
-fast: {{kind: memory, every: 2, budget: 8, val_size: 4, preflight: false, reflector: '{REFLECTOR}'}}
+fast: {{kind: {kind}, every: 2, population: 2, budget: 8, val_size: 4, preflight: false, reflector: '{REFLECTOR}',
+       memory: {{retriever: {retriever}}}}}
 drift: {{every: 5, probe_size: 2, max_new_tokens: 6}}
 eval: {{every: 5, n: 4}}
 checkpoint_every: 2
@@ -177,3 +185,23 @@ def test_two_processes_kill_9_then_resume_give_the_uninterrupted_run_and_memory(
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
     assert done.returncode == 2 and len(lines) == 2 and len(set(lines)) == 1, lines  # rank 0's line, twice
     assert "not a memory this fastslow wrote" in lines[0] and (whole / "memory" / "store.jsonl").read_text() == foreign
+
+
+@pytest.mark.slow
+def test_sharded_weights_fsdp2_keep_the_memory_as_ddp_does(tiny_model, tmp_path):
+    """FSDP2 (forced on CPU): every forward is a collective, the dense retriever's embedding forwards too; the
+    run and its memory equal DDP's (rows to 1e-5: sharded reductions sum in another order)."""
+    cfg = _fst_memory_config(tmp_path, tiny_model, kind="gepa+memory", retriever="hybrid", lora=True)
+    runs = {"ddp": tmp_path / "ddp", "fsdp2": tmp_path / "fsdp2"}
+    for name, out in runs.items():
+        entry = [str(ROOT / "tests" / "fsdp2_cli.py")] if name == "fsdp2" else ["-m", "fastslow.cli"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry,
+               "run", str(cfg), "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((runs["fsdp2"] / "summary.json").read_text())["sharding"] == "FSDP2"
+    assert _max_rel(read_rows(runs["fsdp2"]), read_rows(runs["ddp"])) <= 1e-5
+    store = {name: (out / "memory" / "store.jsonl").read_text() for name, out in runs.items()}
+    assert store["fsdp2"] == store["ddp"] and len(read_dir(runs["ddp"] / "memory")[1]) >= 2
+    last = sorted((runs["fsdp2"] / "checkpoints").glob("step_*"))[-1]
+    assert json.loads((last / "engine.json").read_text())["fast"]["memory"]["retrieval_errors"] == 0
