@@ -168,9 +168,10 @@ def test_two_processes_kill_9_then_resume_give_the_uninterrupted_run_and_memory(
     and the file is left as it was."""
     cfg = _fst_memory_config(tmp_path, tiny_model)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert _launch(cfg, whole).returncode == 0
-    assert _launch(cfg, cut, kill_after=cut / "checkpoints" / "step_000002").returncode != 0  # SIGKILL in step 3
-    assert len(read_rows(cut)) < 6
+    done = _launch(cfg, whole)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _launch(cfg, cut, kill_after=cut / "checkpoints" / "step_000002")  # SIGKILL in step 3
+    assert done.returncode != 0 and len(read_rows(cut)) < 6, done.stderr[-3000:]
     done = _launch(cfg, cut, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (cut / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
@@ -182,9 +183,9 @@ def test_two_processes_kill_9_then_resume_give_the_uninterrupted_run_and_memory(
     foreign = '{"format": "someone-else"}\n'
     (whole / "memory" / "store.jsonl").write_text(foreign)
     done = _launch(cfg, whole, "--resume")
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
-    assert done.returncode == 2 and len(lines) == 2 and len(set(lines)) == 1, lines  # rank 0's line, twice
-    assert "not a memory this fastslow wrote" in lines[0] and (whole / "memory" / "store.jsonl").read_text() == foreign
+    said = done.stdout + done.stderr  # both ranks print their line (into one pipe: they may interleave)
+    assert done.returncode == 2 and "not a memory this fastslow wrote" in said and "bug in fastslow" not in said, said
+    assert (whole / "memory" / "store.jsonl").read_text() == foreign
 
 
 @pytest.mark.slow
