@@ -429,8 +429,8 @@ class Config(_Strict):
         if kind is not None and self.method in ("gepa", "memory") and kind != self.method:
             raise ValueError(f"fast.kind {kind!r} with method {self.method!r}: method {self.method} holds "
                              f"{self.method} only (use method: fst for fast.kind {kind})")
-        if self.fast_kind in ("memory", "gepa+memory") and self.engine != "native":
-            raise ValueError(f"fast.kind {self.fast_kind!r} runs on engine 'native' only for now")
+        if self.fast_kind in ("memory", "gepa+memory") and self.engine not in ("native", "trl"):
+            raise ValueError(f"fast.kind {self.fast_kind!r} runs on engines 'native' and 'trl' only")
 
     @property
     def fast_kind(self) -> str | None:

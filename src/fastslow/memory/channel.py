@@ -348,7 +348,10 @@ class GepaMemoryChannel:
     def __init__(self, gepa, memory: MemoryChannel) -> None:
         self.gepa, self.memory = gepa, memory
         memory.base_prompt = lambda task: gepa.best.get(task.name, task.seed_prompt)
-        self.reflector = gepa.reflector
+
+    @property
+    def reflector(self):
+        return self.gepa.reflector  # GEPA's (serve's preflight reads its model)
 
     @property
     def population(self) -> list[str]:
