@@ -34,9 +34,10 @@ import claims as study  # noqa: E402 - the same protocol, statistics and verdict
 RESULTS = HERE / "results"
 ROOT = Path("runs") / "bench-real"
 REAL: dict[str, Any] = study.PROTOCOL["real"]
-# Method names -> (loop method, fast.kind). Memory methods are planned only when the config schema knows them.
+# Method names -> (loop method, fast.kind), as in claims.run_config and the demo: fst+memory is the weights plus
+# the experience memory (no prompt population). Memory methods are planned only when the config schema knows them.
 METHOD_CONFIG = {"rl": ("rl", None), "gepa": ("gepa", None), "fst": ("fst", None), "memory": ("memory", None),
-                 "fst+memory": ("fst", "gepa+memory")}
+                 "fst+memory": ("fst", "memory")}
 
 
 def spec(candidate: str, **options: int) -> str:
@@ -79,13 +80,15 @@ def select(n: int | None = None, limit: int | None = None, out: Path = RESULTS /
                      "seconds": time.perf_counter() - t1, "sampling_s": sampling, "rollouts": len(problems)})
         print(f"  {cand}: base reward {reward:.3f} on {len(problems)} train problems "
               f"({'qualifies' if ok else 'out of range'}; {time.perf_counter() - t1:.0f} s)", flush=True)
+        if sum(bool(r.get("qualifies")) for r in rows) >= rule["stream_len"] + rule["heldout"]:
+            break  # the rule takes qualifying candidates in order: later ones cannot change the selection
     qualified = [r["candidate"] for r in rows if r.get("qualifies")]
     need = rule["stream_len"] + rule["heldout"]
     result = {"protocol": study.protocol_sha256(), "rule": {k: rule[k] for k in ("min_base", "max_base",
                                                                                   "stream_len", "heldout")},
               "n": n, "candidates_scored": len(rows), "candidates_total": len(rule["candidates"]), "scores": rows,
               "stream": qualified[: rule["stream_len"]], "heldout": qualified[rule["stream_len"]: need][:1] or None,
-              "complete": len(qualified) >= need and n >= rule["select_n"] and limit is None,
+              "complete": len(qualified) >= need and n >= rule["select_n"],  # in order: a --limit past them is moot
               "seconds": time.perf_counter() - t0,  # sampling only below: model and dataset loading excluded
               "seconds_per_rollout": sum(r.get("sampling_s", 0) for r in rows) / max(sum(r.get("rollouts", 0)
                                                                                          for r in rows), 1)}

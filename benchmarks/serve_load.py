@@ -2,14 +2,16 @@
 
 Starts the server (the real CLI, uvicorn) on a free 127.0.0.1 port with a fresh run dir, runs N concurrent users
 with the official `openai` client (chat requests drawn from the served task's train split, temperature 1), and
-each user posts the verifier's reward as feedback. Stops by itself: after --duration seconds once
---min-promotions promotions happened, or at --max-duration, or after --max-requests requests.
+each user posts the verifier's reward as feedback (with ``serve.score: verifier`` the server scores the answers
+itself). Stops by itself: after --duration seconds once --min-promotions promotions happened (none for frozen-weight
+methods), or at --max-duration, or after --max-requests requests.
 
 Reports served reward over time (client-side verifier reward per window, and the gate's held-out reward per
 version), versions promoted and rejected (with reasons), KL of the served version, p50/p99 latency of requests
 that overlapped a weight swap and of those that did not, and failed requests. Writes --out (JSON).
 
     python benchmarks/serve_load.py --config configs/serve-demo.yaml --out benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --config configs/serve-memory.yaml --out benchmarks/results/serve_memory_load.json
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--duration", type=float, default=120.0, help="Least seconds of load.")
     ap.add_argument("--max-duration", type=float, default=240.0, help="Hard stop, promotions or not.")
-    ap.add_argument("--min-promotions", type=int, default=3)
+    ap.add_argument("--min-promotions", type=int, default=3, help="(0 for a method without weight training)")
     ap.add_argument("--max-requests", type=int, default=20_000)
     ap.add_argument("--window", type=float, default=20.0, help="Seconds per served-reward window.")
     ap.add_argument("--seed", type=int, default=0)
@@ -73,6 +75,8 @@ def main() -> int:
     from fastslow.tasks import load_task
 
     cfg = load_config(args.config, args.sets)
+    if cfg.method in ("gepa", "memory"):  # frozen weights: nothing is ever promoted
+        args.min_promotions = 0
     task = load_task(cfg.stages[-1].task)
     problems = list(task.problems("train"))
     run_dir = Path(tempfile.mkdtemp(prefix="fastslow-serve-load-"))
@@ -95,7 +99,7 @@ def main() -> int:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        result = drive(args, base, task, problems, run_dir)
+        result = drive(args, base, task, problems, run_dir, post=cfg.serve.score == "feedback")
         result["metrics"] = scrape(httpx.get(f"{base}/metrics", timeout=10).text)
     finally:
         server.send_signal(signal.SIGINT)
@@ -128,8 +132,9 @@ def scrape(text: str) -> dict[str, float]:
     return found
 
 
-def drive(args, base: str, task, problems, run_dir: Path) -> dict:
-    """Run the users until the stop rule; returns per-request records."""
+def drive(args, base: str, task, problems, run_dir: Path, post: bool = True) -> dict:
+    """Run the users until the stop rule; returns per-request records. ``post``: users send the verifier's
+    reward as feedback (``serve.score: verifier``: the server scores the answers itself)."""
     records: list[dict] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -148,8 +153,8 @@ def drive(args, base: str, task, problems, run_dir: Path) -> dict:
                                                    messages=[{"role": "user", "content": problem.prompt}])
                 end = time.time()
                 reward = task.verify(problem, r.choices[0].message.content).reward
-                ack = http.post(f"{base}/v1/feedback", json={"id": r.id, "reward": reward})
-                if ack.status_code != 200:
+                ack = http.post(f"{base}/v1/feedback", json={"id": r.id, "reward": reward}) if post else None
+                if ack is not None and ack.status_code != 200:
                     raise RuntimeError(f"feedback {ack.status_code}: {ack.text[:200]}")
             except Exception as exc:  # noqa: BLE001 - counted: the benchmark requires none
                 with lock:
@@ -215,6 +220,9 @@ def analyse(args, cfg, result: dict, rows: list[dict]) -> dict:
         "context_changes": [{"at_s": round(r["time"] - t0, 1), "version": r["serve/context_version"]}
                             for r in contexts],
         "fast_rounds": len(rounds),
+        "memory": {k.removeprefix("fast/memory/"): rounds[-1][k] for k in
+                   ("fast/memory/lessons", "fast/memory/cases", "fast/memory/round_errors")
+                   if k in rounds[-1]} if rounds else None,
         "fast_round_s": {"mean": round(sum(r["serve/round_s"] for r in rounds) / len(rounds), 2),
                          "max": round(max(r["serve/round_s"] for r in rounds), 2)} if rounds else None,
         "final_kl_rev": promoted[-1]["serve/candidate_kl"] if promoted else 0.0,
@@ -239,8 +247,9 @@ def table(s: dict) -> str:
         "| | value |", "|---|---|",
         f"| promoted versions | {len(s['promotions'])} |",
         f"| rejected candidates | {len(s['rejections'])} |",
-        f"| fast rounds (GEPA on the served weights), seconds each: mean / max | {s['fast_rounds']}: "
-        f"{(s['fast_round_s'] or {}).get('mean')} / {(s['fast_round_s'] or {}).get('max')} |",
+        f"| fast rounds (GEPA on the served weights and/or memory curation), seconds each: mean / max | "
+        f"{s['fast_rounds']}: {(s['fast_round_s'] or {}).get('mean')} / {(s['fast_round_s'] or {}).get('max')} |",
+        *([f"| memory after the last round | {s['memory']} |"] if s["memory"] else []),
         f"| fast-context changes (at s) | {len(s['context_changes'])} "
         f"({', '.join(str(c['at_s']) for c in s['context_changes'])}) |",
         f"| mean generation batch (server's histogram) | {s['mean_batch_size']} |",

@@ -298,12 +298,15 @@ def test_reverdict_decides_committed_results_again_without_running_anything(tmp_
     for name in ("claims.json", "frontier.json"):
         shutil.copy(claims.RESULTS / name, tmp_path / name)
     committed = json.loads((tmp_path / "claims.json").read_text())
+    # whatever the committed results hold, one earlier verdict differs from what the numbers give now
+    committed.pop("reverdict", None)
+    committed["verdicts"][0] = {**committed["verdicts"][0], "verdict": "decided-before"}
     (tmp_path / "claims.json").write_text(json.dumps({**committed, "settings": {**committed["settings"],
                                                                                 "bootstrap": 50}}))
     changes = claims.reverdict(tmp_path, tmp_path / "README.md")
     again = json.loads((tmp_path / "claims.json").read_text())
     assert again["protocol"]["sha256"] == claims.protocol_sha256()
-    assert again["reverdict"]["before"] == committed["reverdict"]["before"]  # the original verdicts are kept
+    assert again["reverdict"]["before"] == committed["verdicts"]  # the original verdicts are kept
     assert [(c, r, now) for c, r, _, now in changes] == [(v["claim"], v["regime"], v["verdict"])
                                                         for v in again["verdicts"]]
     # no "partly" whose core comparison points the other way: its mean is on the claim's side
@@ -311,6 +314,6 @@ def test_reverdict_decides_committed_results_again_without_running_anything(tmp_
         if v["verdict"] == "partly":  # KL's core is log(FST/RL) < 0; the others' core is > 0
             assert v["core"]["ci"][1] < 0 if v["claim"].startswith("up to 70%") else v["core"]["ci"][0] > 0
     text = (tmp_path / "README.md").read_text()
-    assert "(was " in text and claims.protocol_sha256() in text
+    assert "(was decided-before)" in text and claims.protocol_sha256() in text
     points = json.loads((tmp_path / "frontier.json").read_text())["points"]
     assert {p["method"] for p in points} >= {"rl", "fst", "gepa"}  # zero-drift points join the frontier

@@ -168,13 +168,14 @@ def test_conformance_matrix(matrix):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 def test_selftest_meets_every_tolerance(engine):
-    """lr per update, drift on the same weights (1e-5), first update with objectives aligned (1e-4)."""
+    """lr per update, drift on the same weights (1e-5), first update with objectives aligned (1e-4), the
+    experience memory's store and contexts after two rounds (identical)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "fastslow.cli", "selftest", "--engine", engine, "--json"],
                           capture_output=True, text=True, env=env, timeout=600)
     checks = json.loads(done.stdout)
     print("\n" + "\n".join(f"{c['name']:<13} {c['cell']:<12} {c['max_rel']:.3g}" for c in checks))
-    assert {c["name"] for c in checks} == {"lr", "drift", "first_update"}
+    assert {c["name"] for c in checks} == {"lr", "drift", "first_update", "memory"}
     assert {c["cell"] for c in checks if c["name"] == "first_update"} == {"full kl=0", "full kl=0.01", "lora kl=0",
                                                                           "lora kl=0.01"}
     assert all(c["ok"] for c in checks), checks

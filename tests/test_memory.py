@@ -224,7 +224,8 @@ def secret_task() -> SecretEvalTask:
     return SecretEvalTask()
 
 
-def test_no_eval_problem_or_answer_is_ever_stored_or_retrieved(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("retriever", ["bm25", "dense"])
+def test_no_eval_problem_or_answer_is_ever_stored_or_retrieved(tiny_model, tmp_path, monkeypatch, retriever):
     retrieved: list[str] = []
     context = MemoryChannel.context
 
@@ -236,7 +237,8 @@ def test_no_eval_problem_or_answer_is_ever_stored_or_retrieved(tiny_model, tmp_p
     monkeypatch.setattr(MemoryChannel, "context", recording)
     out = tmp_path / "run"
     cfg = small_config(tiny_model, out, method="memory", steps=6, task="test_memory:secret_task", extra=[
-        "fast.reflector=test_memory:lesson_reflector", "fast.val_size=21", "fast.budget=64", "fast.preflight=false"])
+        "fast.reflector=test_memory:lesson_reflector", "fast.val_size=21", "fast.budget=64", "fast.preflight=false",
+        f"fast.memory.retriever={retriever}"])
     summary = train(cfg)
     stored = (out / "memory" / "store.jsonl").read_text()
     state = "".join(p.read_text() for p in (out / "checkpoints").glob("*/*.json"))  # every checkpoint file

@@ -1,6 +1,7 @@
 """Run by torchrun in tests/test_engine_trl.py: one fastslow run with engine trl, then each rank saves its
 trained weights, its fast channel's state, its reflection-model calls, the batch size of every generate
-call and the reflection replies it sampled with, so the test can compare ranks.
+call, the reflection replies it sampled with and every context its fast channel gave, so the test can compare
+ranks.
 
 usage: trl_worker.py MODEL OUT [REFLECTOR [METHOD [KEY=VALUE ...]]]"""
 
@@ -49,6 +50,16 @@ def sampling(*args, **kwargs):
 
 engine.sample = sampling
 trainer.policy.generate = counted
+seen: list[str] = []  # every context the fast channel gave this rank, in order (slow step and eval alike)
+if trainer.fast is not None:
+    contexts = trainer.fast.contexts
+
+    def recorded(*args, **kwargs):
+        got = contexts(*args, **kwargs)
+        seen.extend(got)
+        return got
+
+    trainer.fast.contexts = recorded
 trainer.run()
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 weights = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
@@ -56,4 +67,4 @@ torch.save(weights, f"{out}.rank{rank}.pt")
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump({"population": trainer.fast.population, "best": trainer.fast.best, "fast": trainer.fast.state_dict(),
                "world_size": trainer.engine.world_size, "reflector_calls": lockstep_reflectors.calls,
-               "generate_rows": generated, "hints": sorted(hints)}, f)
+               "generate_rows": generated, "hints": sorted(hints), "contexts": seen}, f)

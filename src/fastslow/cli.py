@@ -413,7 +413,8 @@ def selftest(
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
 ) -> None:
     """About a minute: ENGINE vs native on this machine with a tiny model (lr per update, drift on the same
-    weights, first update with objectives aligned): a table of max relative differences. Exit 1 if one is off."""
+    weights, first update with objectives aligned, the experience memory after two rounds): a table of max relative
+    differences. Exit 1 if one is off."""
     from fastslow import registry
     from fastslow.conformance import format_table, selftest
 

@@ -130,6 +130,10 @@ class MemoryConfig(_Strict):
     drop_harmful_margin: int = Field(
         3, gt=0, description="A lesson whose harmful count exceeds its helpful count by this much is dropped.")
     reflect_examples: int = Field(8, gt=0, description="Scored attempts shown to the reflector per round.")
+    retriever: Literal["bm25", "dense", "hybrid"] = Field(
+        "bm25", description="How lessons and cases are ranked per problem. bm25: words (bm25s); dense: cosine of "
+        "the policy's own hidden states (current weights, last layer mean-pooled; re-embedded after each weight "
+        "update; no other model); hybrid: reciprocal-rank fusion of both, sum 1/(60 + rank).")
 
 
 class FastConfig(_Strict):
@@ -285,8 +289,9 @@ class ServeConfig(_Strict):
     """``fastslow serve``: an OpenAI-compatible endpoint over the current weights and fast context, learning from
     its traffic with ``--learn`` (see :mod:`fastslow.serve`). Training runs (``fastslow run``) ignore this section.
 
-    The fast context of a request is the served task's best prompt; ``system_message`` says what happens to a
-    request's own system message. A candidate trained on a copy of the weights is promoted only when its exact
+    The fast context of a request is the served task's best prompt, plus (fast kind memory or gepa+memory) what
+    the experience memory retrieves for its user turn; ``system_message`` says what happens to a request's own
+    system message. A candidate trained on a copy of the weights is promoted only when its exact
     KL to the base on the probe set is <= ``max_kl`` and its held-out reward is at most ``max_regression`` below
     the best version served under the current context (the served one included: small drops do not compound);
     otherwise it is discarded and the reason is a ``serve_rejected`` row of metrics.jsonl.
@@ -335,7 +340,8 @@ class ServeConfig(_Strict):
     train_batch: int = Field(16, gt=1, description="--learn: feedback rollouts per CISPO step (one advantage group).")
     train_steps: int = Field(2, gt=0, description="--learn: CISPO steps on the candidate before it is gated.")
     fast_every_n_feedbacks: int = Field(
-        16, gt=0, description="--learn: a fast-channel (GEPA) round on the served weights after this many feedbacks.")
+        16, gt=0, description="--learn: a fast-channel round after this many feedbacks (GEPA on the served "
+        "weights; the memory curated from those feedbacks).")
     max_kl: float = Field(0.05, ge=0, description="Gate: a candidate's exact KL(pi||base) per token on the probe set "
                           "must be <= this to be promoted.")
     max_regression: float = Field(
@@ -423,8 +429,8 @@ class Config(_Strict):
         if kind is not None and self.method in ("gepa", "memory") and kind != self.method:
             raise ValueError(f"fast.kind {kind!r} with method {self.method!r}: method {self.method} holds "
                              f"{self.method} only (use method: fst for fast.kind {kind})")
-        if self.fast_kind in ("memory", "gepa+memory") and self.engine != "native":
-            raise ValueError(f"fast.kind {self.fast_kind!r} runs on engine 'native' only for now")
+        if self.fast_kind in ("memory", "gepa+memory") and self.engine not in ("native", "trl"):
+            raise ValueError(f"fast.kind {self.fast_kind!r} runs on engines 'native' and 'trl' only")
 
     @property
     def fast_kind(self) -> str | None:

@@ -8,7 +8,12 @@ for each check, the largest relative difference found and the tolerance it must 
 - ``first_update``: with the objectives put on one definition (:data:`ALIGNED`), the whole first update
   vector and the step's metrics, 1e-4;
 
-each over full weights and LoRA, with ``kl_coef`` 0 and > 0 where it matters. ``tests/test_engine_conformance.py``
+each over full weights and LoRA, with ``kl_coef`` 0 and > 0 where it matters; and
+
+- ``memory``: the experience memory (``method: memory``, greedy rounds, :func:`lesson_reflector`) on the same
+  weights: after two rounds the store and the context every eval problem retrieves (task-aware and
+  task-agnostic) identical, the rounds' metrics 1e-5 (a difference in store or contexts counts 1).
+ ``tests/test_engine_conformance.py``
 runs this and, on whole runs, the metrics rows, kill -9 and ``--resume``, and two processes.
 """
 
@@ -33,7 +38,7 @@ from fastslow.tasks import Problem, Verdict
 # no weight decay.
 ALIGNED = ("scale.advantages=native", "scale.kl_bias_correction=false", "slow.loss_aggregation=tokens",
            "slow.temperature=1.0", "slow.weight_decay=0")
-TOLERANCE = {"lr": 0.0, "drift": 1e-5, "first_update": 1e-4}
+TOLERANCE = {"lr": 0.0, "drift": 1e-5, "first_update": 1e-4, "memory": 1e-5}
 
 
 class VowelTask:
@@ -59,6 +64,15 @@ class VowelTask:
 
 def vowel_task() -> VowelTask:
     return VowelTask()
+
+
+def lesson_reflector(prompt: str) -> str:
+    """The memory check's reflection model: the instruction plus one lesson named after the whole prompt (the
+    round's attempts included), so engines that sampled differently store different lessons."""
+    import hashlib
+
+    current = prompt.split("```", 2)[1].strip()
+    return f"```\n{current}\nCheck rule {hashlib.sha256(prompt.encode()).hexdigest()[:8]}.\n```"
 
 
 def rel(a: float, b: float) -> float:
@@ -192,6 +206,30 @@ def check_first_update(model: Path, engine: str, *, lora: bool, kl_coef: float) 
                  detail)
 
 
+def check_memory(model: Path, engine: str, rounds: int = 2) -> Check:
+    """Two memory rounds on each engine: the same store, the same retrieved contexts, the same round metrics."""
+    task, found = VowelTask(), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (engine, "native"):
+            cfg = config(model, name, lora=False, kl_coef=0.0, extra=(
+                "method=memory", "fast.reflector=fastslow.conformance:lesson_reflector", "fast.val_size=4",
+                "fast.budget=8", f"out={tmp}/{name}"))
+            eng = build(cfg)
+            try:
+                metrics = [eng.fast.run_round(task).metrics for _ in range(rounds)]
+                contexts = [eng.fast.contexts(task, p, 1, view)[0] for view in ("task", "agnostic")
+                            for p in task.problems("eval")]
+                found[name] = metrics, contexts, eng.fast.state_dict()["store"]
+            finally:
+                eng.close()
+    (got, ctx_e, store_e), (want, ctx_n, store_n) = found[engine], found["native"]
+    worst = max(rel(a[k], b[k]) for a, b in zip(got, want, strict=True) for k in b)
+    same = store_e == store_n and ctx_e == ctx_n
+    detail = (f"{len(store_n['lessons'])} lessons, {len(store_n['cases'])} cases; store "
+              f"{'equal' if store_e == store_n else 'DIFFERS'}, contexts {'equal' if ctx_e == ctx_n else 'DIFFER'}")
+    return Check("memory", "frozen", worst if same else 1.0, TOLERANCE["memory"], detail)
+
+
 def selftest(engine: str, model: Path | None = None) -> list[Check]:
     """Every check of this module for ``engine`` against native, on a tiny model (made here when not given)."""
     torch.manual_seed(0)
@@ -206,6 +244,7 @@ def selftest(engine: str, model: Path | None = None) -> list[Check]:
         for lora in (False, True):
             for kl in (0.0, 0.01):
                 checks.append(check_first_update(model, engine, lora=lora, kl_coef=kl))
+        checks.append(check_memory(model, engine))
     return checks
 
 

@@ -139,7 +139,7 @@ def build_checked(build, cfg, weights=None):
         raise ModelError(f"model {path!r} does not fit in memory") from None
     except OSError as exc:  # transformers' own "cannot find/read" errors do not always name the model
         raise ModelError(f"cannot load model {path[:200]!r}: {one_line(exc, 200)}") from None
-    except _user_types():
+    except (RankFailure, *_user_types()):  # another rank's failure is already its one line
         raise
     except Exception as exc:  # noqa: BLE001 - a broken model folder fails in many libraries' own ways
         if raised_by_plugin(exc):

@@ -15,19 +15,27 @@ A round on ``task`` (every ``fast.every`` steps, like a GEPA round, on the curre
 A curator failure (the reflector failing after its retries, a garbled reply) costs that round: none of its
 deltas is applied, it is counted (``fast/memory/round_errors``), the run goes on; a reflector that fails on
 every call stops the run through the loop's reflection health, as for GEPA. A retrieval failure is counted
-(``fast/memory/retrieval_errors``) and that context is ranked without BM25.
+(``fast/memory/retrieval_errors``) and that context is ranked without retrieval (utility, recency).
+
+Retrieval (``fast.memory.retriever``, :mod:`fastslow.memory.retrieve`): BM25, or dense / hybrid over the policy's
+own hidden states, through an ``embed`` callable the engine passes (the channel never sees a model).
+
+:meth:`MemoryChannel.learn` is a round on attempts sampled elsewhere (``fastslow serve``: the answers users
+gave feedback on): steps 2-5 without sampling, the marks from which attempts were shown a lesson.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastslow.channels import Round, Sampler
 from fastslow.config import FastConfig
 from fastslow.memory.curator import curate
-from fastslow.memory.retrieve import BM25Index, RetrievalError
+from fastslow.memory.retrieve import Embed, EmbeddingCache, RetrievalError, Retriever, make_retriever
 from fastslow.memory.store import Case, Delta, Lesson, Store, normalise, read_dir
 from fastslow.preflight import check_reflector
 from fastslow.reflect import GuardedReflector, ReflectionLM
@@ -43,12 +51,14 @@ class MemoryChannel:
     ``count_tokens(text)``: tokens of a context with the policy's tokenizer; ``fits(context, problem)``: the
     formatted prompt plus the completion budget fits the model. ``base_prompt(task)``: what memory is added to
     (the seed prompt; GEPA's best prompt under ``gepa+memory``). ``out``: the run dir (the store goes to
-    ``out/memory``; None: not written).
+    ``out/memory``; None: not written). ``embed(texts)`` (unit vectors from the current weights) and ``version()``
+    (the weights' version; the vectors are cached until it moves): needed by the dense and hybrid retrievers.
     """
 
     def __init__(self, sample: Sampler, cfg: FastConfig, reflector: ReflectionLM, *, seed: int, max_new_tokens: int,
                  count_tokens: Callable[[str], int], fits: Callable[[str, Problem], bool] | None = None,
-                 out: Path | None = None, base_prompt: Callable[[Task], str] | None = None) -> None:
+                 out: Path | None = None, base_prompt: Callable[[Task], str] | None = None,
+                 embed: Embed | None = None, version: Callable[[], int] = lambda: 0) -> None:
         self.sample, self.cfg, self.mcfg, self.seed = sample, cfg, cfg.memory, seed
         self.max_new_tokens, self.count_tokens, self.fits = max_new_tokens, count_tokens, fits
         self.dir = Path(out) / "memory" if out is not None else None
@@ -62,7 +72,9 @@ class MemoryChannel:
         self.population: list[str] = []
         self.best: dict[str, str] = {}
         self.rounds = self.round_errors = self.retrieval_errors = self.refused = self.leaks_refused = 0
-        self._lesson_index, self._case_index = BM25Index(), BM25Index()
+        self.embed = EmbeddingCache(embed, version) if embed is not None else None  # lessons and cases share it
+        self._lesson_index = make_retriever(self.mcfg.retriever, self.embed)
+        self._case_index = make_retriever(self.mcfg.retriever, self.embed)
         self._eval_prompts: dict[str, set[str]] = {}
 
     def preflight(self) -> None:
@@ -104,7 +116,7 @@ class MemoryChannel:
         ``task`` retrieve from ``task``'s memory, ``agnostic`` from the whole memory (the task is not told)."""
         return [self.context(self.base_prompt(task), task, problem, view)[0]] * group_size
 
-    def _ranked(self, entries: list, texts: list[str], index: BM25Index, query: str, tiebreak) -> list:
+    def _ranked(self, entries: list, texts: list[str], index: Retriever, query: str, tiebreak) -> list:
         try:
             scores = index.scores(texts, query)
         except RetrievalError:
@@ -159,7 +171,7 @@ class MemoryChannel:
         return problem.prompt in self._eval_prompts[task.name]
 
     def run_round(self, task: Task, workdir: Path | None = None) -> Round:
-        cfg, m = self.cfg, self.mcfg
+        cfg = self.cfg
         round_seed = derive_seed(self.seed, "memory-round", self.rounds)
         train = list(task.problems("train"))
         n = max(1, min(cfg.val_size, len(train), cfg.budget // 2))
@@ -180,21 +192,64 @@ class MemoryChannel:
             if diff:
                 deltas += [Delta("helpful" if diff > 0 else "harmful", task=task.name, lesson=lid)
                            for lid in built[i][1]]
+        attempts = [Attempt(p, texts[i], float(rewards[i]), verdicts[i].feedback) for i, p in enumerate(problems)]
+        merged = self._merge(task, base, attempts, deltas)
+        with_memory = [rewards[i] for i in ab]
+        metrics = {
+            **merged.sizes(self),
+            "fast/memory/context_tokens_max": float(max(self.count_tokens(t) for t, _ in built)),
+            "fast/memory/reward": sum(rewards[:n]) / n,
+            "fast/memory/gain": (sum(with_memory) - sum(base_reward.values())) / len(ab) if ab else 0.0,
+            "fast/memory/round_rollouts": float(len(pairs)),
+            **self._counters(),
+        }
+        return merged.round(self, metrics, rollouts=len(pairs), verifier_errors=scored.verifier_errors)
+
+    def shown(self, task: Task, text: str) -> list[int]:
+        """Ids of ``task``'s lessons that ``text`` (a prompt that was answered) shows."""
+        return [x.id for x in self.store.lessons if x.task == task.name and x.text in text]
+
+    def learn(self, task: Task, attempts: Sequence[Attempt], *,
+              lock: AbstractContextManager | None = None) -> Round:
+        """A round on attempts sampled elsewhere (served traffic: each a rollout with its reward); samples nothing.
+
+        Marks: a lesson some attempts were shown and others not is ``helpful`` when those shown it scored higher
+        on average, ``harmful`` when lower (traffic's own A/B test, across problems rather than within one); a
+        lesson every attempt was shown is not marked. Then cases, the curator and the merge as in
+        :meth:`run_round`. ``lock`` is held while the deltas merge, not during the reflector's call."""
+        marks: list[Delta] = []
+        for lid in sorted({i for a in attempts for i in a.shown}):
+            shown = [a.reward for a in attempts if lid in a.shown]
+            hidden = [a.reward for a in attempts if lid not in a.shown]
+            diff = sum(shown) / len(shown) - sum(hidden) / len(hidden) if hidden else 0.0
+            if diff:
+                marks.append(Delta("helpful" if diff > 0 else "harmful", task=task.name, lesson=lid))
+        merged = self._merge(task, self.base_prompt(task), attempts, marks, lock)
+        metrics = {**merged.sizes(self),
+                   "fast/memory/reward": sum(a.reward for a in attempts) / len(attempts) if attempts else 0.0,
+                   "fast/memory/attempts": float(len(attempts)), **self._counters()}
+        return merged.round(self, metrics, rollouts=0, verifier_errors=0)
+
+    def _merge(self, task: Task, base: str, attempts: Sequence[Attempt], deltas: list[Delta],
+               lock: AbstractContextManager | None = None) -> _Merged:
+        """Cases from ``attempts``, the curator on the worst of them, then every delta merged at once (a curator
+        fault merges nothing and is counted); the store is written."""
+        m = self.mcfg
+        deltas = list(deltas)
         leaks = 0
-        for i, p in enumerate(problems):
+        for a in attempts:
+            p = a.problem
             if self._is_eval(task, p):  # never: rounds draw train problems; a task whose splits overlap is caught
                 leaks += 1
                 continue
-            deltas.append(Delta("case", task=task.name, case=Case(0, task.name, str(p.id), p.prompt, texts[i],
-                                                                   float(rewards[i]), verdicts[i].feedback)))
+            deltas.append(Delta("case", task=task.name, case=Case(0, task.name, str(p.id), p.prompt, a.completion,
+                                                                   a.reward, a.feedback)))
         self.leaks_refused += leaks
-        worst = sorted(range(n), key=lambda i: (rewards[i], i))[: m.reflect_examples]
-        records = [{"Inputs": problems[i].prompt, "Generated Outputs": texts[i], "Feedback": verdicts[i].feedback}
-                   for i in worst if rewards[i] < PERFECT and not self._is_eval(task, problems[i])]
-        calls, errors, failed = self.reflector.calls, self.reflector.errors, self.reflector.failed_calls
-        error: str | None = None
-        added = marked = 0
-        evicted: list[dict] = []
+        worst = sorted(range(len(attempts)), key=lambda i: (attempts[i].reward, i))[: m.reflect_examples]
+        records = [{"Inputs": attempts[i].problem.prompt, "Generated Outputs": attempts[i].completion,
+                    "Feedback": attempts[i].feedback}
+                   for i in worst if attempts[i].reward < PERFECT and not self._is_eval(task, attempts[i].problem)]
+        out = _Merged(calls=self.reflector.calls, errors=self.reflector.errors, failed=self.reflector.failed_calls)
         try:
             if records:
                 self.reflector.new_round()
@@ -202,40 +257,70 @@ class MemoryChannel:
                                   max_lesson_chars=m.max_lesson_chars)
                 self.refused += proposal.refused
                 deltas += proposal.deltas
-            applied = self.store.apply(deltas, self.rounds)
-            added, marked, evicted = applied.added, applied.marked, applied.dropped + applied.evicted
+            with lock or nullcontext():
+                applied = self.store.apply(deltas, self.rounds)
+            out.added, out.marked, out.evicted = applied.added, applied.marked, applied.dropped + applied.evicted
         except Exception as exc:  # noqa: BLE001 - a curator fault costs this round's deltas, never the run
             self.round_errors += 1
-            error = one_line(f"memory round failed, nothing merged: {type(exc).__name__}: {exc}")
+            out.error = one_line(f"memory round failed, nothing merged: {type(exc).__name__}: {exc}")
         self.rounds += 1
         self._write()
-        with_memory = [rewards[i] for i in ab]
-        metrics = {
-            "fast/memory/lessons": float(len(self.store.lessons)),
-            "fast/memory/cases": float(len(self.store.cases)),
-            "fast/memory/added": float(added),
-            "fast/memory/marked": float(marked),
-            "fast/memory/evicted_round": float(len(evicted)),
-            "fast/memory/evicted_total": float(self.store.evicted_total + self.store.dropped_total),
-            "fast/memory/refused_lessons": float(self.refused),
-            "fast/memory/eval_leaks_refused": float(self.leaks_refused),
-            "fast/memory/context_tokens_max": float(max(self.count_tokens(t) for t, _ in built)),
-            "fast/memory/reward": sum(rewards[:n]) / n,
-            "fast/memory/gain": (sum(with_memory) - sum(base_reward.values())) / len(ab) if ab else 0.0,
-            "fast/memory/round_rollouts": float(len(pairs)),
-            "fast/memory/round_errors": float(self.round_errors),
-            "fast/memory/retrieval_errors": float(self.retrieval_errors),
-            "fast/memory/reflection_errors": float(self.reflector.errors),
+        return out
+
+    def _counters(self) -> dict[str, float]:
+        return {"fast/memory/round_errors": float(self.round_errors),
+                "fast/memory/retrieval_errors": float(self.retrieval_errors),
+                "fast/memory/reflection_errors": float(self.reflector.errors)}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One scored attempt a round learns from; ``shown``: ids of the lessons its context showed."""
+
+    problem: Problem
+    completion: str
+    reward: float
+    feedback: str
+    shown: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Merged:
+    """What :meth:`MemoryChannel._merge` did, and the reflector's counters before it."""
+
+    calls: int
+    errors: int
+    failed: int
+    added: int = 0
+    marked: int = 0
+    evicted: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    def sizes(self, channel: MemoryChannel) -> dict[str, float]:
+        store = channel.store
+        return {
+            "fast/memory/lessons": float(len(store.lessons)),
+            "fast/memory/cases": float(len(store.cases)),
+            "fast/memory/added": float(self.added),
+            "fast/memory/marked": float(self.marked),
+            "fast/memory/evicted_round": float(len(self.evicted)),
+            "fast/memory/evicted_total": float(store.evicted_total + store.dropped_total),
+            "fast/memory/refused_lessons": float(channel.refused),
+            "fast/memory/eval_leaks_refused": float(channel.leaks_refused),
         }
-        new_errors = self.reflector.errors - errors
+
+    def round(self, channel: MemoryChannel, metrics: dict[str, float], *, rollouts: int,
+              verifier_errors: int) -> Round:
+        reflector = channel.reflector
+        error, new_errors = self.error, reflector.errors - self.errors
         if error is None and new_errors:
-            error = f"{new_errors} reflection errors, last: {self.reflector.last_error}"
-        if evicted:
-            shown = "; ".join(f"{e['kind']} {e['id']} ({e['why']})" for e in evicted[:5])
-            error = (error + "; " if error else "") + f"memory evicted {len(evicted)}: {shown}"
-        return Round(metrics=metrics, rollouts=len(pairs), verifier_errors=scored.verifier_errors, accepted=added,
-                     reflection_calls=self.reflector.calls - calls, reflection_errors=new_errors,
-                     failed_reflection_calls=self.reflector.failed_calls - failed, error=error)
+            error = f"{new_errors} reflection errors, last: {reflector.last_error}"
+        if self.evicted:
+            shown = "; ".join(f"{e['kind']} {e['id']} ({e['why']})" for e in self.evicted[:5])
+            error = (error + "; " if error else "") + f"memory evicted {len(self.evicted)}: {shown}"
+        return Round(metrics=metrics, rollouts=rollouts, verifier_errors=verifier_errors, accepted=self.added,
+                     reflection_calls=reflector.calls - self.calls, reflection_errors=new_errors,
+                     failed_reflection_calls=reflector.failed_calls - self.failed, error=error)
 
 
 def _render(base: str, lessons: list[Lesson], cases: list[Case]) -> str:
@@ -263,7 +348,10 @@ class GepaMemoryChannel:
     def __init__(self, gepa, memory: MemoryChannel) -> None:
         self.gepa, self.memory = gepa, memory
         memory.base_prompt = lambda task: gepa.best.get(task.name, task.seed_prompt)
-        self.reflector = gepa.reflector
+
+    @property
+    def reflector(self):
+        return self.gepa.reflector  # GEPA's (serve's preflight reads its model)
 
     @property
     def population(self) -> list[str]:

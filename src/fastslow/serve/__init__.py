@@ -7,8 +7,10 @@
 
 Run dir of a serving run (the only place written): ``config.yaml``, ``metrics.jsonl`` (``event`` rows:
 serve_start, serve_window, serve_train, serve_fast_round, serve_promoted, serve_rejected), ``serve.sqlite``
-(answers and feedback), ``versions/step_<n>/`` (the served weights, context and counters, atomic; a restart
-resumes from the newest). Serving a training run's dir writes all of this under ``RUN_DIR/serve/``.
+(answers and feedback), ``versions/step_<n>/`` (the served weights, context, fast-channel state (the memory
+included) and counters, atomic; a restart resumes from the newest), ``memory/`` (with an experience memory: its
+store, as a training run writes it; ``fastslow memory show RUN_DIR``). Serving a training run's dir writes all of
+this under ``RUN_DIR/serve/``.
 """
 
 from __future__ import annotations
@@ -132,11 +134,8 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     from fastslow.checkpoint import latest_good_checkpoint
     from fastslow.drift import DriftMeter
     from fastslow.errors import load_policy
-    from fastslow.fast import FastChannel
     from fastslow.loop import load_stream
     from fastslow.preflight import check_model, check_reflector
-    from fastslow.reflect import make_reflector
-    from fastslow.rollout import PolicySampler
     from fastslow.rundir import RunDirError, check_run_dir, claim
     from fastslow.serve.app import ServerState, _BodyLimit, create_app
     from fastslow.serve.learner import MetricsLog, Served, ServedState, latest_version, policy_view, save_version
@@ -183,13 +182,13 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
                 fast_state = json.loads((ckpt / "state.json").read_text()).get("fast")
         policy = load_policy(cfg.model, weights)
         policy.model.requires_grad_(False).eval()
-        served = Served(policy, task, state, cfg.serve.system_message)
+        # user turn -> problem; a text in both splits counts as the train problem (answering it may train)
+        problems = {p.prompt.strip(): p for split in ("eval", "train") for p in task.problems(split)}
+        served = Served(policy, task, state, cfg.serve.system_message, problems=problems)
         view = policy_view(policy)
         fast = None
         if fast_on(cfg.method) and (learn or fast_state):
-            fast = FastChannel(PolicySampler(view, verify_timeout_s=cfg.verify_timeout_s), cfg.fast,
-                               make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                               max_new_tokens=cfg.slow.max_new_tokens, version=lambda: served.state.weights_version)
+            fast = _fast_channel(cfg, served, view, out)
             if fast_state:
                 fast.load_state_dict(fast_state)
             if learn:
@@ -205,8 +204,6 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
         if restored is not None:
             _recover_promotion_row(metrics, state)
         store = FeedbackStore(out / "serve.sqlite")
-        # user turn -> problem; a text in both splits counts as the train problem (answering it may train)
-        problems = {p.prompt.strip(): p for split in ("eval", "train") for p in task.problems(split)}
         server_state = ServerState(cfg, served, store, learn=learn, api_key=key, problems=problems)
         metrics.write({"step": state.steps, "rollouts": state.rollouts, "fast_rollouts": state.fast_rollouts,
                        "event": "serve_start", "time": round(time.time(), 3), "serve/restored": restored is not None,
@@ -228,6 +225,46 @@ def open_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", learn: bool 
     except BaseException:
         lock.release()
         raise
+
+
+def _fast_channel(cfg: Config, served, view, out: Path):
+    """The fast channel ``cfg.fast_kind`` names, on the served weights (``view``): GEPA's population, the
+    experience memory (its files in ``out/memory``; ``served`` retrieves from it per request), or both."""
+    from fastslow.checks import context_limit
+    from fastslow.fast import FastChannel
+    from fastslow.memory import GepaMemoryChannel, MemoryChannel
+    from fastslow.memory.retrieve import hidden_state_embedder
+    from fastslow.reflect import make_reflector
+    from fastslow.rollout import PolicySampler
+    from fastslow.serve.app import format_prompt
+    from fastslow.serve.learner import policy_view
+
+    sample = PolicySampler(view, verify_timeout_s=cfg.verify_timeout_s)
+    gepa = memory = None
+    if "gepa" in cfg.fast_kind:
+        gepa = FastChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
+                           max_new_tokens=cfg.slow.max_new_tokens, version=lambda: served.state.weights_version)
+    if "memory" in cfg.fast_kind:
+        # Its own tokenizer: retrieval runs on any thread (under Served.memory_lock) while the learner samples.
+        mine = policy_view(view)
+        tokenizer, limit = mine.tokenizer, context_limit(mine)
+        budget = cfg.serve.default_max_tokens or cfg.slow.max_new_tokens
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        def fits(context: str, problem) -> bool:  # the request as served (no system message of its own) is accepted
+            n = count_tokens(format_prompt(tokenizer, context, [], problem.prompt))
+            return n <= cfg.serve.max_prompt_tokens and (limit is None or n + budget <= limit)
+
+        embed = hidden_state_embedder(mine) if cfg.fast.memory.retriever != "bm25" else None  # the served weights
+        memory = served.memory = MemoryChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast),
+                                               seed=cfg.seed, max_new_tokens=budget, count_tokens=count_tokens,
+                                               fits=fits, out=out, embed=embed,
+                                               version=lambda: served.state.weights_version)
+        if gepa is not None:
+            return GepaMemoryChannel(gepa, memory)
+    return memory or gepa
 
 
 def _recover_promotion_row(metrics, state) -> None:
@@ -252,6 +289,8 @@ def _same_model(saved: Path, cfg: Config) -> None:
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.model_dump(mode="json")
     changed = [key for key in ("method", "model") if old.get(key) != new.get(key)]
+    if "method" not in changed and _kind(old) != _kind(new):  # what the saved fast state holds
+        changed.append("fast.kind")
     if [s.get("task") for s in old.get("stages", [])] != [s["task"] for s in new["stages"]]:
         changed.append("stages")
     if old.get("serve", {}).get("task") != new["serve"]["task"]:
@@ -259,6 +298,12 @@ def _same_model(saved: Path, cfg: Config) -> None:
     if changed:
         raise ConfigError(f"restart of {saved.parent} with a config that changes {', '.join(changed)}: its saved "
                           "versions belong to the original; serve into a new directory instead")
+
+
+def _kind(cfg: dict) -> str | None:
+    """A dumped config's fast kind (as :attr:`Config.fast_kind` resolves it)."""
+    method = cfg.get("method")
+    return None if method == "rl" else (cfg.get("fast") or {}).get("kind") or ("gepa" if method == "fst" else method)
 
 
 def run_server(cfg: Config, out: Path, *, host: str = "127.0.0.1", port: int = 8000, learn: bool = False,

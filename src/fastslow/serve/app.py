@@ -383,7 +383,8 @@ class ServerState:
         for job, answer in zip(jobs, answers, strict=True):
             problem = self.problems.get(job.user.strip())
             rows.append((job.id, task.name, problem.id if problem else None, self.scrub(job.prompt),
-                         self.scrub(answer.text), answer.finish_reason == "stop", answer.fingerprint))
+                         self.scrub(answer.text), answer.finish_reason == "stop", answer.fingerprint,
+                         self.scrub(job.user)))
             if problem is not None and self.cfg.serve.score == "verifier":
                 verdicts.append((job.id, problem, answer.text))
         self.store.add_answers(rows)

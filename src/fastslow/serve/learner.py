@@ -2,6 +2,7 @@
 
     feedback rows (durable, serve.sqlite)
         -> fast channel: a GEPA round on the SERVED weights every fast_every_n_feedbacks   -> new context at once
+           and/or memory curated from those feedback rows (fast.kind memory | gepa+memory) -> retrieved per request
         -> slow channel: CISPO steps on a COPY of the weights, every every_n_feedbacks or when idle
         -> gate: exact KL(pi||base) on the probe set <= max_kl and held-out reward >= served - max_regression
         -> promoted: weights copied into the served model under the swap lock (between two batches)
@@ -11,16 +12,28 @@ A feedback row is one rollout: (formatted prompt, completion, reward). Traffic r
 training batch of ``serve.train_batch`` rollouts is one advantage group (the batch mean is the baseline).
 Only the first step after a reset is exactly on-policy (the answers came from the served weights, the copy
 starts equal to them); CISPO's truncated ratio is computed against the copy's own weights, as in the loop.
+
+With an experience memory (``method: memory``, or ``fst`` with ``fast.kind: memory | gepa+memory``) a request's
+context is the served prompt (the task's seed, or GEPA's best) plus what the memory retrieves for its user turn from
+the served task's lessons and cases (:meth:`Served.context_for`, the task-aware view). The memory learns only from
+traffic that got feedback: each feedback row is an attempt (user turn, answer, reward, feedback text) for
+:meth:`fastslow.memory.MemoryChannel.learn` (cases, the curator through the reflector seam, marks from which
+answers were shown a lesson), merged by delta operations between two batches; held-out problems never enter it.
+A changed memory is a new context version, saved with the served version (``versions/step_<n>/state.json``; its
+files in ``memory/``, as in a training run), so a restart serves the same memory. ``method: memory`` never changes
+the weights (no slow channel: KL exactly 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,11 +43,13 @@ from fastslow.channels import slow_on
 from fastslow.checkpoint import latest_good_checkpoint, save_checkpoint
 from fastslow.config import Config
 from fastslow.drift import DriftMeter
+from fastslow.memory import GepaMemoryChannel, MemoryChannel
+from fastslow.memory.channel import Attempt
 from fastslow.policy import Policy
 from fastslow.rollout import PolicySampler, score_prompt
-from fastslow.serve.store import FeedbackStore
+from fastslow.serve.store import Feedback, FeedbackStore
 from fastslow.slow import Rollouts, SlowLearner
-from fastslow.tasks import Task
+from fastslow.tasks import Problem, Task
 from fastslow.util import derive_seed, one_line
 
 VERSIONS = "versions"
@@ -86,14 +101,33 @@ class ServedState:
     snapshots: int = 0  # versions saved
 
 
+def fast_parts(fast) -> tuple[object | None, MemoryChannel | None]:
+    """(GEPA's channel, the memory) of a fast channel (either may be None)."""
+    if isinstance(fast, GepaMemoryChannel):
+        return fast.gepa, fast.memory
+    if isinstance(fast, MemoryChannel):
+        return None, fast
+    return fast, None
+
+
+def traffic_problem(user: str) -> Problem:
+    """A user turn that is no problem of the task, as a problem (its id: the text's hash; no known answer)."""
+    text = user.strip()
+    return Problem(f"user-{hashlib.sha256(text.encode()).hexdigest()[:16]}", text, "")
+
+
 class Served:
     """What the next batch is answered with. The generation thread holds ``lock`` for a whole batch; a
-    promotion copies new weights in under the same lock, so a batch never sees two versions."""
+    promotion copies new weights in (a memory merges) under the same lock, so a batch never sees two versions.
+    ``problems``: user turn -> problem of the task; ``memory``: the experience memory retrieved per request."""
 
-    def __init__(self, policy: Policy, task: Task, state: ServedState, system_message: str) -> None:
+    def __init__(self, policy: Policy, task: Task, state: ServedState, system_message: str, *,
+                 problems: dict[str, Problem] | None = None, memory: MemoryChannel | None = None) -> None:
         self.policy, self.task, self.state = policy, task, state
         self.system_message = system_message
+        self.problems, self.memory = problems or {}, memory
         self.lock = threading.Lock()
+        self.memory_lock = threading.Lock()  # retrieval (any thread) and merges: the memory is not thread-safe
         if not state.context:
             state.context = task.seed_prompt
 
@@ -102,9 +136,13 @@ class Served:
         return f"fastslow-w{self.state.weights_version}-c{self.state.context_version}"
 
     def context_for(self, user: str) -> str:
-        """The fast context of one request: the served task's best prompt (kept in one place so a context
-        retrieved per problem, e.g. from a memory channel, replaces only this function)."""
-        return self.state.context
+        """The fast context of one request: the served task's best prompt, plus with a memory what it retrieves
+        for this user turn from the task's lessons and cases (a known problem's own case is not shown for it)."""
+        if self.memory is None:
+            return self.state.context
+        problem = self.problems.get(user.strip()) or traffic_problem(user)
+        with self.memory_lock:
+            return self.memory.context(self.state.context, self.task, problem, "task")[0]
 
     def system_for(self, user: str, system: str | None) -> str:
         """The system turn a request is answered with, by ``serve.system_message``."""
@@ -178,6 +216,7 @@ class Learner:
                  on_gate: Callable[[bool, ServedState], None] = lambda promoted, state: None) -> None:
         self.cfg, self.out, self.served, self.store, self.metrics = cfg, out, served, store, metrics
         self.fast, self.rate, self.log, self.on_gate = fast, rate, log, on_gate
+        self.gepa, self.memory = fast_parts(fast)
         self.task = served.task
         self.known = {p.id: p for p in self.task.problems("train")}
         # Answers to held-out problems never train either channel: the gate's held-out reward stays held out.
@@ -248,28 +287,65 @@ class Learner:
 
     # ---- fast channel -----------------------------------------------------------------------------
     def fast_round(self) -> None:
-        """A GEPA round on the served weights, on the problems users asked since the last round when enough of
-        them are known problems of the task (its verifier can then score new prompts on them), else on its own."""
+        """A fast round on the feedback since the last one: a GEPA round and/or the memory curated from it."""
         st = self.served.state
         rows = self.store.feedback_after(st.fast_cursor, 1_000_000)
         st.fast_cursor = rows[-1].seq if rows else st.fast_cursor
+        t0 = time.perf_counter()
+        version = st.context_version
+        rounds = ([self.gepa_round(rows)] if self.gepa is not None else []) + (
+            [self.memory_round(rows)] if self.memory is not None else [])
+        values: dict = {}
+        for rnd in rounds:
+            st.fast_rollouts += rnd.rollouts
+            values.update(rnd.metrics)
+        changed = st.context_version != version
+        reason = "; ".join(rnd.error for rnd in rounds if rnd.error)
+        self.metrics.write(self._row("serve_fast_round", {**values, "serve/round_s": time.perf_counter() - t0,
+                                                          "serve/context_changed": changed,
+                                                          **({"reason": reason} if reason else {})}))
+        if changed:
+            save_version(self.out, self.served, self.fast.state_dict(), self.cfg.serve.keep_versions)
+
+    def gepa_round(self, rows: list[Feedback]):
+        """A GEPA round on the served weights, on the problems users asked since the last round when enough of
+        them are known problems of the task (its verifier can then score new prompts on them), else on its own."""
+        st = self.served.state
         asked = list(dict.fromkeys(r.problem_id for r in rows if r.problem_id in self.known))
         task = _Asked(self.task, [self.known[i] for i in asked]) if len(asked) >= self.cfg.fast.val_size else self.task
-        t0 = time.perf_counter()
-        rnd = self.fast.run_round(task, workdir=self.out)
-        st.fast_rollouts += rnd.rollouts
+        rnd = self.gepa.run_round(task, workdir=self.out)
         rnd.metrics["serve/round_problems_from_traffic"] = float(len(asked) if task is not self.task else 0)
-        best = self.fast.best.get(self.task.name, st.context)
-        changed = best != st.context
-        if changed:
+        best = self.gepa.best.get(self.task.name, st.context)
+        if best != st.context:
             with self.served.lock:  # the next batch gets the new context and its version together
                 st.context, st.context_version = best, st.context_version + 1
             st.best_heldout = None  # held-out rewards under the old context do not compare
-        self.metrics.write(self._row("serve_fast_round", {**rnd.metrics, "serve/round_s": time.perf_counter() - t0,
-                                                          "serve/context_changed": changed,
-                                                          **({"reason": rnd.error} if rnd.error else {})}))
-        if changed:
-            save_version(self.out, self.served, self.fast.state_dict(), self.cfg.serve.keep_versions)
+        return rnd
+
+    def memory_round(self, rows: list[Feedback]):
+        """The memory curated from feedback rows (no sampling); answers to held-out problems are left out."""
+        memory = self.memory
+        attempts = []
+        for r in rows:
+            problem = self.known.get(r.problem_id)
+            if problem is None and r.user is not None and r.problem_id not in self.heldout_ids:
+                problem = traffic_problem(r.user)
+            if problem is not None:
+                attempts.append(Attempt(problem, r.completion, r.reward,
+                                        r.text or f"The user rated this answer {r.reward:.2f} (0 to 1).",
+                                        frozenset(memory.shown(self.task, r.prompt))))
+        return memory.learn(self.task, attempts, lock=self._memory_swap())
+
+    @contextlib.contextmanager
+    def _memory_swap(self) -> Iterator[None]:
+        """A merge between two batches, with its context version: a batch sees one memory, named by its
+        fingerprint (retrieval also holds ``memory_lock``: the HTTP threads retrieve to count a prompt's tokens)."""
+        before = self.memory.store.state_dict()
+        with self.served.lock, self.served.memory_lock:
+            yield
+            if self.memory.store.state_dict() != before:
+                self.served.state.context_version += 1
+                self.served.state.best_heldout = None  # held-out rewards under the old memory do not compare
 
     # ---- slow channel and gate --------------------------------------------------------------------
     def train_and_gate(self) -> None:
@@ -294,8 +370,15 @@ class Learner:
         if trained and self.candidate.version != self.gated_version:  # flat rewards leave the weights as they were
             self.gate()
 
-    def heldout(self, policy: Policy, context: str) -> float:
-        """Reward of ``policy`` with ``context`` on the first gate_n eval problems (greedy)."""
+    def heldout_contexts(self) -> str | list[str]:
+        """The context the first gate_n eval problems are served with (with a memory: each its own)."""
+        if self.memory is None:
+            return self.served.state.context
+        return [self.served.context_for(p.prompt) for p in list(self.task.problems("eval"))[: self.cfg.serve.gate_n]]
+
+    def heldout(self, policy: Policy, context: str | list[str]) -> float:
+        """Reward of ``policy`` with ``context`` (one per problem, or one for all) on the first gate_n eval
+        problems (greedy)."""
         return score_prompt(PolicySampler(policy, verify_timeout_s=self.cfg.verify_timeout_s), self.task, context,
                             self.cfg.serve.gate_n, max_new_tokens=self.cfg.slow.max_new_tokens,
                             seed=derive_seed(self.cfg.seed, "serve-gate")).mean_reward
@@ -305,7 +388,7 @@ class Learner:
         st, scfg = self.served.state, self.cfg.serve
         st.gates += 1
         self.gated_version = self.candidate.version
-        context = st.context
+        context = self.heldout_contexts()
         kl = self.meter.measure()["drift/kl_rev"]
         served_reward = self.heldout(self.view, context)  # the served version, with the context served now
         reward = self.heldout(self.candidate, context)

@@ -17,7 +17,8 @@ from pathlib import Path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
     id TEXT PRIMARY KEY, created REAL NOT NULL, task TEXT NOT NULL, problem_id TEXT,
-    prompt TEXT NOT NULL, completion TEXT NOT NULL, stopped INTEGER NOT NULL, fingerprint TEXT NOT NULL
+    prompt TEXT NOT NULL, completion TEXT NOT NULL, stopped INTEGER NOT NULL, fingerprint TEXT NOT NULL,
+    user TEXT
 );
 CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE REFERENCES answers(id),
@@ -42,6 +43,7 @@ class Feedback:
     stopped: bool  # the completion ended with the eos token (not cut at max_tokens)
     fingerprint: str
     created: float
+    user: str | None  # the request's last user turn (None: stored before user turns were)
 
 
 class FeedbackStore:
@@ -54,17 +56,21 @@ class FeedbackStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        if "user" not in {row[1] for row in self._db.execute("PRAGMA table_info(answers)")}:  # an older run dir
+            self._db.execute("ALTER TABLE answers ADD COLUMN user TEXT")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def add_answers(self, rows: list[tuple[str, str, str | None, str, str, bool, str]]) -> None:
-        """Store served answers ``(id, task, problem_id, prompt, completion, stopped, fingerprint)``, one commit."""
+    def add_answers(self, rows: list[tuple[str, str, str | None, str, str, bool, str, str]]) -> None:
+        """Store served answers ``(id, task, problem_id, prompt, completion, stopped, fingerprint, user)``, one
+        commit."""
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self._db.executemany("INSERT INTO answers (id, created, task, problem_id, prompt, completion, stopped, "
+                                 "fingerprint, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                  [(r[0], now, *r[1:]) for r in rows])
             self._db.execute("COMMIT")
 
@@ -82,8 +88,8 @@ class FeedbackStore:
 
     def feedback_after(self, seq: int, limit: int) -> list[Feedback]:
         """Up to ``limit`` feedback rows with ``seq`` above the given one, oldest first."""
-        query = ("SELECT f.seq, f.id, f.reward, f.text, f.source, a.task, a.problem_id, a.prompt, "
-                 "a.completion, a.stopped, a.fingerprint, f.created FROM feedback f JOIN answers a ON a.id = f.id "
+        query = ("SELECT f.seq, f.id, f.reward, f.text, f.source, a.task, a.problem_id, a.prompt, a.completion, "
+                 "a.stopped, a.fingerprint, f.created, a.user FROM feedback f JOIN answers a ON a.id = f.id "
                  "WHERE f.seq > ? ORDER BY f.seq LIMIT ?")
         with self._lock:
             rows = self._db.execute(query, (seq, limit)).fetchall()

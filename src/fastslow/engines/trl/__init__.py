@@ -66,30 +66,34 @@ def build(cfg: Config, weights: Path | None) -> ChannelEngine:
     """The ``trl`` engine (registered by :mod:`fastslow.engines` as ``engine: trl``)."""
     from fastslow.channels import fast_on, slow_on
     from fastslow.engines.base import ChannelEngine
+    from fastslow.engines.native import build_fast
     from fastslow.engines.trl.engine import TrlEngine, TrlSampler
-    from fastslow.fast import FastChannel
-    from fastslow.reflect import make_reflector
     from fastslow.rollout import PolicySampler
 
     eng = TrlEngine(cfg, weights=weights)
     policy = eng.policy
     if not slow_on(cfg.method):
         policy.model.requires_grad_(False)
-    fast = None
     sampler = TrlSampler(eng, cfg.verify_timeout_s)
+    engine = ChannelEngine("trl", policy, sampler, eng.slow if slow_on(cfg.method) else None, None,
+                           world_size=eng.world_size, is_main=eng.is_main, broadcast_fn=eng.broadcast,
+                           close_fn=eng.close, gather_fn=eng.gather,
+                           sharding="FSDP2" if eng.trainer.accelerator.is_fsdp2 else None)
     if fast_on(cfg.method):
         lockstep = eng.world_size > 1
         # One process: the plain sampler. Several: every rank runs the round through the collective sampler.
         fast_sampler = sampler if lockstep else PolicySampler(policy, verify_timeout_s=cfg.verify_timeout_s)
-        fast = FastChannel(fast_sampler, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                           max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
-        if lockstep:
-            fast.reflector = LockstepReflector(fast.reflector, is_main=eng.is_main, broadcast=eng.broadcast)
-            fast = LockstepFast(fast, eng)
-    return ChannelEngine("trl", policy, sampler, eng.slow if slow_on(cfg.method) else None, fast,
-                         world_size=eng.world_size, is_main=eng.is_main, broadcast_fn=eng.broadcast,
-                         close_fn=eng.close, gather_fn=eng.gather,
-                         sharding="FSDP2" if eng.trainer.accelerator.is_fsdp2 else None)
+        error = fast = None
+        try:  # the same channel as native's (GEPA, memory or both); only the main process reads and writes RUN/memory
+            fast = build_fast(cfg, policy, fast_sampler, Path(cfg.out) if eng.is_main else None)
+        except Exception as exc:  # noqa: BLE001 - e.g. a foreign memory there: every rank stops with its line
+            error = exc
+        engine.agree(error)
+        if lockstep:  # the parts that call a reflection model: each calls it on the main process only
+            parts = (fast.gepa, fast.memory) if cfg.fast_kind == "gepa+memory" else (fast,)
+            fast = LockstepFast(fast, eng, parts)
+        engine.fast = fast
+    return engine
 
 
 def check_launch(cfg: Config, accelerate_config: str | None) -> None:

@@ -1,10 +1,11 @@
-"""Lockstep GEPA rounds for the ``trl`` engine with several processes.
+"""Lockstep fast rounds (GEPA, experience memory, or both) for the ``trl`` engine with several processes.
 
-With W > 1 the GEPA round runs in lockstep on every rank (:class:`LockstepFast`): the same ``gepa.optimize``
-round (same seed, same valset) on every rank, every rollout through the collective sampler, the reflection
-model called on the main process alone and its reply (or its failure) broadcast (:class:`LockstepReflector`).
-Every rank's population is then identical by construction (checked after each round), and the trainer's model
-is never used by one rank alone during a round.
+With W > 1 the fast round runs in lockstep on every rank (:class:`LockstepFast`): the same round (same seed,
+same valset or drawn problems) on every rank, every rollout through the collective sampler, the reflection
+model (GEPA's proposer, the memory's curator) called on the main process alone and its reply (or its failure)
+broadcast (:class:`LockstepReflector`). Every rank's population and memory store are then identical by
+construction (checked after each round), so retrieval gives every rank the same contexts per problem, and the
+trainer's model is never used by one rank alone during a round.
 """
 
 from __future__ import annotations
@@ -58,13 +59,18 @@ class LockstepReflector(GuardedReflector):
 class LockstepFast:
     """A fast channel whose rounds run in lockstep on every rank (see the module docstring).
 
-    ``inner`` is a :class:`~fastslow.fast.FastChannel` over the collective sampler with a
-    :class:`LockstepReflector`. Only the main process keeps GEPA's scratch dir in the run dir. After each
-    round the ranks compare digests of their state and round: a difference is a fastslow bug and stops the run.
+    ``inner`` is the run's fast channel (GEPA's population, the experience memory, or both) over the collective
+    sampler; ``parts`` are its parts that call a reflection model (``inner`` itself, or GEPA's and the memory's
+    under ``gepa+memory``): each one's guarded reflector becomes a :class:`LockstepReflector`. Only the main
+    process keeps GEPA's scratch dir and the memory's files in the run dir. After each round the ranks compare
+    digests of their state and round (the memory's store included, so every rank retrieves the same contexts):
+    a difference is a fastslow bug and stops the run.
     """
 
-    def __init__(self, inner, engine: TrlEngine) -> None:
-        self.inner, self.engine = inner, engine
+    def __init__(self, inner, engine: TrlEngine, parts: tuple = ()) -> None:
+        self.inner, self.engine, self.rounds = inner, engine, 0
+        for part in parts or (inner,):
+            part.reflector = LockstepReflector(part.reflector, is_main=engine.is_main, broadcast=engine.broadcast)
 
     @property
     def population(self) -> list[str]:
@@ -82,8 +88,10 @@ class LockstepFast:
         from accelerate.utils import gather_object
 
         digests = gather_object([hashlib.sha256(mine.encode()).hexdigest()])
+        self.rounds += 1
         if len(set(digests)) > 1:
-            raise RuntimeError(f"GEPA round {self.inner.rounds} diverged between ranks (state digests {digests})")
+            raise RuntimeError(f"fast round {self.rounds} on {task.name} diverged between ranks (state digests "
+                               f"{digests})")
         return result
 
     def contexts(self, task: Task, problem, group_size: int, view: str = "train") -> list[str]:
