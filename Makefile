@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick bench-real bench-demo bench-engines bench-serve lint install clean models
+.PHONY: demo test bench bench-quick bench-verdicts bench-real bench-demo bench-engines bench-serve lint install clean models
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 # The drift-plasticity study at small budgets (<= 15 min on 2 quiet CPU cores); writes benchmarks/results/.
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/claims.py --quick
+
+# Full mode's settings, only the runs the verdicts need (single tasks, each method's main stream, their probes and
+# attributions; no KL x weights sweep): 67 min on 2 cores. `make bench` reuses these runs.
+bench-verdicts: $(STAMP)
+	$(BIN)/python benchmarks/claims.py --no-frontier
 
 # The study on a real model (SmolLM2-135M-Instruct, offline) on three reasoning-gym datasets chosen by the
 # pre-registered rule of benchmarks/protocol.yaml; resumable run by run (runs/bench-real); writes results/real_*.json.
