@@ -52,6 +52,7 @@ def test_shipped_model_loads_and_follows_rules():
     assert outs[0].startswith("[") and outs[0].endswith("]") and outs[1].endswith(".") and outs[1].isupper()
 
 
+@pytest.mark.slow  # builds the micro model twice from scratch (~15 s)
 def test_build_base_is_deterministic(tmp_path: Path):
     torch.set_num_threads(2)
     a = build_base(tmp_path / "a", seed=1, steps=3)
