@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -520,10 +521,13 @@ def live_rows(model, cache: DynamicCache, eos: int | None) -> Iterator[None]:
     lm = getattr(model, "_m", model)  # the base view of a LoRA policy: the peft model
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # the module whose forward generate calls
     state: dict = {}
+    # The hooks sit on a module other threads may run at the same time (serve samples with a second view of the
+    # same weights): they act only on this thread's forwards.
+    owner = threading.get_ident()
 
     def before(_module, args, kwargs):
         ids = kwargs.get("input_ids")
-        if eos is None or args or ids is None:
+        if eos is None or args or ids is None or threading.get_ident() != owner:
             return None
         b = ids.shape[0]
         if not state:  # the first forward (the prompt): every row
@@ -547,7 +551,7 @@ def live_rows(model, cache: DynamicCache, eos: int | None) -> Iterator[None]:
 
     def after(_module, _args, _kwargs, output):
         rows = state.get("rows")
-        if rows is None or len(rows) == state["b"]:
+        if rows is None or len(rows) == state["b"] or threading.get_ident() != owner:
             return None
         logits = output.logits.new_zeros((state["b"], *output.logits.shape[1:]))
         logits[rows] = output.logits
