@@ -130,3 +130,34 @@ def test_token_counts_are_the_tokenizers(tiny_model):
     policy = Policy.load(ModelConfig(path=str(tiny_model)))
     for text in ("", "abc", policy.format("Sys.", "xy"), "abc"):
         assert policy.count_tokens(text) == len(policy.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_live_rows_leave_another_threads_forwards_on_the_same_model_alone(tiny_model):
+    """Serving samples on a second view of the same weights in another thread: while one thread decodes with live
+    rows, a forward of that module from another thread keeps its own batch and its own logits."""
+    import threading
+
+    policy = Policy.load(ModelConfig(path=str(tiny_model)))
+    _stop_often(policy)
+    probe = policy.tokenizer(["ab"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = policy.model(input_ids=probe).logits
+    seen: list = []
+
+    def other_thread() -> None:
+        try:
+            with torch.no_grad():
+                seen.append(policy.model(input_ids=probe).logits)
+        except Exception as exc:  # noqa: BLE001 - recorded, asserted below
+            seen.append(exc)
+
+    def during_decoding(_module, args) -> None:
+        if args[0].shape[1] == 1 and not seen:  # a decoding step of the main thread's generate
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+
+    policy.model.get_input_embeddings().register_forward_pre_hook(during_decoding)
+    policy.generate(_prompts(policy), max_new_tokens=12, seed=3, temperature=1.0)
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor), seen
+    assert torch.equal(seen[0], want)
