@@ -5,7 +5,9 @@ The reference implementation of the seams in :mod:`fastslow.channels`; CPUs and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastslow.channels import Sampler, fast_on, slow_on
 from fastslow.config import Config
@@ -27,28 +29,38 @@ def build(cfg: Config, weights: Path | None) -> ChannelEngine:
     return ChannelEngine("native", policy, sample, slow, fast)
 
 
-def build_fast(cfg: Config, policy: Policy, sample: Sampler, out: Path | None = None):
+def build_fast(cfg: Config, policy: Policy, sample: Sampler, out: Path | None = None, *,
+               version: Callable[[], int] | None = None, budget: int | None = None,
+               count_tokens: Callable[[str], int] | None = None, fits: Callable[[str, Any], bool] | None = None):
     """The fast channel ``cfg.fast_kind`` names: GEPA's population, the experience memory, or both (the trl
-    engine builds the same). ``out``: the run dir the memory is written under (None: not written)."""
+    engine and the server build the same). ``out``: the run dir the memory is written under (None: not written).
+
+    ``policy`` counts tokens and embeds for the memory; ``version`` (default the policy's) tells the channel when
+    the weights changed. The server passes its own ``version``, ``budget`` (new tokens of a request),
+    ``count_tokens`` and ``fits`` (a context fits when the request as served fits)."""
     kind = cfg.fast_kind
+    version = version or (lambda: policy.version)
     gepa = memory = None
     if "gepa" in kind:
         gepa = FastChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                           max_new_tokens=cfg.slow.max_new_tokens, version=lambda: policy.version)
+                           max_new_tokens=cfg.slow.max_new_tokens, version=version)
     if "memory" in kind:
         from fastslow.checks import context_limit
         from fastslow.memory import GepaMemoryChannel, MemoryChannel
         from fastslow.memory.retrieve import hidden_state_embedder
 
-        limit, budget = context_limit(policy), cfg.slow.max_new_tokens
+        budget = budget or cfg.slow.max_new_tokens
+        count_tokens = count_tokens or policy.count_tokens
+        if fits is None:
+            limit = context_limit(policy)
 
-        def fits(context: str, problem) -> bool:
-            return limit is None or policy.count_tokens(policy.format(context, problem.prompt)) + budget <= limit
+            def fits(context: str, problem) -> bool:
+                return limit is None or count_tokens(policy.format(context, problem.prompt)) + budget <= limit
 
         embed = hidden_state_embedder(policy) if cfg.fast.memory.retriever != "bm25" else None
         memory = MemoryChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                               max_new_tokens=budget, count_tokens=policy.count_tokens, fits=fits, out=out,
-                               embed=embed, version=lambda: policy.version)
+                               max_new_tokens=budget, count_tokens=count_tokens, fits=fits, out=out,
+                               embed=embed, version=version)
         if gepa is not None:
             return GepaMemoryChannel(gepa, memory)
     return memory or gepa

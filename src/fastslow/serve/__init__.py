@@ -231,40 +231,30 @@ def _fast_channel(cfg: Config, served, view, out: Path):
     """The fast channel ``cfg.fast_kind`` names, on the served weights (``view``): GEPA's population, the
     experience memory (its files in ``out/memory``; ``served`` retrieves from it per request), or both."""
     from fastslow.checks import context_limit
-    from fastslow.fast import FastChannel
-    from fastslow.memory import GepaMemoryChannel, MemoryChannel
-    from fastslow.memory.retrieve import hidden_state_embedder
-    from fastslow.reflect import make_reflector
+    from fastslow.engines.native import build_fast
     from fastslow.rollout import PolicySampler
     from fastslow.serve.app import format_prompt
     from fastslow.serve.learner import policy_view
 
-    sample = PolicySampler(view, verify_timeout_s=cfg.verify_timeout_s)
-    gepa = memory = None
-    if "gepa" in cfg.fast_kind:
-        gepa = FastChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast), seed=cfg.seed,
-                           max_new_tokens=cfg.slow.max_new_tokens, version=lambda: served.state.weights_version)
+    # The memory's own view and tokenizer: retrieval runs on any thread (under Served.memory_lock) while the
+    # learner samples.
+    mine = policy_view(view)
+    tokenizer, limit = mine.tokenizer, context_limit(mine)
+    budget = cfg.serve.default_max_tokens or cfg.slow.max_new_tokens
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def fits(context: str, problem) -> bool:  # the request as served (no system message of its own) is accepted
+        n = count_tokens(format_prompt(tokenizer, context, [], problem.prompt))
+        return n <= cfg.serve.max_prompt_tokens and (limit is None or n + budget <= limit)
+
+    fast = build_fast(cfg, mine, PolicySampler(view, verify_timeout_s=cfg.verify_timeout_s), out,
+                      version=lambda: served.state.weights_version, budget=budget, count_tokens=count_tokens,
+                      fits=fits)
     if "memory" in cfg.fast_kind:
-        # Its own tokenizer: retrieval runs on any thread (under Served.memory_lock) while the learner samples.
-        mine = policy_view(view)
-        tokenizer, limit = mine.tokenizer, context_limit(mine)
-        budget = cfg.serve.default_max_tokens or cfg.slow.max_new_tokens
-
-        def count_tokens(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        def fits(context: str, problem) -> bool:  # the request as served (no system message of its own) is accepted
-            n = count_tokens(format_prompt(tokenizer, context, [], problem.prompt))
-            return n <= cfg.serve.max_prompt_tokens and (limit is None or n + budget <= limit)
-
-        embed = hidden_state_embedder(mine) if cfg.fast.memory.retriever != "bm25" else None  # the served weights
-        memory = served.memory = MemoryChannel(sample, cfg.fast, make_reflector(cfg.fast.reflector, cfg.fast),
-                                               seed=cfg.seed, max_new_tokens=budget, count_tokens=count_tokens,
-                                               fits=fits, out=out, embed=embed,
-                                               version=lambda: served.state.weights_version)
-        if gepa is not None:
-            return GepaMemoryChannel(gepa, memory)
-    return memory or gepa
+        served.memory = getattr(fast, "memory", fast)
+    return fast
 
 
 def _recover_promotion_row(metrics, state) -> None:
