@@ -258,9 +258,11 @@ def test_codeio_verifier_scores_right_partial_and_wrong(codeio):
     assert too_long.reward == pytest.approx(len(lines) / (len(lines) + 1))
 
 
-def test_sandbox_leaves_no_scratch_dirs_behind():
+def test_sandbox_leaves_no_scratch_dirs_behind(tmp_path, monkeypatch):
     import tempfile
 
+    # a temp dir of this test's own: tests running beside it (pytest-xdist) make scratch dirs in the shared one
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before = {p.name for p in Path(tempfile.gettempdir()).glob("fastslow-sandbox-*")}
     run_untrusted("open('x', 'w').write('y')")
     run_untrusted("while True: pass", timeout_s=0.5)
