@@ -82,6 +82,35 @@ def test_decoding_only_live_rows_draws_what_every_row_draws(tiny_model, monkeypa
                 assert rows[0] <= rows[1]
 
 
+def test_decoding_runs_on_one_thread_under_passive_waiting_and_draws_the_same(tiny_model, monkeypatch):
+    """Passive OpenMP waiting (fastslow's default) decodes on one thread, prompts keep every thread; the
+    completions are those of decoding on every thread, and the thread count is restored."""
+    policy = Policy.load(ModelConfig(path=str(tiny_model)))
+    seen = []  # (tokens per row of a forward, torch threads during it)
+    def first_layer(_m, args, kwargs):  # the decoder's first layer: after fastslow's own hook on the embeddings
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append((hidden.shape[1], torch.get_num_threads()))
+
+    policy.model.model.layers[0].register_forward_pre_hook(first_layer, with_kwargs=True)
+    prompts = _prompts(policy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = {}
+        for wait in ("PASSIVE", "ACTIVE"):
+            monkeypatch.setenv("OMP_WAIT_POLICY", wait)
+            seen.clear()
+            outs[wait] = policy.generate(prompts, temperature=1.0, max_new_tokens=8, seed=5)
+            assert torch.get_num_threads() == 2
+            decode = {n for width, n in seen if width == 1}
+            prompt = {n for width, n in seen if width > 1}
+            assert decode == ({1} if wait == "PASSIVE" else {2}) and prompt == {2}, (wait, seen)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs["PASSIVE"].completion_ids, outs["ACTIVE"].completion_ids)
+    assert outs["PASSIVE"].texts == outs["ACTIVE"].texts
+
+
 def test_prompts_tokenized_once_pad_as_the_tokenizer(tiny_model):
     policy = Policy.load(ModelConfig(path=str(tiny_model)))
     prompts = [policy.format("Sys.", "abc"), policy.format("", "a"), "", policy.format("Sys.", "abc"), "xyz"]
