@@ -107,6 +107,21 @@ def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
     raise SystemExit(f"unknown part {part!r}")
 
 
+def shim_entry_points(src: Path) -> None:
+    """An empty module for each plug-in entry point of the installed fastslow that the old tree lacks (older
+    trees registered those parts themselves): without it the old code stops at loading plug-ins."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="fastslow.plugins"):
+        parts = ep.value.split(".")
+        if (src.joinpath(*parts).with_suffix(".py").exists() or (src.joinpath(*parts) / "__init__.py").exists()
+                or not src.joinpath(*parts[:-1]).is_dir()):
+            continue
+        path = src.joinpath(*parts).with_suffix(".py")
+        path.write_text('"""Empty: the installed entry points name this module (written by benchmarks/speed.py)."""\n')
+        print(f"old tree: wrote empty {path} (named by an installed entry point)", file=sys.stderr)
+
+
 def ratios(pairs: list[tuple[dict, dict]], key) -> dict:
     r = [key(new) / key(old) for old, new in pairs]
     return {"old": [key(old) for old, _ in pairs], "new": [key(new) for _, new in pairs], "new_over_old": r,
@@ -169,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     global SAME_THREADS
     SAME_THREADS = args.same_threads
+    shim_entry_points(args.base)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     for part in args.only.split(","):
         pairs = []

@@ -9,6 +9,9 @@ took 336 s with them, 54 s without):
 - torch counts the machine's cores, not the CPUs this process may run on (``taskset``, containers, a
   pool worker's share): threads beyond those only queue.
 
+Under passive waiting, decoding steps (many small kernels) run on one thread: see
+:func:`fastslow.policy.decode_threads`.
+
 A user's own ``OMP_WAIT_POLICY`` / ``OMP_NUM_THREADS`` always win; so does ``threads:`` in a config.
 This module does not import torch at import time.
 """
