@@ -926,6 +926,13 @@ def write_plan_readme(path: Path) -> None:
     path.write_text("\n".join(L + [*(b + "\n" for b in kept_blocks(path))]) + "\n")
 
 
+def cpu_kernels() -> str:
+    """The CPU kernels torch runs here (e.g. 'AVX512 kernels'): RL runs differ between kinds (README, Determinism)."""
+    import torch
+
+    return f"{torch.backends.cpu.get_cpu_capability()} kernels"
+
+
 def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
     s = claims["settings"]
     L = ["# Benchmarks: the drift-plasticity study", "",
@@ -936,7 +943,7 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
          + f", seeds {claims['seeds']}, wall time {meta['wall_s'] / 60:.1f} min with "
          f"{meta['workers']} worker process(es) ({meta.get('cpus', '?')} CPUs visible"
          + (f", load average {meta['load_avg_start']:.1f} at the start" if meta.get("load_avg_start") is not None
-            else "") + "). Every number is the mean "
+            else "") + (f", {meta['cpu_kernels']}" if meta.get("cpu_kernels") else "") + "). Every number is the mean "
          "over seeds with [min, max] and n; claims.json has each seed; verdicts use the protocol's paired "
          "intervals.", "",
          "Reproduce: `make bench-quick` (quick mode), `make bench` (full mode) or `make bench-real` (SmolLM2-135M); "
@@ -1310,12 +1317,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     claims, frontier = analyse(s, root, runs, probes, attributions)
     wall = time.perf_counter() - t0
     meta = {"mode": mode, "wall_s": wall, "workers": args.workers, "cpus": threads.usable_cpus(),
-            "frontier": not args.no_frontier, "load_avg_start": None if args.analyse_only else load_start}
+            "frontier": not args.no_frontier, "load_avg_start": None if args.analyse_only else load_start,
+            "cpu_kernels": None if args.analyse_only else cpu_kernels()}
     if args.analyse_only:
         old = args.results / "claims.json"
         if old.exists():
             was = json.loads(old.read_text()).get("meta", {})  # the run's own wall time and load, not analysis's
-            meta.update({k: was[k] for k in ("wall_s", "load_avg_start") if k in was})
+            meta.update({k: was[k] for k in ("wall_s", "load_avg_start", "cpu_kernels") if k in was})
     claims["meta"] = frontier["meta"] = meta
     claims["protocol"] = frontier["protocol"] = {"file": f"benchmarks/{PROTOCOL_PATH.name}", "sha256": sha}
     args.results.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,8 @@ def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
     if part == "micro":
         sets = [f"stages=[{{task: micro/flip, steps: {args.micro_steps}}}]", "eval.n=32",
                 f"fast.every={args.micro_steps}", f"eval.every={args.micro_steps}", f"drift.every={args.micro_steps}"]
-        return run_cli(src, DEMO, sets, tmp / "micro")
+        own = src.parent / "configs" / DEMO.name  # the tree's own demo config: older trees reject newer fields
+        return run_cli(src, own if own.exists() else DEMO, sets, tmp / "micro")
     raise SystemExit(f"unknown part {part!r}")
 
 
