@@ -99,3 +99,23 @@ def test_the_progress_line_says_when_the_machine_is_busy(tiny_model, tmp_path, m
     with progress:
         run_config(small_config(tiny_model, tmp_path / "run", method="rl", steps=1), progress=progress)
     assert "machine busy: 2 CPUs, load 9.0" in out.getvalue()
+
+
+def test_a_small_model_trains_on_one_thread_unless_the_user_chose(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(threads.WAIT, "PASSIVE")  # restored afterwards, as NUM is
+        monkeypatch.delenv(threads.NUM, raising=False)
+        monkeypatch.setattr(threads, "_CHOSEN", {})
+        threads.hygiene()  # fastslow's own default: one thread per usable CPU
+        torch.set_num_threads(2)
+        assert threads.fit_model(threads.SMALL_MODEL_PARAMS) == 2  # not small: every thread
+        assert threads.fit_model(500_000) == 1
+        torch.set_num_threads(2)
+        monkeypatch.setattr(threads, "_CHOSEN", {})
+        monkeypatch.setenv(threads.NUM, "2")  # the user's
+        assert threads.fit_model(500_000) == 2
+    finally:
+        torch.set_num_threads(before)

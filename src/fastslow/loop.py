@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fastslow import registry
+from fastslow import registry, threads
 from fastslow.channels import Engine
 from fastslow.checkpoint import latest_good_checkpoint
 from fastslow.checks import VerifierWindow, check_splits, fit_to_context
@@ -102,6 +102,8 @@ class Trainer:
             resume_task_changes(saved.get("tasks") or {}, self.task_hashes, saved["loop"]["step"])
         self.engine = build_checked(build_engine, cfg, ckpt / "model" if ckpt else None)
         self.policy, self.slow, self.fast = self.engine.policy, self.engine.slow, self.engine.fast
+        if not cfg.threads:
+            threads.fit_model(sum(p.numel() for p in self.policy.model.parameters()))
         self.engine.preflight()  # one short real call of the reflector: a dead one never starts a run
         self.health = ReflectionHealth(cfg.fast.stop_after_failed_rounds)
         self.oversize_skipped = self._fit_tasks_to_context()
