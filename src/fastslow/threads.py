@@ -68,7 +68,7 @@ def hygiene(env: MutableMapping[str, str] | None = None, *, workers: int = 1) ->
 _CHOSEN: dict[str, str] = {}  # what hygiene() set in this process's environment (not the user's choices)
 
 # Below this many parameters every kernel is small: a second thread costs more than it adds (micro model, 0.5 M
-# parameters, 2 cores: 0.43-0.47 s per step on one thread, 0.49-0.74 s on two).
+# parameters, 2 quiet cores: 0.42-0.43 s per step on one thread, 0.51-0.67 s on two passive ones).
 SMALL_MODEL_PARAMS = 10_000_000
 
 
