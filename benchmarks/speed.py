@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
     ap.add_argument("--readme", default=str(HERE / "README.md"), help="where the table goes ('' for nowhere)")
     args = ap.parse_args(argv)
+    if not (args.base / "fastslow" / "__init__.py").is_file():  # else the installed fastslow stands in: new vs new
+        ap.error(f"--base {args.base}: no fastslow package there (give the old checkout's src/)")
     global SAME_THREADS
     SAME_THREADS = args.same_threads
     shim_entry_points(args.base)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
 from fastslow.config import ModelConfig
+from fastslow.threads import WAIT
 
 
 def resolve_model_path(path: str) -> str:
@@ -376,7 +377,7 @@ def decode_threads(model) -> Iterator[None]:
     spinning ones, which in turn lose 3x beside other work). Acts only on the thread that entered.
     """
     n = torch.get_num_threads()
-    if n == 1 or os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    if n == 1 or os.environ.get(WAIT, "").upper() != "PASSIVE":
         yield
         return
     owner = threading.get_ident()
