@@ -33,6 +33,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 # An unexpected crash still prints a traceback, but never frame locals: an API client's frames hold keys.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -60,8 +61,8 @@ def print_error(message: str) -> None:
     """``error: <message>`` as one redacted line (user text is not markup)."""
     from fastslow.util import one_line
 
-    console.print("[bold red]error:[/] ", end="", markup=True)
-    console.print(one_line(message, 400), soft_wrap=True)
+    # one write: the lines of two ranks sharing a stderr pipe must not interleave within a line
+    console.print(Text.assemble(("error: ", "bold red"), one_line(message, 400)), soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
