@@ -1,6 +1,6 @@
 """Before/after speed of this checkout against another (e.g. main before the speed work), as interleaved ratios.
 
-    python benchmarks/speed.py --base /tmp/speed-base/src [--reps 2] [--only sampling,smollm2,micro]
+    python benchmarks/speed.py --base /tmp/speed-base/src [--reps 2] [--only sampling,smollm2,micro,demo]
     (make bench-speed BASE=/path/to/old/src)
 
 Each measurement runs in a fresh process with PYTHONPATH pointing at one source tree, in the order
@@ -11,7 +11,9 @@ pair is new/old, and the median over pairs. Short settings that fit a shared 2-c
   2 prompts, 32 new tokens, T=1): completion tokens per second of ``Policy.generate``;
 - smollm2: ``fastslow run configs/smollm2-cpu.yaml`` (fst, then rl) for ``--steps`` steps with eval.n 8:
   wall of the command, FST/RL, peak RSS (timing.json);
-- micro: ``fastslow run configs/demo.yaml`` on one stage of ``--micro-steps`` steps: mean seconds per step.
+- micro: ``fastslow run configs/demo.yaml`` on one stage of ``--micro-steps`` steps: mean seconds per step;
+- demo: ``fastslow demo --quick`` (``--demo-full``: ``make demo``'s settings): wall of the command, and whether
+  every method's final rewards are the same in both trees.
 
 Writes benchmarks/results/speed.json (merged per part, so parts can run in separate commands) and prints it.
 """
@@ -105,6 +107,17 @@ def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
                 f"fast.every={args.micro_steps}", f"eval.every={args.micro_steps}", f"drift.every={args.micro_steps}"]
         own = src.parent / "configs" / DEMO.name  # the tree's own demo config: older trees reject newer fields
         return run_cli(src, own if own.exists() else DEMO, sets, tmp / "micro")
+    if part == "demo":
+        cmd = [sys.executable, "-m", "fastslow.cli", "demo", "--out", str(tmp / "demo")]
+        cmd += [] if args.demo_full else ["--quick"]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, env=env_for(src), cwd=ROOT, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
+        finals = {run.parent.name: json.loads(run.read_text())["final"]
+                  for run in sorted((tmp / "demo").glob("*/summary.json"))}
+        return {"wall_s": wall, "finals": finals}
     raise SystemExit(f"unknown part {part!r}")
 
 
@@ -129,6 +142,11 @@ def ratios(pairs: list[tuple[dict, dict]], key) -> dict:
             "median": statistics.median(r)}
 
 
+def rewards(final: dict) -> dict:
+    """A run's final eval reward per task (newer trees add other figures beside it)."""
+    return {task: v["reward"] for task, v in final.items()}
+
+
 def summarise(part: str, pairs: list[tuple[dict, dict]]) -> dict:
     if part == "sampling":
         same = [old["texts"] == new["texts"] for old, new in pairs]
@@ -139,6 +157,12 @@ def summarise(part: str, pairs: list[tuple[dict, dict]]) -> dict:
                 "fst_over_rl": ratios(pairs, lambda m: m["fst_over_rl"]),
                 "fst_peak_rss_mb": ratios(pairs, lambda m: m["fst"]["peak_rss_mb"]),
                 "rl_peak_rss_mb": ratios(pairs, lambda m: m["rl"]["peak_rss_mb"])}
+    if part == "demo":
+        # per method both trees run (older trees ran fewer): are its final rewards the same?
+        return {"wall_s": ratios(pairs, lambda m: m["wall_s"]),
+                "same_results": [{m: rewards(o["finals"][m]) == rewards(n["finals"][m])
+                                  for m in sorted(o["finals"].keys() & n["finals"].keys())} for o, n in pairs],
+                "methods": {"old": sorted(pairs[0][0]["finals"]), "new": sorted(pairs[0][1]["finals"])}}
     return {"mean_step_s": ratios(pairs, lambda m: m["mean_step_s"]), "wall_s": ratios(pairs, lambda m: m["wall_s"])}
 
 
@@ -148,19 +172,24 @@ def readme_block(result: dict) -> str:
             ("SmolLM2 fst wall (s)", "smollm2", "fst_wall_s"), ("SmolLM2 rl wall (s)", "smollm2", "rl_wall_s"),
             ("SmolLM2 fst / rl", "smollm2", "fst_over_rl"), ("SmolLM2 fst peak RSS (MB)", "smollm2", "fst_peak_rss_mb"),
             ("SmolLM2 rl peak RSS (MB)", "smollm2", "rl_peak_rss_mb"),
-            ("micro demo config, s per step", "micro", "mean_step_s")]
+            ("micro demo config, s per step", "micro", "mean_step_s"), ("micro demo wall (s)", "demo", "wall_s")]
     lines = ["<!-- speed:start -->", "## Speed before/after", "",
              "`make bench-speed BASE=<old src>`: each figure measured in fresh processes, old and new interleaved "
              "(old, new, old, new); new/old per pair and its median. The machine is shared, so single figures move "
              "with its load; the ratios of neighbouring runs are the comparison.", "",
              "| measure | old | new | new/old (median) | settings |", "|---|---|---|---|---|"]
     for label, part, key in rows:
-        for variant in (part, f"{part}-same-threads"):
+        for variant in (part, f"{part}-same-threads", f"{part}-full"):
             if variant not in result:
                 continue
             r, st = result[variant]["summary"][key], result[variant]["settings"]
             where = {"sampling": "one generate call", "smollm2": f"{st['steps']} steps, eval.n 8",
                      "micro": f"{st['micro_steps']} steps"}
+            if part == "demo":
+                summary = result[variant]["summary"]
+                where["demo"] = ("`make demo`" if st.get("demo_full") else "`fastslow demo --quick`") + (
+                    f"; methods old {'/'.join(summary['methods']['old'])}, new {'/'.join(summary['methods']['new'])}"
+                    f"; same final rewards: {summary['same_results'][0]}")
             threads = "; both with passive waiting, 1 thread/CPU"
             if part != "sampling" and not st.get("same_threads"):
                 threads = "; each with its own thread defaults"
@@ -174,9 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="the old code's src/ (e.g. a worktree of main)")
     ap.add_argument("--reps", type=int, default=2, help="old/new pairs per part")
-    ap.add_argument("--only", default="sampling,smollm2,micro")
+    ap.add_argument("--only", default="sampling,smollm2,micro,demo")
     ap.add_argument("--steps", type=int, default=3, help="SmolLM2 run length")
     ap.add_argument("--micro-steps", type=int, default=10)
+    ap.add_argument("--demo-full", action="store_true", help="demo part: make demo's settings, not --quick")
     ap.add_argument("--same-threads", action="store_true",
                     help="give the old code this checkout's thread defaults (passive waiting, one thread per CPU): "
                     "measures the other changes alone")
@@ -200,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
                       file=sys.stderr, flush=True)
             pairs.append((row["old"], row["new"]))
         part_key = f"{part}-same-threads" if args.same_threads else part
+        part_key += "-full" if part == "demo" and args.demo_full else ""
         result[part_key] = {"summary": summarise(part, pairs), "load_after": os.getloadavg()[0],
                         "settings": {"reps": args.reps, "steps": args.steps, "micro_steps": args.micro_steps,
-                                     "same_threads": args.same_threads},
+                                     "same_threads": args.same_threads, "demo_full": args.demo_full},
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -114,3 +114,14 @@ def test_a_usage_error_does_not_echo_a_secret():
                            "run", "configs/smoke.yaml", "--sk-abcdefghijklmnopqrstuvwxyz123456"],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert done.returncode == 2 and "abcdefghijklmnopqrstuvwxyz123456" not in done.stdout + done.stderr
+
+
+def test_ctrl_c_during_a_run_says_so_in_one_line_and_exits_130(tmp_path):
+    """typer turns Ctrl-C into a silent exit 130; the user is told what happened."""
+    code = ("import sys; import fastslow.loop as loop; from fastslow.cli import main\n"
+            "def interrupted(self): raise KeyboardInterrupt\n"
+            "loop.Trainer.run = interrupted; sys.exit(main())")
+    done = subprocess.run([sys.executable, "-c", code, "run", "configs/smoke.yaml", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 130 and lines[-1] == "error: aborted (Ctrl-C)", done.stdout + done.stderr

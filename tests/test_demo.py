@@ -3,12 +3,24 @@ import json
 import pytest
 
 from fastslow.analysis import load_run
-from fastslow.demo import METHODS, run_demo
+from fastslow.demo import METHODS, demo_config, run_demo
+from fastslow.loop import train
+
+
+def _rows(run_dir):
+    """A run's metrics rows without its timings (the only values two identical runs may differ in)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.endswith("_s") and k != "time"} for row in rows]
 
 
 @pytest.mark.slow
 def test_demo_pipeline_writes_runs_probes_attribution_and_report(tmp_path):
-    result = run_demo(tmp_path, stage_steps=2, probe_steps=2, eval_n=8, log=lambda m: None)
+    """Two worker processes train the runs; rl and fst match the same configs trained one at a time here."""
+    result = run_demo(tmp_path, stage_steps=2, probe_steps=2, eval_n=8, workers=2, log=lambda m: None)
+    for method in ("rl", "fst"):
+        alone = demo_config(method, quick=False, seed=0, out=tmp_path / "alone" / method, steps=2, eval_n=8)
+        train(alone, log=lambda m: None)
+        assert _rows(tmp_path / method) == _rows(tmp_path / "alone" / method)
     for method in METHODS:
         summary = json.loads((tmp_path / method / "summary.json").read_text())
         assert load_run(tmp_path / method).method == method and len(summary["matrix"]) == 3  # one row per stage

@@ -81,8 +81,11 @@ def guarded(command):
 
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # typer's own (a usage error raised by a command): main() prints it as one line
+        except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+            print_error("aborted (Ctrl-C)")
+            raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
             print_error(describe(exc))
             _after_peers_printed(exc)
@@ -146,6 +149,26 @@ class PlainProgress:
             f"elapsed, about {duration(left)} left" + (f"  {info}" if info else ""))
 
 
+def step_info(row: dict) -> str:
+    """What a progress line shows of a step's metrics row."""
+    bits = []
+    if "slow/reward_mean" in row:
+        bits.append(f"reward {row['slow/reward_mean']:.3f}")
+    evals = [v for k, v in row.items() if k.startswith("eval/") and k.endswith("/reward")]
+    if evals:
+        bits.append(f"eval {sum(evals) / len(evals):.3f}")
+    if "drift/kl_rev" in row:
+        bits.append(f"kl {row['drift/kl_rev']:.4f}")
+    if "fast/accepted_total" in row:
+        bits.append(f"accepted {row['fast/accepted_total']:.0f}")
+    if row.get("fast/failed_reflection_calls"):
+        bits.append(f"failed reflection calls {row['fast/failed_reflection_calls']:.0f}")
+    busy = _threads.load_note()
+    if busy:  # why steps are slow, said where the user looks
+        bits.append(busy)
+    return "  ".join(bits)
+
+
 def run_config(
     cfg, *, resume: bool = False, force: bool = False, label: str | None = None, progress: Progress | None = None
 ) -> dict:
@@ -157,24 +180,10 @@ def run_config(
     bar = progress.add_task(label or cfg.method, total=cfg.total_steps, info="")
 
     def on_step(done: int, total: int, row: dict) -> None:
-        bits = []
-        if "slow/reward_mean" in row:
-            bits.append(f"reward {row['slow/reward_mean']:.3f}")
-        evals = [v for k, v in row.items() if k.startswith("eval/") and k.endswith("/reward")]
-        if evals:
-            bits.append(f"eval {sum(evals) / len(evals):.3f}")
-        if "drift/kl_rev" in row:
-            bits.append(f"kl {row['drift/kl_rev']:.4f}")
-        if "fast/accepted_total" in row:
-            bits.append(f"accepted {row['fast/accepted_total']:.0f}")
-        if row.get("fast/failed_reflection_calls"):
-            bits.append(f"failed reflection calls {row['fast/failed_reflection_calls']:.0f}")
-        busy = _threads.load_note()
-        if busy:  # why steps are slow, said where the user looks
-            bits.append(busy)
-        progress.update(bar, completed=done, info="  ".join(bits) or progress.tasks[bar].fields["info"])
+        info = step_info(row)
+        progress.update(bar, completed=done, info=info or progress.tasks[bar].fields["info"])
         if plain is not None:
-            plain.update(done, "  ".join(bits))
+            plain.update(done, info)
 
     plain: PlainProgress | None = None
     trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step, log=say)
@@ -389,16 +398,35 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the runs, probes and report go.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="A ~2 minute version (shorter stages and probes).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Runs trained at a time, each in its own process (default: one per usable CPU, at most 5; "
+                    "the metrics are the same for any count).")] = None,
 ) -> None:
     """RL, GEPA-only, memory-only, FST and FST+memory on the micro stream; plasticity probes, attribution, report."""
-    from fastslow.demo import run_demo
+    from fastslow.demo import METHODS, run_demo
+    from fastslow.pool import default_workers
 
+    workers = workers or default_workers(len(METHODS))
     with progress_bar() as progress:
 
         def run(cfg, *, label=None, **kw):
             return run_config(cfg, label=label, progress=progress, **kw)
 
-        result = run_demo(out, quick=quick, seed=seed, run=run, log=say)
+        bars: dict[str, int] = {}
+        plain: dict[str, PlainProgress] = {}
+
+        def watch(label: str, done: int, total: int, row: dict) -> None:  # a step of a run in a worker process
+            if label not in bars:
+                bars[label] = progress.add_task(label, total=total, info="")
+                if not console.is_terminal:
+                    plain[label] = PlainProgress(label, total, 0)
+            info = step_info(row) or progress.tasks[bars[label]].fields["info"]
+            progress.update(bars[label], completed=done, info=info)
+            if label in plain:
+                plain[label].update(done, step_info(row))
+
+        # the report's line is printed below (resolved path, in colour)
+        result = run_demo(out, quick=quick, seed=seed, workers=workers, run=run, watch=watch, log=lambda _: None)
     from rich.markup import escape
 
     from fastslow.util import clean

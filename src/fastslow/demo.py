@@ -12,6 +12,7 @@ Layout: ``OUT/{rl,gepa,memory,fst,fst+memory}/`` run dirs, ``OUT/probes/<arm>/``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from fastslow.checkpoint import write_json_atomic
 from fastslow.config import Config, config_from_dict
-from fastslow.probes import channel_attribution, plasticity_probe
+from fastslow.pool import Watch, Workers
+from fastslow.probes import channel_attribution, probe_config, probe_result
 from fastslow.tasks import load_task
 
 # Along the drift axis: rl (weights only), fst (both), fst+memory (weights + experience memory), gepa and memory
@@ -55,12 +57,15 @@ def demo_config(method: str, *, quick: bool, seed: int, out: Path, steps: int | 
 
 
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0, stage_steps: int | None = None,
-             probe_steps: int | None = None, eval_n: int | None = None, run: Callable[..., dict] | None = None,
+             probe_steps: int | None = None, eval_n: int | None = None, workers: int = 1,
+             run: Callable[..., dict] | None = None, watch: Watch | None = None,
              log: Callable[[str], None] = print) -> dict:
     """Run everything into ``out``; returns {"report": path, "wall_s": seconds, ...}.
 
-    ``stage_steps``/``probe_steps``/``eval_n`` shrink the demo further (tests); ``run(cfg, label=..., force=...)``
-    trains one config (the CLI passes one that drives its progress display).
+    ``stage_steps``/``probe_steps``/``eval_n`` shrink the demo further (tests). With ``workers`` > 1 the runs and
+    probes train that many at a time in worker processes (:mod:`fastslow.pool`; the same metrics as one at a time),
+    relaying their steps to ``watch(label, done, total, row)``; with 1 they train here, through
+    ``run(cfg, label=..., force=...)`` (the CLI passes one that drives its progress display).
     """
     from fastslow.report import build_report
     from fastslow.world.tasks import HELDOUT
@@ -71,23 +76,35 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, stage_steps: int 
         def run(cfg, label=None, **kw):
             return train(cfg, **kw)
 
+    def train_all(jobs: list[tuple[str, Config]]) -> None:
+        if pool is not None:
+            # the longest (fst, fst+memory) first: the last job to start ends about when the others do
+            pool.train(sorted(jobs, key=lambda job: job[1].method != "fst"), watch)
+        else:
+            for label, cfg in jobs:
+                run(cfg, force=True, label=label)
+
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    summaries = {}
-    for method in METHODS:
-        cfg = demo_config(method, quick=quick, seed=seed, out=out / method, steps=stage_steps, eval_n=eval_n)
-        summaries[method] = run(cfg, force=True, label=method)
-
     probe_steps = probe_steps or (10 if quick else 30)
     template = demo_config("rl", quick=quick, seed=seed, out=out / "probes", steps=stage_steps, eval_n=eval_n)
     template = template.model_copy(update={"eval": template.eval.model_copy(update={"every": min(5, probe_steps)})})
-    arms = {}
-    for arm, start in [("base", "base")] + [(m, out / m) for m in METHODS]:
-        if arm == "memory":  # frozen weights: the memory run's weights are the base's, probed just above
-            arms[arm] = {**arms["base"], "start": f"{out / arm} (frozen weights: the base probe)"}
-            continue
-        arms[arm] = plasticity_probe(start, f"micro/{HELDOUT}", probe_steps, template, out / "probes" / arm,
-                                     run=lambda cfg, _arm=arm, **kw: run(cfg, label=f"probe {_arm}", **kw))
+    heldout = f"micro/{HELDOUT}"
+
+    def probe(arm: str, start: str | Path) -> tuple[str, Config]:
+        return f"probe {arm}", probe_config(start, heldout, probe_steps, template, out / "probes" / arm)
+
+    probed = [m for m in METHODS if m != "memory"]  # memory's weights are the base's
+    with Workers(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        # 1. the methods on the stream, and the base's probe (it needs no run)
+        train_all([(m, demo_config(m, quick=quick, seed=seed, out=out / m, steps=stage_steps, eval_n=eval_n))
+                   for m in METHODS] + [probe("base", "base")])
+        # 2. plasticity probes from each method's final weights
+        train_all([probe(m, out / m) for m in probed])
+    arms = {"base": probe_result("base", out / "probes" / "base")}
+    for m in METHODS:
+        arms[m] = ({**arms["base"], "start": f"{out / m} (frozen weights: the base probe)"} if m not in probed
+                   else probe_result(out / m, out / "probes" / m))
     write_json_atomic(out / "plasticity.json", {"task": HELDOUT, "steps": probe_steps, "arms": arms})
 
     tasks = {t.name: t for t in (load_task(s.task) for s in template.stages)}
@@ -97,7 +114,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, stage_steps: int 
 
     report = build_report([out], out)
     wall = time.perf_counter() - t0
-    result = {"report": str(report), "wall_s": wall, "quick": quick, "seed": seed}
+    result = {"report": str(report), "wall_s": wall, "quick": quick, "seed": seed, "workers": workers}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     log(f"report: {report}  ({wall / 60:.1f} min)")
     return result

@@ -35,6 +35,12 @@ def plasticity_probe(start: str | Path, task: str, steps: int, template: Config,
     """
     if run is None:
         from fastslow.loop import train as run
+    run(probe_config(start, task, steps, template, out), force=True)
+    return probe_result(start, out)
+
+
+def probe_config(start: str | Path, task: str, steps: int, template: Config, out: Path) -> Config:
+    """The config a plasticity probe trains (see :func:`plasticity_probe`)."""
     if str(start) == "base":
         model_path = template.model.path
     elif (Path(start) / "checkpoints").is_dir():
@@ -51,8 +57,11 @@ def plasticity_probe(start: str | Path, task: str, steps: int, template: Config,
             "out": str(out),
         }
     )
-    cfg = Config.model_validate(cfg.model_dump())
-    run(cfg, force=True)
+    return Config.model_validate(cfg.model_dump())
+
+
+def probe_result(start: str | Path, out: Path) -> dict:
+    """A finished probe's {start, final, auc, curve} from its run dir ``out``."""
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     name = json.loads((Path(out) / "summary.json").read_text())["tasks"][0]
     curve = [(r["step"], r[f"eval/{name}/reward"]) for r in rows if f"eval/{name}/reward" in r]

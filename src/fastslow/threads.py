@@ -96,7 +96,7 @@ def apply(requested: int | None = None, *, workers: int = 1) -> int:
 def worker_init(threads: int) -> None:
     """Initializer of a process-pool worker: its own share of the CPUs (``share(cpus, workers)``), for
     torch and for any process it starts."""
-    os.environ[NUM] = str(threads)
+    os.environ[NUM] = _CHOSEN[NUM] = str(threads)  # the share, not the user's count: fit_model may lower it
     os.environ.setdefault(WAIT, "PASSIVE")
     apply(threads)
 
