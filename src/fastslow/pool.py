@@ -5,7 +5,8 @@ demo's five methods and its probes need not wait for each other. Each worker get
 threads and passive waiting, so workers do not oversubscribe the machine; a run gives the same metrics in a
 worker as in the main process (the same seed, the same thread count). Workers are *spawned* (not forked from a
 process that may already hold OpenMP threads), and each one's steps are relayed to the caller as
-``watch(label, done, total, row)`` in the calling process.
+``watch(label, done, total, row)`` in the calling process. As with any spawned pool, a script that uses it
+needs ``if __name__ == "__main__":`` around its work (each worker imports the script's main module).
 """
 
 from __future__ import annotations
