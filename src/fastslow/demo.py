@@ -31,7 +31,7 @@ METHODS = ("rl", "gepa", "memory", "fst", "fst+memory")
 
 def demo_config(method: str, *, quick: bool, seed: int, out: Path, steps: int | None = None,
                 eval_n: int | None = None) -> Config:
-    """The demo's settings (also in configs/demo.yaml): sized for ~10 minutes on 2 CPU cores."""
+    """The demo's settings (also in configs/demo.yaml): about 5 minutes on 2 CPU cores with two workers."""
     from fastslow.world.tasks import STREAM
 
     steps = steps or (12 if quick else 90)
