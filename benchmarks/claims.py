@@ -327,7 +327,9 @@ def run_pool(fn: Callable[[dict], Any], jobs: list[dict], workers: int, label: s
                 results[i] = fn(jobs[i])
                 progress.advance(job_cost(fn, jobs[i]), what=label)
             return results
-        # each worker its own share of the CPUs (and passive waiting, inherited from this process)
+        # each worker its own share of the CPUs (and passive waiting, inherited from this process); the longest
+        # jobs first, so that no worker starts a long one while the others run out of work
+        todo.sort(key=lambda i: -job_cost(fn, jobs[i]))
         with ProcessPoolExecutor(workers, initializer=threads.worker_init,
                                  initargs=(threads.share(threads.usable_cpus(), workers),)) as pool:
             futures = {pool.submit(fn, jobs[i]): i for i in todo}
