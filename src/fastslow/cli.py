@@ -169,6 +169,20 @@ def step_info(row: dict) -> str:
     return "  ".join(bits)
 
 
+class RunBar:
+    """One run's progress: a bar in ``progress``, and plain lines when the output is not a terminal."""
+
+    def __init__(self, progress: Progress, label: str, total: int, start: int = 0) -> None:
+        self.progress, self.bar = progress, progress.add_task(label, total=total, completed=start, info="")
+        self.plain = PlainProgress(label, total, start) if not console.is_terminal and _main_process() else None
+
+    def step(self, done: int, _total: int, row: dict) -> None:
+        info = step_info(row)
+        self.progress.update(self.bar, completed=done, info=info or self.progress.tasks[self.bar].fields["info"])
+        if self.plain is not None:
+            self.plain.update(done, info)
+
+
 def run_config(
     cfg, *, resume: bool = False, force: bool = False, label: str | None = None, progress: Progress | None = None
 ) -> dict:
@@ -177,19 +191,13 @@ def run_config(
 
     own = progress is None
     progress = progress or progress_bar()
-    bar = progress.add_task(label or cfg.method, total=cfg.total_steps, info="")
+    bar: RunBar | None = None
 
     def on_step(done: int, total: int, row: dict) -> None:
-        info = step_info(row)
-        progress.update(bar, completed=done, info=info or progress.tasks[bar].fields["info"])
-        if plain is not None:
-            plain.update(done, info)
+        bar.step(done, total, row)
 
-    plain: PlainProgress | None = None
     trainer = Trainer(cfg, resume=resume, force=force, on_step=on_step, log=say)
-    progress.update(bar, completed=trainer.state.step)
-    if not console.is_terminal and _main_process():
-        plain = PlainProgress(label or cfg.method, cfg.total_steps, trainer.state.step)
+    bar = RunBar(progress, label or cfg.method, cfg.total_steps, trainer.state.step)
     if own:
         with progress:
             return trainer.run()
@@ -412,18 +420,12 @@ def demo(
         def run(cfg, *, label=None, **kw):
             return run_config(cfg, label=label, progress=progress, **kw)
 
-        bars: dict[str, int] = {}
-        plain: dict[str, PlainProgress] = {}
+        bars: dict[str, RunBar] = {}
 
         def watch(label: str, done: int, total: int, row: dict) -> None:  # a step of a run in a worker process
             if label not in bars:
-                bars[label] = progress.add_task(label, total=total, info="")
-                if not console.is_terminal:
-                    plain[label] = PlainProgress(label, total, 0)
-            info = step_info(row) or progress.tasks[bars[label]].fields["info"]
-            progress.update(bars[label], completed=done, info=info)
-            if label in plain:
-                plain[label].update(done, step_info(row))
+                bars[label] = RunBar(progress, label, total)
+            bars[label].step(done, total, row)
 
         # the report's line is printed below (resolved path, in colour)
         result = run_demo(out, quick=quick, seed=seed, workers=workers, run=run, watch=watch, log=lambda _: None)
