@@ -70,10 +70,12 @@ bench-mfu: models
 	$(BIN)/python benchmarks/mfu.py
 
 # Before/after speed against older code, interleaved (old, new, old, new): BASE = the old checkout's src/, e.g.
-# `git worktree add --detach /tmp/speed-base <commit>` then `make bench-speed BASE=/tmp/speed-base/src` (~20 min).
+# `git worktree add --detach /tmp/speed-base <commit>` then `make bench-speed BASE=/tmp/speed-base/src` (~20 min);
+# SPEED_ARGS="--only smollm2 --smollm2-full --reps 1": SmolLM2's config as shipped (~35 min per old/new pair).
 BASE ?= /tmp/speed-base/src
+SPEED_ARGS ?=
 bench-speed: models
-	$(BIN)/python benchmarks/speed.py --base $(BASE)
+	$(BIN)/python benchmarks/speed.py --base $(BASE) $(SPEED_ARGS)
 
 # The SmolLM2 eval beside a second CPU-bound fastslow process: default threads vs the best manual setting (~5 min).
 bench-oversubscription: models

@@ -10,7 +10,8 @@ pair is new/old, and the median over pairs. Short settings that fit a shared 2-c
 - sampling: SmolLM2-135M + LoRA, one slow step's rows of configs/smollm2-cpu.yaml (4 problems x 4 rollouts,
   2 prompts, 32 new tokens, T=1): completion tokens per second of ``Policy.generate``;
 - smollm2: ``fastslow run configs/smollm2-cpu.yaml`` (fst, then rl) for ``--steps`` steps with eval.n 8:
-  wall of the command, FST/RL, peak RSS (timing.json);
+  wall of the command, FST/RL, peak RSS (timing.json); ``--smollm2-full``: the config as shipped (40 steps,
+  eval.n 32, its checkpoints), about 35 minutes per old/new pair;
 - micro: ``fastslow run configs/demo.yaml`` on one stage of ``--micro-steps`` steps: mean seconds per step;
 - demo: ``fastslow demo --quick`` (``--demo-full``: ``make demo``'s settings): wall of the command, and whether
   every method's final rewards are the same in both trees.
@@ -98,7 +99,7 @@ def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
             raise SystemExit(f"sampling failed: {done.stderr[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
     if part == "smollm2":
-        sets = [f"stages.0.steps={args.steps}", "eval.n=8", "checkpoint_every=1000"]
+        sets = [] if args.smollm2_full else [f"stages.0.steps={args.steps}", "eval.n=8", "checkpoint_every=1000"]
         fst = run_cli(src, SMOLLM, sets, tmp / "fst")
         rl = run_cli(src, SMOLLM, [*sets, "method=rl"], tmp / "rl")
         return {"fst": fst, "rl": rl, "fst_over_rl": fst["wall_s"] / rl["wall_s"]}
@@ -183,7 +184,9 @@ def readme_block(result: dict) -> str:
             if variant not in result:
                 continue
             r, st = result[variant]["summary"][key], result[variant]["settings"]
-            where = {"sampling": "one generate call", "smollm2": f"{st['steps']} steps, eval.n 8",
+            where = {"sampling": "one generate call",
+                     "smollm2": "the config as shipped (40 steps, eval.n 32)" if st.get("smollm2_full")
+                     else f"{st['steps']} steps, eval.n 8",
                      "micro": f"{st['micro_steps']} steps"}
             if part == "demo":
                 summary = result[variant]["summary"]
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="SmolLM2 run length")
     ap.add_argument("--micro-steps", type=int, default=10)
     ap.add_argument("--demo-full", action="store_true", help="demo part: make demo's settings, not --quick")
+    ap.add_argument("--smollm2-full", action="store_true",
+                    help="smollm2 part: configs/smollm2-cpu.yaml as shipped, not --steps steps with eval.n 8")
     ap.add_argument("--same-threads", action="store_true",
                     help="give the old code this checkout's thread defaults (passive waiting, one thread per CPU): "
                     "measures the other changes alone")
@@ -230,10 +235,11 @@ def main(argv: list[str] | None = None) -> None:
                       file=sys.stderr, flush=True)
             pairs.append((row["old"], row["new"]))
         part_key = f"{part}-same-threads" if args.same_threads else part
-        part_key += "-full" if part == "demo" and args.demo_full else ""
+        part_key += "-full" if (part == "demo" and args.demo_full) or (part == "smollm2" and args.smollm2_full) else ""
         result[part_key] = {"summary": summarise(part, pairs), "load_after": os.getloadavg()[0],
                         "settings": {"reps": args.reps, "steps": args.steps, "micro_steps": args.micro_steps,
-                                     "same_threads": args.same_threads, "demo_full": args.demo_full},
+                                     "same_threads": args.same_threads, "demo_full": args.demo_full,
+                                     "smollm2_full": args.smollm2_full},
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
