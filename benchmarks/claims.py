@@ -25,15 +25,17 @@ Writes benchmarks/results/{claims,frontier}.json, plots and benchmarks/README.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,33 @@ def plan(s: dict, root: Path) -> tuple[list[dict], list[dict]]:
 
 
 # ---- workers (run in child processes: one torch thread each) --------------------------------------
+_STOPPED = _RUNNING = False  # in a worker: Ctrl-C arrived; a job is running
+
+
+def _on_interrupt(_signum, _frame) -> None:
+    global _STOPPED
+    _STOPPED = True
+    if _RUNNING:  # an idle worker keeps waiting for its pool to shut down
+        raise KeyboardInterrupt
+
+
+def _worker_init(n_threads: int) -> None:
+    threads.worker_init(n_threads)
+    signal.signal(signal.SIGINT, _on_interrupt)
+
+
+def _run_job(fn: Callable[[dict], Any], job: dict) -> Any:
+    """``fn(job)`` in a worker; after Ctrl-C, jobs the pool had already handed over end at once."""
+    global _RUNNING
+    if _STOPPED:
+        raise KeyboardInterrupt
+    _RUNNING = True
+    try:
+        return fn(job)
+    finally:
+        _RUNNING = False
+
+
 def _quiet(_: str) -> None:
     pass
 
@@ -330,13 +359,27 @@ def run_pool(fn: Callable[[dict], Any], jobs: list[dict], workers: int, label: s
         # each worker its own share of the CPUs (and passive waiting, inherited from this process); the longest
         # jobs first, so that no worker starts a long one while the others run out of work
         todo.sort(key=lambda i: -job_cost(fn, jobs[i]))
-        with ProcessPoolExecutor(workers, initializer=threads.worker_init,
-                                 initargs=(threads.share(threads.usable_cpus(), workers),)) as pool:
-            futures = {pool.submit(fn, jobs[i]): i for i in todo}
+        pool = ProcessPoolExecutor(workers, initializer=_worker_init,
+                                   initargs=(threads.share(threads.usable_cpus(), workers),))
+        futures: dict[Future, int] = {}
+        try:
+            futures = {pool.submit(_run_job, fn, jobs[i]): i for i in todo}
             for future in as_completed(futures):
                 i = futures[future]
                 results[i] = future.result()
                 progress.advance(job_cost(fn, jobs[i]), what=label)
+        except BaseException as exc:
+            # Stop now, not after every queued job (hours): queued jobs are cancelled, running ones interrupted as
+            # Ctrl-C interrupts them (Ctrl-C itself reached them already); finished runs stay for the resume.
+            for future in futures:
+                future.cancel()
+            if not isinstance(exc, KeyboardInterrupt):
+                for pid in list(getattr(pool, "_processes", None) or {}):  # no public API before Python 3.14
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGINT)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return results
     finally:
         if own:
@@ -1308,6 +1351,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             for fn, jobs, label in kinds:
                 run_pool(fn, jobs, args.workers, label, progress)
+        except KeyboardInterrupt:
+            progress.close()
+            print(f"interrupted: finished runs are kept in {root}; the same command resumes from them",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         finally:
             progress.close()
     stale = [j["cfg"]["out"] for j in runs if not _finished_with(Path(j["cfg"]["out"]), config_dump(j["cfg"]), sha)]

@@ -5,8 +5,10 @@ import importlib.util
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 BENCH = Path(__file__).parents[1] / "benchmarks"
@@ -54,6 +56,24 @@ def test_a_killed_bench_reruns_only_the_runs_without_a_complete_summary(tmp_path
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and lines[0].startswith("run 1/5 (1 reused)") and "ETA ?" in lines[0]
     assert lines[-1].startswith("run 5/5 (1 reused)") and "ETA 0:00:00" in lines[-1]
+
+
+def _sleep_or_fail(job: dict) -> str:
+    if job.get("fail"):
+        raise ValueError("boom")
+    time.sleep(job["sleep"])
+    Path(job["marker"]).write_text("ran")
+    return job["marker"]
+
+
+def test_a_failing_job_stops_the_bench_without_running_the_jobs_queued_behind_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "claims", claims)  # the workers find the pool's functions by module name
+    jobs = [{"fail": True}] + [{"sleep": 3.0, "marker": str(tmp_path / f"{i}.done")} for i in range(6)]
+    with pytest.raises(ValueError, match="boom"):
+        claims.run_pool(_sleep_or_fail, jobs, 2, "job")
+    # the job running beside the failure is interrupted, and the ones queued (some already handed to a worker)
+    # never start: before, the pool ran all six (18 s of 2 workers) before the error was raised
+    assert sorted(p.name for p in tmp_path.glob("*.done")) == []
 
 
 def test_eta_counts_only_work_run_in_this_session():
