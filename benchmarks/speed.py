@@ -8,7 +8,8 @@ old, new, old, new, ... so that a shared machine's load falls on both alike; the
 pair is new/old, and the median over pairs. Short settings that fit a shared 2-core machine:
 
 - sampling: SmolLM2-135M + LoRA, one slow step's rows of configs/smollm2-cpu.yaml (4 problems x 4 rollouts,
-  2 prompts, 32 new tokens, T=1): completion tokens per second of ``Policy.generate``;
+  2 prompts, 32 new tokens, T=1): completion tokens per second of ``Policy.generate`` (each tree with its own
+  thread defaults unless ``--same-threads``, as for the other parts);
 - smollm2: ``fastslow run configs/smollm2-cpu.yaml`` (fst, then rl) for ``--steps`` steps with eval.n 8:
   wall of the command, FST/RL, peak RSS (timing.json); ``--smollm2-full``: the config as shipped (40 steps,
   eval.n 32, its checkpoints), about 35 minutes per old/new pair;
@@ -90,8 +91,9 @@ def run_cli(src: Path, config: Path, sets: list[str], out: Path) -> dict:
 
 def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
     if part == "sampling":
-        # the same threads and waiting for both trees (the old code has no thread hygiene): sampling alone compared
-        env = {**env_for(src), "OMP_WAIT_POLICY": "PASSIVE"}
+        # --same-threads: passive waiting for both (the old code's decoding then wakes sleeping threads per kernel);
+        # by default each tree with its own (the old one spins, which a quiet machine favours)
+        env = env_for(src)
         done = subprocess.run([sys.executable, "-c", SAMPLING_CHILD, str(SMOLLM), str(len(os.sched_getaffinity(0)))],
                               env=env, cwd=ROOT,
                               capture_output=True, text=True, check=False)
@@ -194,7 +196,7 @@ def readme_block(result: dict) -> str:
                     f"; methods old {'/'.join(summary['methods']['old'])}, new {'/'.join(summary['methods']['new'])}"
                     f"; same final rewards: {summary['same_results'][0]}")
             threads = "; both with passive waiting, 1 thread/CPU"
-            if part != "sampling" and not st.get("same_threads"):
+            if not st.get("same_threads"):
                 threads = "; each with its own thread defaults"
             old, new = (", ".join(f"{v:.4g}" for v in r[arm]) for arm in ("old", "new"))
             lines.append(f"| {label} | {old} | {new} | **{r['median']:.2f}** | {where[part]}{threads} "
