@@ -404,7 +404,7 @@ def serve(
 @guarded
 def demo(
     out: Annotated[Path, typer.Option(help="Where the runs, probes and report go.")] = Path("runs/demo"),
-    quick: Annotated[bool, typer.Option(help="A ~2 minute version (shorter stages and probes).")] = False,
+    quick: Annotated[bool, typer.Option(help="A ~1 minute version on 2 cores (shorter stages and probes).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
     workers: Annotated[int | None, typer.Option(
         min=1, help="Runs trained at a time, each in its own process (default: one per usable CPU, at most 5; "
