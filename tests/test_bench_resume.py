@@ -76,6 +76,14 @@ def test_a_failing_job_stops_the_bench_without_running_the_jobs_queued_behind_it
     assert sorted(p.name for p in tmp_path.glob("*.done")) == []
 
 
+def test_the_eta_weighs_a_run_by_its_method_and_settings_not_only_its_steps(tmp_path):
+    runs, _ = claims.plan(claims.SETTINGS["full"], tmp_path)
+    cost = {Path(j["cfg"]["out"]).name: claims.job_cost(claims.train_job, j) for j in runs if j["kind"] == "stream"}
+    # the same 270 steps: a frozen-weight method is far cheaper than rl, fst dearer; a KL term and LoRA add to it
+    assert cost["memory-full-kl0-s0"] < cost["gepa-full-kl0-s0"] < cost["rl-full-kl0-s0"] < cost["fst-full-kl0-s0"]
+    assert cost["rl-full-kl0-s0"] < cost["rl-full-kl0.1-s0"] < cost["rl-lora-kl0.1-s0"]
+
+
 def test_eta_counts_only_work_run_in_this_session():
     now = [0.0]
     out = io.StringIO()
