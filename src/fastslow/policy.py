@@ -559,8 +559,10 @@ def live_rows(model, cache: DynamicCache, eos: int | None) -> Iterator[None]:
     # same weights): they act only on this thread's forwards.
     owner = threading.get_ident()
 
-    def before(_module, args, kwargs):
-        ids = kwargs.get("input_ids")
+    # torch registers a hook in two steps (the hook, then its with_kwargs mark), unlocked: a forward in another
+    # thread may call it in between, or while it is removed, without kwargs
+    def before(_module, args, kwargs=None):
+        ids = None if kwargs is None else kwargs.get("input_ids")
         if eos is None or args or ids is None or threading.get_ident() != owner:
             return None
         b = ids.shape[0]
@@ -583,7 +585,8 @@ def live_rows(model, cache: DynamicCache, eos: int | None) -> Iterator[None]:
                   for k, v in kwargs.items()}
         return args, kwargs
 
-    def after(_module, _args, _kwargs, output):
+    def after(_module, _args, *kwargs_output):  # (kwargs, output), or (output,) half registered (above)
+        output = kwargs_output[-1]
         rows = state.get("rows")
         if rows is None or len(rows) == state["b"] or threading.get_ident() != owner:
             return None
