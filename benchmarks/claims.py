@@ -25,7 +25,6 @@ Writes benchmarks/results/{claims,frontier}.json, plots and benchmarks/README.md
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fastslow import threads  # noqa: E402 - before torch loads: passive OpenMP waiting in this process and its workers
+from fastslow.pool import stop_pool  # noqa: E402
 
 threads.hygiene()
 HERE = Path(__file__).resolve().parent
@@ -382,12 +382,7 @@ def run_pool(fn: Callable[[dict], Any], jobs: list[dict], workers: int, label: s
         except BaseException as exc:
             # Stop now, not after every queued job (hours): queued jobs are cancelled, running ones interrupted as
             # Ctrl-C interrupts them (Ctrl-C itself reached them already); finished runs stay for the resume.
-            for future in futures:
-                future.cancel()
-            if not isinstance(exc, KeyboardInterrupt):
-                for pid in list(getattr(pool, "_processes", None) or {}):  # no public API before Python 3.14
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGINT)
+            stop_pool(pool, futures, interrupt=not isinstance(exc, KeyboardInterrupt))
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

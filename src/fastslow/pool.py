@@ -16,7 +16,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 from fastslow import threads
@@ -93,13 +93,19 @@ class Workers:
             # Stop the rest: queued jobs are cancelled, jobs already handed to a worker return at once, and
             # running ones are interrupted as Ctrl-C would (which, when it is the cause, reached them already).
             self.stop.set()
-            for future in futures:
-                future.cancel()
-            if not isinstance(exc, KeyboardInterrupt):
-                for pid in list(getattr(self.pool, "_processes", None) or {}):  # no public API before 3.14
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGINT)
+            stop_pool(self.pool, futures, interrupt=not isinstance(exc, KeyboardInterrupt))
             raise
+
+
+def stop_pool(pool: ProcessPoolExecutor, futures: Iterable[Future], *, interrupt: bool) -> None:
+    """Cancel ``futures`` not yet started and, with ``interrupt``, interrupt ``pool``'s workers as Ctrl-C would
+    (leave it off when Ctrl-C is the cause: it reached them already)."""
+    for future in futures:
+        future.cancel()
+    if interrupt:
+        for pid in list(getattr(pool, "_processes", None) or {}):  # no public API before Python 3.14
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
 
 
 def _relay(events, watch: Watch | None, wait_for_ends: int = 0) -> int:
