@@ -25,11 +25,6 @@ from fastslow import threads as _threads  # noqa: E402 - must run before torch l
 # threads cost several-fold (see fastslow.threads). What was set here is ours to change for child processes.
 THREAD_DEFAULTS = _threads.hygiene()
 
-import warnings  # noqa: E402
-
-# peft 0.21 calls transformers' deprecated is_gradient_checkpointing on every LoRA load; not ours to fix.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402

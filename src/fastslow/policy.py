@@ -11,6 +11,7 @@ import copy
 import hashlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from transformers.utils import logging as hf_logging
 
 from fastslow.config import ModelConfig
 from fastslow.threads import WAIT
+
+# peft 0.21 calls transformers' deprecated is_gradient_checkpointing on every LoRA load (a warning in every run's log,
+# the CLI's and the benchmarks' alike); not ours to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def resolve_model_path(path: str) -> str:
@@ -545,6 +550,10 @@ def _generating_module(model):
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
+_LIVE = threading.local()  # per thread: {id(module): the state of the generate call it runs on that module}
+_HOOKING = threading.Lock()
+
+
 @contextlib.contextmanager
 def live_rows(model, cache: DynamicCache, eos: int | None) -> Iterator[None]:
     """While ``model.generate`` runs: each decoding step runs only the rows that have not stopped yet.
@@ -554,54 +563,61 @@ def live_rows(model, cache: DynamicCache, eos: int | None) -> Iterator[None]:
     the batch still run, ``cache`` keeps only those (at least :data:`MIN_LIVE_ROWS`; a smaller batch keeps all).
     """
     lm = _generating_module(model)
-    state: dict = {}
-    # The hooks sit on a module other threads may run at the same time (serve samples with a second view of the
-    # same weights): they act only on this thread's forwards.
-    owner = threading.get_ident()
-
-    # torch registers a hook in two steps (the hook, then its with_kwargs mark), unlocked: a forward in another
-    # thread may call it in between, or while it is removed, without kwargs
-    def before(_module, args, kwargs=None):
-        ids = None if kwargs is None else kwargs.get("input_ids")
-        if eos is None or args or ids is None or threading.get_ident() != owner:
-            return None
-        b = ids.shape[0]
-        if not state:  # the first forward (the prompt): every row
-            state.update(b=b, rows=torch.arange(b, device=ids.device), done=torch.zeros(b, dtype=torch.bool,
-                                                                                     device=ids.device))
-            return None
-        state["done"] |= ids[:, -1] == eos
-        rows, done = state["rows"], state["done"]
-        live = (~done[rows]).nonzero().squeeze(1)  # positions in the cache
-        if b >= MIN_LIVE_ROWS and len(live) <= 3 * len(rows) // 4 and len(rows) > MIN_LIVE_ROWS:
-            if len(live) < MIN_LIVE_ROWS:  # stopped rows fill up to the minimum
-                stopped = done[rows].nonzero().squeeze(1)[: MIN_LIVE_ROWS - len(live)]
-                live = torch.sort(torch.cat([live, stopped])).values
-            cache.batch_select_indices(live)
-            rows = state["rows"] = rows[live]
-        if len(rows) == b:
-            return None
-        kwargs = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
-                  for k, v in kwargs.items()}
-        return args, kwargs
-
-    def after(_module, _args, *kwargs_output):  # (kwargs, output), or (output,) half registered (above)
-        output = kwargs_output[-1]
-        rows = state.get("rows")
-        if rows is None or len(rows) == state["b"] or threading.get_ident() != owner:
-            return None
-        logits = output.logits.new_zeros((state["b"], *output.logits.shape[1:]))
-        logits[rows] = output.logits
-        output.logits = logits
-        return output
-
-    hooks = [lm.register_forward_pre_hook(before, with_kwargs=True),
-             lm.register_forward_hook(after, with_kwargs=True)]
+    if eos is None:
+        yield
+        return
+    # The hooks stay on the module for good: serve runs forwards of the same module in a second thread, and torch
+    # adds or removes a hook in unlocked steps that such a forward may meet half done. They act only on forwards of
+    # a thread inside live_rows.
+    with _HOOKING:
+        if not getattr(lm, "_fastslow_live_rows", False):
+            lm.register_forward_pre_hook(_live_before, with_kwargs=True)
+            lm.register_forward_hook(_live_after, with_kwargs=True)
+            lm._fastslow_live_rows = True
+    states = _LIVE.__dict__.setdefault("states", {})
+    states[id(lm)] = {"cache": cache, "eos": eos}
     try:
         yield
     finally:
-        for h in hooks:
-            h.remove()
+        states.pop(id(lm), None)
+
+
+def _live_before(module, args, kwargs=None):  # kwargs=None: called while torch was still adding the hook
+    state = getattr(_LIVE, "states", {}).get(id(module))
+    ids = None if kwargs is None else kwargs.get("input_ids")
+    if state is None or args or ids is None:
+        return None
+    b = ids.shape[0]
+    if "rows" not in state:  # the first forward (the prompt): every row
+        state.update(b=b, rows=torch.arange(b, device=ids.device), done=torch.zeros(b, dtype=torch.bool,
+                                                                                 device=ids.device))
+        return None
+    state["done"] |= ids[:, -1] == state["eos"]
+    rows, done = state["rows"], state["done"]
+    live = (~done[rows]).nonzero().squeeze(1)  # positions in the cache
+    if b >= MIN_LIVE_ROWS and len(live) <= 3 * len(rows) // 4 and len(rows) > MIN_LIVE_ROWS:
+        if len(live) < MIN_LIVE_ROWS:  # stopped rows fill up to the minimum
+            stopped = done[rows].nonzero().squeeze(1)[: MIN_LIVE_ROWS - len(live)]
+            live = torch.sort(torch.cat([live, stopped])).values
+        state["cache"].batch_select_indices(live)
+        rows = state["rows"] = rows[live]
+    if len(rows) == b:
+        return None
+    kwargs = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b else v
+              for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _live_after(module, _args, *kwargs_output):  # (kwargs, output), or (output,) while torch was adding the hook
+    state = getattr(_LIVE, "states", {}).get(id(module))
+    rows = None if state is None else state.get("rows")
+    if rows is None or len(rows) == state["b"]:
+        return None
+    output = kwargs_output[-1]
+    logits = output.logits.new_zeros((state["b"], *output.logits.shape[1:]))
+    logits[rows] = output.logits
+    output.logits = logits
+    return output
 
 
 def _pad_cat(
