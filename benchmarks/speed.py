@@ -15,7 +15,8 @@ pair is new/old, and the median over pairs. Short settings that fit a shared 2-c
   eval.n 32, its checkpoints), about 35 minutes per old/new pair;
 - micro: ``fastslow run configs/demo.yaml`` on one stage of ``--micro-steps`` steps: mean seconds per step;
 - demo: ``fastslow demo --quick`` (``--demo-full``: ``make demo``'s settings): wall of the command, and whether
-  every method's final rewards are the same in both trees.
+  every method's final rewards are the same in both trees; the new tree runs the old tree's methods (``--methods``)
+  unless ``--demo-all-methods`` (the old code had fewer).
 
 Writes benchmarks/results/speed.json (merged per part, so parts can run in separate commands) and prints it.
 """
@@ -113,6 +114,7 @@ def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
     if part == "demo":
         cmd = [sys.executable, "-m", "fastslow.cli", "demo", "--out", str(tmp / "demo")]
         cmd += [] if args.demo_full else ["--quick"]
+        cmd += ["--methods", args.demo_methods] if src == NEW_SRC and args.demo_methods else []
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env_for(src), cwd=ROOT, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
@@ -122,6 +124,15 @@ def measure(part: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict:
                   for run in sorted((tmp / "demo").glob("*/summary.json"))}
         return {"wall_s": wall, "finals": finals}
     raise SystemExit(f"unknown part {part!r}")
+
+
+def demo_methods(src: Path) -> str:
+    """The methods ``fastslow demo`` of the tree at ``src`` runs, comma-separated."""
+    done = subprocess.run([sys.executable, "-c", "from fastslow.demo import METHODS; print(','.join(METHODS))"],
+                          env=env_for(src), cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"--base {src}: cannot read its demo's methods: {done.stderr.strip()[-300:]}")
+    return done.stdout.strip()
 
 
 def shim_entry_points(src: Path) -> None:
@@ -182,7 +193,8 @@ def readme_block(result: dict) -> str:
              "with its load; the ratios of neighbouring runs are the comparison.", "",
              "| measure | old | new | new/old (median) | settings |", "|---|---|---|---|---|"]
     for label, part, key in rows:
-        for variant in (part, f"{part}-same-threads", f"{part}-full"):
+        for variant in (part, f"{part}-same-threads", f"{part}-full", f"{part}-all-methods",
+                        f"{part}-full-all-methods"):
             if variant not in result:
                 continue
             r, st = result[variant]["summary"][key], result[variant]["settings"]
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="SmolLM2 run length")
     ap.add_argument("--micro-steps", type=int, default=10)
     ap.add_argument("--demo-full", action="store_true", help="demo part: make demo's settings, not --quick")
+    ap.add_argument("--demo-all-methods", action="store_true",
+                    help="demo part: the new tree runs all its methods, not only those the old tree has")
     ap.add_argument("--smollm2-full", action="store_true",
                     help="smollm2 part: configs/smollm2-cpu.yaml as shipped, not --steps steps with eval.n 8")
     ap.add_argument("--same-threads", action="store_true",
@@ -225,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     global SAME_THREADS
     SAME_THREADS = args.same_threads
     shim_entry_points(args.base)
+    args.demo_methods = None if args.demo_all_methods else demo_methods(args.base)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     for part in args.only.split(","):
         pairs = []
@@ -238,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             pairs.append((row["old"], row["new"]))
         part_key = f"{part}-same-threads" if args.same_threads else part
         part_key += "-full" if (part == "demo" and args.demo_full) or (part == "smollm2" and args.smollm2_full) else ""
+        part_key += "-all-methods" if part == "demo" and args.demo_all_methods else ""
         result[part_key] = {"summary": summarise(part, pairs), "load_after": os.getloadavg()[0],
                         "settings": {"reps": args.reps, "steps": args.steps, "micro_steps": args.micro_steps,
                                      "same_threads": args.same_threads, "demo_full": args.demo_full,

@@ -125,3 +125,9 @@ def test_ctrl_c_during_a_run_says_so_in_one_line_and_exits_130(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 130 and lines[-1] == "error: aborted (Ctrl-C)", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("methods", ["rl,sgd", ","])
+def test_demo_with_unknown_methods_exits_2_before_writing(tmp_path, methods):
+    assert_one_line_error(_run("demo", "--methods", methods, "--out", tmp_path / "d"), "--methods", "fst+memory")
+    assert not (tmp_path / "d").exists()

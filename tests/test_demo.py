@@ -37,3 +37,16 @@ def test_demo_pipeline_writes_runs_probes_attribution_and_report(tmp_path):
     assert len({attribution[m]["flip"]["base_seed"] for m in METHODS}) == 1
     html = (tmp_path / "report.html").read_text()
     assert result["report"].endswith("report.html") and "data:image/png;base64" in html
+
+
+@pytest.mark.slow
+def test_demo_of_some_methods_trains_probes_and_reports_only_those(tmp_path):
+    """A demo of two methods into a folder that holds another demo's run: the probes, attribution and report
+    cover the two chosen, not the run left there."""
+    run_demo(tmp_path, methods=["fst"], stage_steps=2, probe_steps=2, eval_n=8, log=lambda m: None)
+    result = run_demo(tmp_path, methods=["memory", "rl"], stage_steps=2, probe_steps=2, eval_n=8,
+                      log=lambda m: None)
+    assert result["methods"] == ["rl", "memory"]
+    assert set(json.loads((tmp_path / "plasticity.json").read_text())["arms"]) == {"base", "rl", "memory"}
+    assert set(json.loads((tmp_path / "attribution.json").read_text())) == {"rl", "memory"}
+    assert set(json.loads((tmp_path / "analysis.json").read_text())["runs"]) == {"rl", "memory"}

@@ -401,6 +401,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the runs, probes and report go.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="A ~1 minute version on 2 cores (shorter stages and probes).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated subset of rl,gepa,memory,fst,fst+memory (default: all five).")] = "",
     workers: Annotated[int | None, typer.Option(
         min=1, help="Runs trained at a time, each in its own process (default: one per usable CPU, at most 5; "
                     "the metrics are the same for any count).")] = None,
@@ -409,7 +411,11 @@ def demo(
     from fastslow.demo import METHODS, run_demo
     from fastslow.pool import default_workers
 
-    workers = workers or default_workers(len(METHODS))
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(METHODS)
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        fail(f"--methods: {', '.join(unknown) or 'none given'}: choose from {','.join(METHODS)}")
+    workers = workers or default_workers(len(chosen))
     with progress_bar() as progress:
 
         def run(cfg, *, label=None, **kw):
@@ -423,7 +429,8 @@ def demo(
             bars[label].step(done, total, row)
 
         # the report's line is printed below (resolved path, in colour)
-        result = run_demo(out, quick=quick, seed=seed, workers=workers, run=run, watch=watch, log=lambda _: None)
+        result = run_demo(out, quick=quick, seed=seed, methods=chosen, workers=workers, run=run, watch=watch,
+                          log=lambda _: None)
     from rich.markup import escape
 
     from fastslow.util import clean

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastslow.checkpoint import write_json_atomic
@@ -56,11 +56,13 @@ def demo_config(method: str, *, quick: bool, seed: int, out: Path, steps: int | 
     )
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0, stage_steps: int | None = None,
-             probe_steps: int | None = None, eval_n: int | None = None, workers: int = 1,
-             run: Callable[..., dict] | None = None, watch: Watch | None = None,
+def run_demo(out: Path, *, quick: bool = False, seed: int = 0, methods: Sequence[str] = METHODS,
+             stage_steps: int | None = None, probe_steps: int | None = None, eval_n: int | None = None,
+             workers: int = 1, run: Callable[..., dict] | None = None, watch: Watch | None = None,
              log: Callable[[str], None] = print) -> dict:
     """Run everything into ``out``; returns {"report": path, "wall_s": seconds, ...}.
+
+    ``methods``: a subset of :data:`METHODS` (the report shows only these, whatever else ``out`` holds).
 
     ``stage_steps``/``probe_steps``/``eval_n`` shrink the demo further (tests). With ``workers`` > 1 the runs and
     probes train that many at a time in worker processes (:mod:`fastslow.pool`; the same metrics as one at a time),
@@ -70,6 +72,10 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, stage_steps: int 
     from fastslow.report import build_report
     from fastslow.world.tasks import HELDOUT
 
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"demo methods: {unknown or 'none given'}: choose from {', '.join(METHODS)}")
+    methods = [m for m in METHODS if m in methods]
     if run is None:
         from fastslow.loop import train
 
@@ -94,27 +100,28 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, stage_steps: int 
     def probe(arm: str, start: str | Path) -> tuple[str, Config]:
         return f"probe {arm}", probe_config(start, heldout, probe_steps, template, out / "probes" / arm)
 
-    probed = [m for m in METHODS if m != "memory"]  # memory's weights are the base's
+    probed = [m for m in methods if m != "memory"]  # memory's weights are the base's
     with Workers(workers) if workers > 1 else contextlib.nullcontext() as pool:
         # 1. the methods on the stream, and the base's probe (it needs no run)
         train_all([(m, demo_config(m, quick=quick, seed=seed, out=out / m, steps=stage_steps, eval_n=eval_n))
-                   for m in METHODS] + [probe("base", "base")])
+                   for m in methods] + [probe("base", "base")])
         # 2. plasticity probes from each method's final weights
         train_all([probe(m, out / m) for m in probed])
     arms = {"base": probe_result("base", out / "probes" / "base")}
-    for m in METHODS:
+    for m in methods:
         arms[m] = ({**arms["base"], "start": f"{out / m} (frozen weights: the base probe)"} if m not in probed
                    else probe_result(out / m, out / "probes" / m))
     write_json_atomic(out / "plasticity.json", {"task": HELDOUT, "steps": probe_steps, "arms": arms})
 
     tasks = {t.name: t for t in (load_task(s.task) for s in template.stages)}
     attribution = {m: channel_attribution(out / m, template.model, tasks, n=template.eval.n, seed=seed)
-                   for m in METHODS}
+                   for m in methods}
     write_json_atomic(out / "attribution.json", attribution)
 
-    report = build_report([out], out)
+    report = build_report([out / m for m in methods], out)
     wall = time.perf_counter() - t0
-    result = {"report": str(report), "wall_s": wall, "quick": quick, "seed": seed, "workers": workers}
+    result = {"report": str(report), "wall_s": wall, "quick": quick, "seed": seed, "workers": workers,
+              "methods": methods}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     log(f"report: {report}  ({wall / 60:.1f} min)")
     return result
