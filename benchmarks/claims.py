@@ -15,8 +15,9 @@
 Every hyper-parameter, the method lists and the verdict rules are pre-registered in benchmarks/protocol.yaml; all
 methods share them; all seeds are reported. Its sha256 is written to <root>/claims.json before any run starts and
 to every finished run dir; runs, probes and attributions already finished under the same hash are reused (an
-interrupted bench resumes), those made under another are run again. Verdicts: four-way (reproduced, partly,
-refuted, inconclusive) from paired per-seed intervals (see protocol.yaml and :func:`verdicts`).
+interrupted bench resumes; its wall time is the sum of its sittings', <root>/sittings.jsonl), those made under
+another are run again. Verdicts: four-way (reproduced, partly, refuted, inconclusive) from paired per-seed
+intervals (see protocol.yaml and :func:`verdicts`).
 Writes benchmarks/results/{claims,frontier}.json, plots and benchmarks/README.md (generated).
 
     python benchmarks/claims.py --reverdict      # decide the committed results again under the current protocol
@@ -984,6 +985,30 @@ def cpu_kernels() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()} kernels"
 
 
+SITTINGS = "sittings.jsonl"
+
+
+def record_sitting(root: Path, wall_s: float, progress: BenchProgress, finished: bool) -> None:
+    """Append this invocation to ``root``/sittings.jsonl if it trained anything: a study resumed over several
+    sittings reports the sum of their times, not the last one's (which reused the others' runs)."""
+    ran = progress.done - progress.reused
+    if ran:
+        row = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(wall_s, 1),
+               "ran": ran, "reused": progress.reused, "finished": finished}
+        with (root / SITTINGS).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def sittings(root: Path) -> list[dict]:
+    path = root / SITTINGS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def wall_time(meta: dict) -> str:
+    n = meta.get("sittings", 1)
+    return f"wall time {meta['wall_s'] / 60:.1f} min" + (f" (sum of {n} sittings; it was resumed)" if n > 1 else "")
+
+
 def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
     s = claims["settings"]
     L = ["# Benchmarks: the drift-plasticity study", "",
@@ -991,7 +1016,7 @@ def write_readme(claims: dict, frontier: dict, meta: dict, path: Path) -> None:
          "", f"Mode **{meta['mode']}**"
          + ("" if meta.get("frontier", True) else " without the frontier sweep (`--no-frontier`: the runs the "
             "verdicts need)")
-         + f", seeds {claims['seeds']}, wall time {meta['wall_s'] / 60:.1f} min with "
+         + f", seeds {claims['seeds']}, {wall_time(meta)} with "
          f"{meta['workers']} worker process(es) ({meta.get('cpus', '?')} CPUs visible"
          + (f", load average {meta['load_avg_start']:.1f} at the start" if meta.get("load_avg_start") is not None
             else "") + (f", {meta['cpu_kernels']}" if meta.get("cpu_kernels") else "") + "). Every number is the mean "
@@ -1139,7 +1164,7 @@ def other_modes(mode: str) -> list[str]:
             continue
         m = v["meta"]
         part = "" if m.get("frontier", True) else ", without the frontier sweep (`--no-frontier`)"
-        L += [f"- {other}, protocol `{v['protocol']['sha256'][:12]}`, wall time {m['wall_s'] / 60:.1f} min{part}:", "",
+        L += [f"- {other}, protocol `{v['protocol']['sha256'][:12]}`, {wall_time(m)}{part}:", "",
               "| claim | regime | verdict | evidence |", "|---|---|---|---|"]
         L += [f"| {x['claim']} | {x['regime']} | **{x['verdict']}** | {x['evidence']} |" for x in v["verdicts"]]
         L.append("")
@@ -1354,9 +1379,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         kinds = [(train_job, runs, "run"), (probe_job, probes, "probe"), (attribution_job, atts, "attribution")]
         progress = BenchProgress(mode, sum(job_cost(fn, j) for fn, jobs, _ in kinds for j in jobs),
                                  sum(len(jobs) for _, jobs, _ in kinds))
+        finished = False
         try:
             for fn, jobs, label in kinds:
                 run_pool(fn, jobs, args.workers, label, progress)
+            finished = True
         except KeyboardInterrupt:
             progress.close()
             print(f"interrupted: finished runs are kept in {root}; the same command resumes from them",
@@ -1364,6 +1391,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(130) from None
         finally:
             progress.close()
+            record_sitting(root, time.perf_counter() - t0, progress, finished)
+        t0 = time.perf_counter()  # the analysis, added to the sittings below
     stale = [j["cfg"]["out"] for j in runs if not _finished_with(Path(j["cfg"]["out"]), config_dump(j["cfg"]), sha)]
     if stale:
         raise SystemExit(f"{len(stale)} of {len(runs)} run dirs are missing or were made under another protocol than "
@@ -1371,15 +1400,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     attributions = {a["run"]: {k: v for k, v in json.loads((Path(a["run"]) / "attribution.json").read_text()).items()
                                if k != "protocol"} for a in atts if (Path(a["run"]) / "attribution.json").exists()}
     claims, frontier = analyse(s, root, runs, probes, attributions)
-    wall = time.perf_counter() - t0
-    meta = {"mode": mode, "wall_s": wall, "workers": args.workers, "cpus": threads.usable_cpus(),
+    ledger = sittings(root)
+    wall = time.perf_counter() - t0 + sum(r["wall_s"] for r in ledger)
+    meta = {"mode": mode, "wall_s": wall, "sittings": len(ledger), "workers": args.workers,
+            "cpus": threads.usable_cpus(),
             "frontier": not args.no_frontier, "load_avg_start": None if args.analyse_only else load_start,
             "cpu_kernels": None if args.analyse_only else cpu_kernels()}
     if args.analyse_only:
         old = args.results / "claims.json"
         if old.exists():
             was = json.loads(old.read_text()).get("meta", {})  # the run's own wall time and load, not analysis's
-            meta.update({k: was[k] for k in ("wall_s", "load_avg_start", "cpu_kernels") if k in was})
+            kept = ("load_avg_start", "cpu_kernels") + (() if ledger else ("wall_s", "sittings"))
+            meta.update({k: was[k] for k in kept if k in was})
     claims["meta"] = frontier["meta"] = meta
     claims["protocol"] = frontier["protocol"] = {"file": f"benchmarks/{PROTOCOL_PATH.name}", "sha256": sha}
     args.results.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,27 @@ def test_eta_counts_only_work_run_in_this_session():
     assert benchutil.hms(3725) == "1:02:05"
 
 
+
+def test_a_resumed_bench_reports_the_time_of_every_sitting_that_trained(tmp_path):
+    """A bench stopped and resumed twice: the third sitting reuses the others' runs, so its own time is not the
+    study's; the README's wall time is the sum over sittings that trained something."""
+
+    def sitting(wall_s: float, ran: int, reused: int, finished: bool) -> None:
+        p = benchutil.BenchProgress("full", 10, ran + reused, stream=io.StringIO(), tty=False)
+        for i in range(ran + reused):
+            p.advance(1, reused=i < reused)
+        claims.record_sitting(tmp_path, wall_s, p, finished)
+
+    sitting(600.0, ran=3, reused=0, finished=False)
+    sitting(2.0, ran=0, reused=3, finished=False)  # stopped before its first run ended: trained nothing
+    sitting(900.0, ran=5, reused=3, finished=True)
+    ledger = claims.sittings(tmp_path)
+    assert [(r["ran"], r["reused"], r["finished"]) for r in ledger] == [(3, 0, False), (5, 3, True)]
+    meta = {"wall_s": sum(r["wall_s"] for r in ledger), "sittings": len(ledger)}
+    assert claims.wall_time(meta) == "wall time 25.0 min (sum of 2 sittings; it was resumed)"
+    assert claims.wall_time({"wall_s": 60.0}) == "wall time 1.0 min"
+
+
 def test_a_regenerated_benchmarks_readme_keeps_the_mfu_table(tmp_path):
     readme = tmp_path / "README.md"
     block = "<!-- mfu:start -->\n## Utilisation\n| a | b |\n<!-- mfu:end -->"
