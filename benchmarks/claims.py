@@ -1000,8 +1000,19 @@ def record_sitting(root: Path, wall_s: float, progress: BenchProgress, finished:
 
 
 def sittings(root: Path) -> list[dict]:
+    """The ledger's rows; a line that is not one (edited by hand) stops the analysis with its file and line."""
     path = root / SITTINGS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                float(row["wall_s"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(f"{path}:{n}: not a sitting row ({type(exc).__name__}: {exc}); mend or delete "
+                                 "the line (each sitting's minutes count towards the study's wall time)") from None
+            rows.append(row)
+    return rows
 
 
 def wall_time(meta: dict) -> str:
@@ -1373,6 +1384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              "max_new_tokens": s["max_new_tokens"], "seed": j["seed"], "protocol": sha}
             for j in runs if is_main_stream(j) and j["method"] == "fst"]
     print(f"{mode}: {len(runs)} runs, {len(probes)} probes, {len(atts)} attributions -> {root}", flush=True)
+    sittings(root)  # a mangled ledger stops the study now, not after hours of runs
     if not args.analyse_only:
         preregister(root, mode, sha)
         # one bar and one ETA for the whole study; a killed bench reuses every finished run, probe, attribution

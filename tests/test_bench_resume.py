@@ -118,6 +118,14 @@ def test_a_resumed_bench_reports_the_time_of_every_sitting_that_trained(tmp_path
     assert claims.wall_time({"wall_s": 60.0}) == "wall time 1.0 min"
 
 
+def test_a_mangled_sittings_ledger_stops_the_study_before_any_run_with_its_line(tmp_path, monkeypatch):
+    (tmp_path / claims.SITTINGS).write_text('{"wall_s": 600.0, "ran": 3}\n{"wall_s": 9\n')
+    monkeypatch.setattr(claims, "preregister", lambda *a: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as stop:
+        claims.main(["--root", str(tmp_path)])
+    assert f"{tmp_path / claims.SITTINGS}:2: not a sitting row" in str(stop.value) and "\n" not in str(stop.value)
+
+
 def test_a_regenerated_benchmarks_readme_keeps_the_mfu_table(tmp_path):
     readme = tmp_path / "README.md"
     block = "<!-- mfu:start -->\n## Utilisation\n| a | b |\n<!-- mfu:end -->"

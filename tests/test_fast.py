@@ -185,7 +185,7 @@ def test_groups_mix_k_distinct_prompts_on_a_smollm2_shaped_config(tiny_model, tm
     real = PolicySampler.__call__
 
     def spy(self, task, pairs, **kw):
-        if len(pairs) == 16:  # the slow step's 4 problems x G=4 (GEPA scores one prompt on <= 4 problems)
+        if kw["temperature"] > 0:  # the slow step's 4 problems x G=4 (GEPA and the evaluation are greedy)
             groups.extend({ctx for ctx, _ in pairs[i:i + 4]} for i in range(0, 16, 4))
         return real(self, task, pairs, **kw)
 
@@ -216,3 +216,25 @@ def test_a_round_short_of_k_prompts_scores_worse_proposals_to_fill_but_never_let
     assert rnd.population == 3 == len(set(channel.population)) and rnd.metrics["fast/filled"] == 2.0
     hints = [int(t.split("Hint")[1][0]) for t in channel.population[1:]]
     assert hints == sorted(hints, reverse=True)  # fillers by validation score
+
+
+def test_rescoring_the_carried_prompts_is_one_sampler_call_with_the_scores_of_separate_ones(tiny_model):
+    channel, policy = _channel(tiny_model)
+    task = echo_task()
+    valset = list(task.problems("train"))[:4]
+    texts = [task.seed_prompt, "Repeat the word.", "Say it back."]
+    calls = []
+
+    def counting(task, pairs, **kw):
+        calls.append(len(pairs))
+        return PolicySampler(policy)(task, pairs, **kw)
+
+    adapter = FastAdapter(counting, task, version=lambda: 0, temperature=0.0, max_new_tokens=6, seed=1)
+    state = fast.seeded_state(texts, adapter, valset)
+    assert calls == [3 * 4] and adapter.generated == 12
+    alone = FastAdapter(PolicySampler(policy), task, version=lambda: 0, temperature=0.0, max_new_tokens=6, seed=1)
+    for i, text in enumerate(texts):
+        separate = alone.evaluate(valset, {COMPONENT: text})
+        assert list(state.prog_candidate_val_subscores[i].values()) == separate.scores
+        assert adapter.evaluate(valset, {COMPONENT: text}).outputs == separate.outputs  # memoised: no new call
+    assert calls == [12]

@@ -112,3 +112,28 @@ def test_a_format_2_checkpoint_resumes_as_the_run_that_wrote_it(tiny_model, tmp_
     (ckpt / MANIFEST).write_text(json.dumps(meta))
     train(small_config(tiny_model, old, method="fst", steps=5), resume=True)
     assert _rows(old) == _rows(full)
+
+
+def test_greedy_evaluation_decodes_its_views_in_one_call_with_the_rewards_of_separate_ones(tiny_model, tmp_path,
+                                                                                           monkeypatch):
+    from fastslow.rollout import PolicySampler, score_prompt
+
+    trainer = Trainer(small_config(tiny_model, tmp_path / "run", method="fst", steps=2))
+    task = next(iter(trainer.tasks.values()))
+    trainer.fast.population = ["Answer with the vowels only.", task.seed_prompt]
+    trainer.fast.best[task.name] = "Count the vowels."
+    calls = []
+    real = PolicySampler.__call__
+
+    def spy(self, task, pairs, **kw):
+        calls.append(len({ctx for ctx, _ in pairs}))
+        return real(self, task, pairs, **kw)
+
+    monkeypatch.setattr(PolicySampler, "__call__", spy)
+    row = trainer._evaluate(step=0)
+    assert calls == [3]  # seed, task-aware and task-agnostic contexts: 3 x eval.n rows in one call
+    for key, prompt in (("reward_seed_prompt", task.seed_prompt), ("reward", "Count the vowels."),
+                        ("reward_agnostic", "Answer with the vowels only.")):
+        alone = score_prompt(trainer.engine.sample, task, prompt, 8, max_new_tokens=8, seed=0)
+        assert row[f"eval/{task.name}/{key}"] == alone.mean_reward
+    trainer.run()  # the run goes on from there

@@ -408,13 +408,13 @@ def demo(
                     "the metrics are the same for any count).")] = None,
 ) -> None:
     """RL, GEPA-only, memory-only, FST and FST+memory on the micro stream; plasticity probes, attribution, report."""
-    from fastslow.demo import METHODS, run_demo
+    from fastslow.demo import METHODS, chosen_methods, run_demo
     from fastslow.pool import default_workers
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(METHODS)
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown or not chosen:
-        fail(f"--methods: {', '.join(unknown) or 'none given'}: choose from {','.join(METHODS)}")
+    try:
+        chosen = chosen_methods([m.strip() for m in methods.split(",") if m.strip()] if methods else METHODS)
+    except ValueError as exc:
+        fail(f"--methods: {exc}")
     workers = workers or default_workers(len(chosen))
     with progress_bar() as progress:
 

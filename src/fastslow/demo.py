@@ -56,6 +56,14 @@ def demo_config(method: str, *, quick: bool, seed: int, out: Path, steps: int | 
     )
 
 
+def chosen_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` in the demo's order; ValueError naming the choices for an unknown name or none."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"{', '.join(unknown) or 'none given'}: choose from {','.join(METHODS)}")
+    return [m for m in METHODS if m in methods]
+
+
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0, methods: Sequence[str] = METHODS,
              stage_steps: int | None = None, probe_steps: int | None = None, eval_n: int | None = None,
              workers: int = 1, run: Callable[..., dict] | None = None, watch: Watch | None = None,
@@ -72,10 +80,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, methods: Sequence
     from fastslow.report import build_report
     from fastslow.world.tasks import HELDOUT
 
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise ValueError(f"demo methods: {unknown or 'none given'}: choose from {', '.join(METHODS)}")
-    methods = [m for m in METHODS if m in methods]
+    methods = chosen_methods(methods)
     if run is None:
         from fastslow.loop import train
 

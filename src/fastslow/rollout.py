@@ -1,7 +1,7 @@
 """Rollouts: sample completions for (context, problem) pairs and score them with the task's verifier.
 
 :func:`rollout` is the native sampler; :class:`PolicySampler` binds it to a policy (the :class:`Sampler`
-seam of :mod:`fastslow.channels`); :func:`score_prompt` is the one evaluation used everywhere.
+seam of :mod:`fastslow.channels`); :func:`score_prompt` is the evaluation of one prompt (or one context per problem).
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def score_prompt(sample: Sampler, task: Task, prompt: str | Sequence[str], n: in
                  seed: int, temperature: float = 0.0) -> Scored:
     """Score ``prompt`` on the first ``n`` eval problems of ``task`` with the weights behind ``sample``.
 
-    The evaluation of the loop, the probes, ``world check`` and ``fastslow eval``: greedy unless
+    The probes, ``world check`` and ``fastslow eval`` (the loop's evaluation samples the same pairs, its views in
+    one call when greedy): greedy unless
     ``temperature`` > 0, the same problems for every prompt and every call. ``prompt`` may be one context per
     problem (a memory retrieves one for each).
     """
