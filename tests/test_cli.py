@@ -101,6 +101,7 @@ def test_probe_plasticity_from_a_run_and_from_the_base(tiny_model, tmp_path):
     (["launch", "--nproc", "0", "configs/smoke.yaml"], "Invalid value for '--nproc'"),
     (["world", "check", "--rl-steps", "-3"], "Invalid value for '--rl-steps'"),
 ])
+@pytest.mark.slow
 def test_usage_errors_of_the_command_are_one_line_and_exit_2(args, fragment):
     """Through the real entry point (CliRunner bypasses it): typer's usage errors, not a boxed panel."""
     done = subprocess.run([sys.executable, "-c", "import sys; from fastslow.cli import main; sys.exit(main())", *args],
@@ -116,6 +117,7 @@ def test_a_usage_error_does_not_echo_a_secret():
     assert done.returncode == 2 and "abcdefghijklmnopqrstuvwxyz123456" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_run_says_so_in_one_line_and_exits_130(tmp_path):
     """typer turns Ctrl-C into a silent exit 130; the user is told what happened."""
     code = ("import sys; import fastslow.loop as loop; from fastslow.cli import main\n"

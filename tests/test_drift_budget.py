@@ -88,6 +88,7 @@ def test_controller_holds_a_drifting_process_near_the_budget(target, steps, ever
     assert kl[-1] > 5 * target
 
 
+@pytest.mark.slow
 def test_loop_logs_an_adapting_coefficient_and_checkpoints_it(tiny_model, tmp_path):
     cfg = small_config(tiny_model, tmp_path / "run", method="rl", steps=6,
                        extra=["slow.kl_target=1e-6", "slow.kl_coef=0.05", "drift.every=1"])

@@ -132,6 +132,7 @@ def _fixed_rollouts(policy: Policy, task: VowelTask, groups: int, g: int) -> Rol
 
 
 @pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.slow
 def test_first_update_parity_with_native(tiny_model, tmp_path, lora):
     extra = ["method=rl", "slow.warmup_steps=0", "slow.group_size=8"] + (["model.lora={r: 4}"] if lora else [])
     cfg = small_config(tiny_model, tmp_path / "r", extra=extra)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import canned_reflector, echo_task
 
@@ -173,6 +174,7 @@ def test_only_strict_validation_gains_are_accepted():
     assert rnd.front_size >= 1 and rnd.population == 2
 
 
+@pytest.mark.slow
 def test_groups_mix_k_distinct_prompts_on_a_smollm2_shaped_config(tiny_model, tmp_path, monkeypatch):
     """configs/smollm2-cpu.yaml's fast settings (K=2, G=4, val 4, minibatch 2, budget 24, LoRA) on the tiny
     model: every round keeps K prompts and every slow group after the first round mixes K distinct prompts."""

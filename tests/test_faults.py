@@ -111,6 +111,7 @@ def test_2_force_deletes_only_what_fastslow_wrote(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "alter"])
+@pytest.mark.slow
 def test_3_resume_after_metrics_cut_short_rebuilds_them_without_nul_bytes(tiny_model, tmp_path, damage):
     out = tmp_path / "run"
     train(small_config(tiny_model, out, method="rl", steps=4))
@@ -186,6 +187,7 @@ class BadVerdicts(EchoTask):
 
 
 @pytest.mark.parametrize("kind", ["raise", "nan", "neginf", "five", "not_verdict"])
+@pytest.mark.slow
 def test_7_an_always_failing_verifier_stops_the_run_with_counts(tiny_model, tmp_path, kind, monkeypatch):
     import conftest
 
@@ -225,6 +227,7 @@ def test_7_cli_exit_1_for_a_failing_verifier(tiny_model, tmp_path, monkeypatch):
     ("method=fst", "method"), ("slow.lr=0.5", "slow.lr"), ("seed=7", "seed"), ("slow.loss=grpo", "slow.loss"),
     ("stages.0.steps=1", "stages"), ("stages.0.task=conftest:echo_task", "stages.0"),
 ])
+@pytest.mark.slow
 def test_8_resume_refuses_changes_of_meaning(tiny_model, tmp_path, override, named):
     out = tmp_path / "run"
     cfg = _yaml(tmp_path, tiny_model, steps=3)
@@ -235,6 +238,7 @@ def test_8_resume_refuses_changes_of_meaning(tiny_model, tmp_path, override, nam
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_8_resume_allows_safe_changes_and_logs_them(tiny_model, tmp_path):
     out = tmp_path / "run"
     train(small_config(tiny_model, out, method="rl", steps=2))

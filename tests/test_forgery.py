@@ -71,6 +71,7 @@ def problem():
 
 
 @pytest.mark.parametrize("trick", sorted(TRICKS))
+@pytest.mark.slow
 def test_a_forged_pass_scores_zero(problem, trick):
     task, p = problem
     verdict = task.verify(p, TRICKS[trick])

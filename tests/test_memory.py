@@ -225,6 +225,7 @@ def secret_task() -> SecretEvalTask:
 
 
 @pytest.mark.parametrize("retriever", ["bm25", "dense"])
+@pytest.mark.slow
 def test_no_eval_problem_or_answer_is_ever_stored_or_retrieved(tiny_model, tmp_path, monkeypatch, retriever):
     retrieved: list[str] = []
     context = MemoryChannel.context
@@ -254,6 +255,7 @@ def test_no_eval_problem_or_answer_is_ever_stored_or_retrieved(tiny_model, tmp_p
 
 
 @pytest.mark.parametrize("method,kind", [("memory", None), ("fst", "memory"), ("fst", "gepa+memory")])
+@pytest.mark.slow
 def test_memory_methods_run_write_memory_and_report_both_scenarios(tiny_model, tmp_path, method, kind):
     out = tmp_path / "run"
     extra = ["fast.preflight=false", "fast.reflector=test_memory:lesson_reflector"]
@@ -341,6 +343,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run_and_memory(tiny_model, 
     assert json.loads((killed / "summary.json").read_text()) == json.loads((full / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_resume_restores_the_memory_exactly(tiny_model, tmp_path):
     """In process: a run stopped after its step-2 checkpoint and resumed equals the run made in one go."""
     extra = ["fast.preflight=false", "fast.reflector=test_memory:lesson_reflector"]

@@ -145,6 +145,7 @@ def test_retriever_defaults_to_bm25_and_refuses_unknown_names():
                       lesson_reflector, seed=0, max_new_tokens=8, count_tokens=len)
 
 
+@pytest.mark.slow
 def test_smoke_config_runs_memory_with_dense_retrieval(tmp_path):
     out = tmp_path / "smoke"
     result = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "smoke.yaml"), "--set", "method=memory", "--set",
@@ -155,6 +156,7 @@ def test_smoke_config_runs_memory_with_dense_retrieval(tmp_path):
     assert summary["memory"]["retrieval_errors"] == 0 and summary["final"]["flip"]["reward"] > 0
 
 
+@pytest.mark.slow
 def test_fst_with_dense_memory_resumes_to_the_run_made_in_one_go(tiny_model, tmp_path):
     """Weights move every step (the cache is emptied each time) and the resumed run starts with no cache: the
     contexts, hence metrics and memory, are those of the run made in one go."""

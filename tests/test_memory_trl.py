@@ -49,6 +49,7 @@ def _max_rel(a: list[dict], b: list[dict]) -> float:
 
 @pytest.mark.parametrize("method,kind,retriever", [("memory", None, "bm25"), ("fst", "memory", "dense"),
                                                    ("fst", "gepa+memory", "hybrid")])
+@pytest.mark.slow
 def test_memory_runs_on_trl_as_on_native(tiny_model, tmp_path, method, kind, retriever):
     """dense / hybrid: retrieval embeds with the policy's hidden states, here the trainer's model."""
     extra = [*MEMORY, *([f"fast.kind={kind}"] if kind else []), *(ALIGNED if method == "fst" else ()),
@@ -71,6 +72,7 @@ def test_memory_runs_on_trl_as_on_native(tiny_model, tmp_path, method, kind, ret
         assert rows["trl"][-1]["drift/kl_rev"] > 0
 
 
+@pytest.mark.slow
 def test_resume_on_trl_restores_the_memory_exactly(tiny_model, tmp_path):
     """A trl run stopped after its step-2 checkpoint and resumed equals the trl run made in one go."""
     extra = [*MEMORY, "engine=trl"]

@@ -65,6 +65,7 @@ def number_reflector(prompt):
 
 
 @pytest.mark.parametrize("name", ["raising", "hanging", "none", "empty", "number"])
+@pytest.mark.slow
 def test_faulty_reflector_keeps_the_population_counts_and_the_run_finishes(tiny_model, tmp_path, name):
     cfg = small_config(tiny_model, tmp_path / "run", method="fst", steps=2, extra=[
         f"fast.reflector=test_reliability:{name}_reflector", "fast.reflection_timeout_s=0.1",
@@ -115,6 +116,7 @@ def hanging_verifier_task() -> HangingVerifier:
     return HangingVerifier("hang")
 
 
+@pytest.mark.slow
 def test_a_hanging_verifier_inside_a_run_times_out_and_is_counted(tiny_model, tmp_path, monkeypatch):
     cfg = small_config(tiny_model, tmp_path / "run", method="fst", steps=2,
                        task="test_reliability:hanging_verifier_task", extra=["verify_timeout_s=0.05"])
@@ -267,6 +269,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
         (["--resume"], "stages.0.steps=-3", "stages.0.steps"),  # --resume, but a negative step count
     ],
 )
+@pytest.mark.slow
 def test_a_refused_command_leaves_an_existing_run_untouched_byte_for_byte(tiny_model, tmp_path, flags, override,
                                                                           fragment):
     out = tmp_path / "run"
@@ -320,6 +323,7 @@ def test_redact_masks_secret_env_values_and_key_shapes():
     assert out.endswith(" 1 /root")  # short values and ordinary env vars are left alone
 
 
+@pytest.mark.slow
 def test_api_keys_never_reach_the_run_dir_logs_or_the_reflection_model(tiny_model, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     SEEN_PROMPTS.clear()

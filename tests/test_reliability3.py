@@ -77,6 +77,7 @@ def test_6_a_custom_named_key_in_a_401_body_is_masked_and_escapes_stripped(tiny_
     assert not out.exists() or KEY not in _files_text(out)
 
 
+@pytest.mark.slow
 def test_7_an_echoing_server_never_puts_the_key_in_any_file_and_recordings_are_capped(tiny_model, tmp_path,
                                                                                       monkeypatch):
     monkeypatch.setenv("MYKEY", KEY)
@@ -127,6 +128,7 @@ def test_10_a_plugin_failing_to_import_exits_2(monkeypatch, tmp_path):
 
 
 # ---- 11. report: invalid UTF-8, mathtext in names, HTML in summary values ----------------------------------------
+@pytest.mark.slow
 def test_11_report_survives_bad_bytes_and_escapes_every_value(tiny_model, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", str(_yaml(tmp_path, tiny_model, steps=1)), "--out", str(out),
@@ -201,6 +203,7 @@ def test_13_the_done_line_counts_failed_calls_over_calls(tiny_model, tmp_path):
 
 # ---- 3. nothing fastslow writes follows a link out of the run dir ------------------------------------------------
 @pytest.mark.parametrize("name", [".fastslow.lock", ".fastslow-run", "config.yaml", "metrics.jsonl"])
+@pytest.mark.slow
 def test_3_a_planted_link_is_refused_and_the_users_file_is_untouched(tiny_model, tmp_path, name):
     out = tmp_path / "run"
     cfg = _yaml(tmp_path, tiny_model)
@@ -240,6 +243,7 @@ def _spinning_threads() -> int:
     return sum(t.is_alive() and t.daemon for t in threading.enumerate())
 
 
+@pytest.mark.slow
 def test_5_a_spinning_verifier_is_killed_and_a_short_run_still_stops(tiny_model, tmp_path):
     import psutil
 

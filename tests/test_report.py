@@ -103,6 +103,7 @@ def test_full_report(demo_dir: Path, tmp_path: Path):
     assert analysis["runs"]["rl"]["cl"]["forgetting"] > 0
 
 
+@pytest.mark.slow
 def test_single_run_dir_skips_missing_pieces(tmp_path: Path):
     run = write_run(tmp_path / "lonely" / "fst", "fst")
     text = build_report([run], tmp_path / "out").read_text()
@@ -156,6 +157,7 @@ def test_matched_reward_headline_says_too_little_evidence_when_eval_n_cannot_car
         assert kl["evidence"]["enough"] is True and kl["evidence"]["interval"][1] < 1
 
 
+@pytest.mark.slow
 def test_task_agnostic_numbers_are_reported_beside_the_task_aware_ones(tmp_path: Path):
     # A memory-style run with per-task contexts: its summary carries the task-agnostic scenario too
     run = write_run(tmp_path / "fst", "fst")

@@ -51,6 +51,7 @@ def _prompts(policy: Policy) -> list[str]:
 
 
 @pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.slow
 def test_decoding_only_live_rows_draws_what_every_row_draws(tiny_model, monkeypatch, lora):
     policy = Policy.load(ModelConfig(path=str(tiny_model), lora=LoraConfig(r=2, alpha=4) if lora else None))
     if lora:

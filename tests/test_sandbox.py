@@ -38,6 +38,7 @@ def _running(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_an_infinite_loop_times_out_and_its_children_die():
     marker = f"alive-{uuid.uuid4().hex}"
     child = f"import time\n{marker!r}\nwhile True:\n    time.sleep(0.05)\n"
@@ -50,6 +51,7 @@ def test_an_infinite_loop_times_out_and_its_children_die():
     assert _running(marker) == []  # the grandchild was killed too
 
 
+@pytest.mark.slow
 def test_cpu_limit_stops_a_busy_loop_before_the_wall_clock():
     r = run_untrusted("while True:\n    pass", timeout_s=20, cpu_s=1)
     assert not r.timed_out and r.error and "cpu time limit" in r.error
@@ -198,6 +200,7 @@ def test_hostile_fork_bomb_is_capped_and_every_process_dies():
 
 
 @needs_isolation
+@pytest.mark.slow
 def test_hostile_setsid_survivor_does_not_outlive_the_call(victim_dir):
     marker = f"survivor-{uuid.uuid4().hex}"
     survivor = f"import time\n{marker!r}\ntime.sleep(1.5)\nopen({str(victim_dir / 'late')!r}, 'w').write('x')\n"

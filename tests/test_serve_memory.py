@@ -110,6 +110,7 @@ def feed(client, turns: list[str]) -> None:
         ask(client, turn, reward=(i % 4) / 4)
 
 
+@pytest.mark.slow
 def test_requests_get_retrieved_memory_and_only_feedback_grows_it(serve, tmp_path):
     srv, client = serve()
     run, served = tmp_path / "run", srv.state.served
@@ -152,6 +153,7 @@ def test_requests_get_retrieved_memory_and_only_feedback_grows_it(serve, tmp_pat
     assert shown.exit_code == 0 and f"{int(row['fast/memory/lessons'])} lessons, 16 cases" in shown.output
 
 
+@pytest.mark.slow
 def test_a_restart_serves_the_same_memory(serve, tmp_path):
     srv, client = serve()
     feed(client, [f"say {w}" for w in WORDS[:8]])
@@ -176,6 +178,7 @@ def test_a_restart_serves_the_same_memory(serve, tmp_path):
         "fast/memory/attempts"] == 2
 
 
+@pytest.mark.slow
 def test_a_crashing_curator_costs_one_round_never_the_server(serve, tmp_path):
     srv, client = serve()
     memory = srv.state.served.memory
@@ -229,6 +232,7 @@ def test_gepa_plus_memory_serves_the_prompt_with_retrieved_memory_and_gates_with
                                                   for p in served.task.problems("eval")[:4]]
 
 
+@pytest.mark.slow
 def test_shipped_serve_memory_config_learns_from_verifier_feedback(tmp_path, monkeypatch):
     """configs/serve-memory.yaml: the micro world, its reflector as curator, the verifier as feedback."""
     from fastslow.serve import open_server

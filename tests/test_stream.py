@@ -97,6 +97,7 @@ def test_revisiting_stream_run_writes_one_row_per_stage(tiny_model, tmp_path):
     assert [r["step"] for r in rows if "drift/k3_train" in r] == [4, 5]
 
 
+@pytest.mark.slow
 def test_loop_does_not_import_any_world():
     code = ("import fastslow.loop, fastslow.fast, fastslow.policy, sys; "
             "bad = [m for m in sys.modules if m.startswith('fastslow.world')]; assert not bad, bad")

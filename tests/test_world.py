@@ -73,6 +73,7 @@ def test_task_lists_and_loading():
 
 
 @pytest.mark.parametrize("name", MICRO_TASKS)
+@pytest.mark.slow
 def test_tasks_deterministic_and_verifier(name: str):
     task, again = micro_task(name), micro_task(name)
     train, evals = task.problems("train"), task.problems("eval")
