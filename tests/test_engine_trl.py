@@ -725,3 +725,24 @@ threads: 1
     assert len(errors) == 2 and errors[0] == errors[1] and "the verifier failed" in errors[0], errors
     rows = _metric_rows(tmp_path / "run")
     assert rows[-1]["step"] == 1  # the row that showed the counts, then the stop
+
+
+@pytest.mark.slow
+def test_the_evaluation_row_of_distinct_views_is_the_same_on_both_engines(tiny_model, tmp_path):
+    """The eval row a user reads (seed, task-aware, task-agnostic rewards, decoded together when greedy) comes out
+    the same from the trl engine's sampler as from the native one, on the same weights."""
+    rows = []
+    for engine in ("native", "trl"):
+        trainer = Trainer(small_config(tiny_model, tmp_path / engine, task="conftest:vowel_task",
+                                       extra=[f"engine={engine}", "eval.n=16"]))
+        task = next(iter(trainer.tasks.values()))
+        gen = torch.Generator().manual_seed(0)  # the same weights on both engines, moved so that contexts matter
+        with torch.no_grad():
+            for q in trainer.policy.model.parameters():
+                q.add_(0.5 * torch.randn(q.shape, generator=gen))
+        trainer.fast.population = ["Answer with the vowels only.", task.seed_prompt]
+        trainer.fast.best[task.name] = "Count the vowels."
+        rows.append(trainer._evaluate(step=0))
+        trainer.run()
+    assert len(rows[0]) == 3 and len(set(rows[0].values())) > 1  # three views, not all alike
+    assert rows[0] == rows[1]
